@@ -1,0 +1,21 @@
+//! Warden's agent, as a library: `warden run` and `warden daemon` are two
+//! entry points onto the same [`agent::Agent`].
+//!
+//! The modules follow a connection from the kernel to the audit row:
+//! - [`cgroup`]: find cgroup v2, make and remove the cgroups of managed workloads;
+//! - [`capture`]: load the eBPF programs, attach them to cgroups, read their records;
+//! - [`identity`]: turn a kernel record into a process, user, unit or container;
+//! - [`proxy`]: accept redirected connections, detect the protocol, relay;
+//! - [`policy`]: decide per connection (and later per request);
+//! - [`audit`]: write every connection and decision to Parquet;
+//! - [`agent`]: wire the stages together;
+//! - [`run`]: `warden run`, one program in a fresh cgroup.
+pub mod agent;
+pub mod audit;
+pub mod capture;
+pub mod cgroup;
+pub mod identity;
+pub mod policy;
+pub mod preflight;
+pub mod proxy;
+pub mod run;
