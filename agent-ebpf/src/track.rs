@@ -1,6 +1,8 @@
 //! sock_ops: once a redirected connection is established, move its record
 //! from the client socket's cookie (which the agent cannot see) to the
 //! connection's address pair (which the accepted socket shows).
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     EbpfContext, helpers::generated::bpf_get_socket_cookie, macros::sock_ops,
     programs::SockOpsContext,
@@ -20,26 +22,46 @@ pub fn warden_track_established(ctx: SockOpsContext) -> u32 {
     if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 1;
     }
+    // Read every context field up front, straight from the context: the
+    // verifier rejects loads through a context pointer the compiler has
+    // offset and kept in a register.
+    let ops = ctx.ops;
+    let (family, local_port, remote_port, l4, r4, l6, r6) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_port),
+            read_volatile(&(*ops).remote_port),
+            read_volatile(&(*ops).local_ip4),
+            read_volatile(&(*ops).remote_ip4),
+            [
+                read_volatile(&(*ops).local_ip6[0]),
+                read_volatile(&(*ops).local_ip6[1]),
+                read_volatile(&(*ops).local_ip6[2]),
+                read_volatile(&(*ops).local_ip6[3]),
+            ],
+            [
+                read_volatile(&(*ops).remote_ip6[0]),
+                read_volatile(&(*ops).remote_ip6[1]),
+                read_volatile(&(*ops).remote_ip6[2]),
+                read_volatile(&(*ops).remote_ip6[3]),
+            ],
+        )
+    };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(record) = (unsafe { WARDEN_PENDING.get(cookie) }).copied() else {
         return 1;
     };
-    let (client_addr, proxy_addr) = if ctx.family() == AF_INET {
-        (
-            mapped_v4(ctx.local_ip4().to_ne_bytes()),
-            mapped_v4(ctx.remote_ip4().to_ne_bytes()),
-        )
+    let (client_addr, proxy_addr) = if family == AF_INET {
+        (mapped_v4(l4.to_ne_bytes()), mapped_v4(r4.to_ne_bytes()))
     } else {
-        let l = ctx.local_ip6();
-        let r = ctx.remote_ip6();
         (
-            words_to_bytes(l[0], l[1], l[2], l[3]),
-            words_to_bytes(r[0], r[1], r[2], r[3]),
+            words_to_bytes(l6[0], l6[1], l6[2], l6[3]),
+            words_to_bytes(r6[0], r6[1], r6[2], r6[3]),
         )
     };
     // local_port is in host order; remote_port holds the network-order port,
     // shifted into the upper half on little-endian kernels.
-    let rp = ctx.remote_port();
+    let rp = remote_port;
     let proxy_port = if rp > 0xffff {
         u16::from_be((rp >> 16) as u16)
     } else {
@@ -48,7 +70,7 @@ pub fn warden_track_established(ctx: SockOpsContext) -> u32 {
     let key = FlowKey {
         client_addr,
         proxy_addr,
-        client_port: ctx.local_port() as u16,
+        client_port: local_port as u16,
         proxy_port,
     };
     let _ = WARDEN_FLOWS.insert(key, record, 0);

@@ -1,1 +1,206 @@
-//! (being written)
+//! The agent: listeners, kernel programs, proxy and audit, started together
+//! and stopped in the order that loses nothing. `warden run` starts one for
+//! a single program; a host daemon will start the same agent for many cgroups.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use chrono::Utc;
+use tokio::{io::unix::AsyncFd, net::TcpListener};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use warden_common::UdpDenied;
+
+use crate::{
+    audit::{AuditConfig, AuditSink, AuditWriter, ConnectionRow},
+    capture::{Capture, Listener},
+    identity::Origin,
+    policy::{ConnectionRequest, Policy, Transport},
+    proxy::{Proxy, detect::Protocol},
+};
+
+pub struct AgentOptions {
+    /// Port of the loopback listeners (127.0.0.1 and ::1); 0 picks a free one.
+    pub listen_port: u16,
+    pub policy: Policy,
+    pub audit: AuditConfig,
+    /// This agent's directory in bpffs.
+    pub pin_dir: PathBuf,
+}
+
+pub struct Agent {
+    capture: Arc<Capture>,
+    audit: AuditWriter,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    listener: SocketAddr,
+}
+
+/// What a stop left behind, for the caller to report.
+#[derive(Debug)]
+pub struct StopReport {
+    pub rows_written: u64,
+    pub connections_cut: bool,
+}
+
+impl Agent {
+    pub async fn start(options: AgentOptions) -> anyhow::Result<Agent> {
+        let (v4, v6) = bind_listeners(options.listen_port).await?;
+        let port = v4.local_addr()?.port();
+        let capture = Arc::new(
+            Capture::load(
+                Listener {
+                    v4: Ipv4Addr::LOCALHOST,
+                    v6: Ipv6Addr::LOCALHOST,
+                    port,
+                },
+                options.pin_dir,
+            )
+            .context("loading the kernel programs")?,
+        );
+        capture.set_udp_allowed(&options.policy.udp_allowed_ports())?;
+        let (sink, audit) =
+            AuditWriter::start(options.audit).context("starting the audit writer")?;
+        let policy = Arc::new(options.policy);
+        let proxy = Arc::new(Proxy {
+            capture: capture.clone(),
+            policy: policy.clone(),
+            audit: sink.clone(),
+        });
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        tokio::spawn(proxy.clone().serve(v4, tracker.clone(), cancel.clone()));
+        tokio::spawn(proxy.serve(v6, tracker.clone(), cancel.clone()));
+        if let Some(ring) = capture.take_udp_denials() {
+            tokio::spawn(audit_udp_denials(ring, policy, sink, cancel.clone()));
+        }
+        tracing::info!(port, "agent listening on 127.0.0.1 and [::1]");
+        Ok(Agent {
+            capture,
+            audit,
+            tracker,
+            cancel,
+            listener: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+        })
+    }
+
+    pub fn listener(&self) -> SocketAddr {
+        self.listener
+    }
+
+    /// Redirect the connections of every process in a cgroup (and below it).
+    pub fn attach(&self, cgroup: &Path) -> anyhow::Result<()> {
+        self.capture
+            .attach(cgroup)
+            .with_context(|| format!("attaching to cgroup {}", cgroup.display()))
+    }
+
+    pub fn detach(&self, cgroup: &Path) {
+        self.capture.detach(cgroup);
+    }
+
+    /// Stop: no new connections, in-flight ones get `grace` to finish, then
+    /// the audit is flushed. The caller detaches cgroups first (or kills
+    /// what is in them), so that nothing slips through unredirected.
+    pub async fn stop(self, grace: Duration) -> anyhow::Result<StopReport> {
+        self.cancel.cancel();
+        self.tracker.close();
+        let connections_cut = tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err();
+        if connections_cut {
+            tracing::warn!(?grace, "connections still open at shutdown were cut");
+        }
+        self.capture.detach_all();
+        let rows_written = self.audit.shutdown().await.context("flushing the audit")?;
+        Ok(StopReport {
+            rows_written,
+            connections_cut,
+        })
+    }
+}
+
+async fn bind_listeners(port: u16) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                anyhow::anyhow!("{addr} is already in use: another agent or program listens there; choose another port with --listen-port, or 0 for a free one")
+            } else {
+                anyhow::anyhow!("binding the agent's listener on {addr}: {e}")
+            }
+        })
+    };
+    if port != 0 {
+        let v4 = bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)).await?;
+        let v6 = bind(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)).await?;
+        return Ok((v4, v6));
+    }
+    // Both families must share one port: the kernel programs know only one.
+    for _ in 0..32 {
+        let v4 = bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).await?;
+        let port = v4.local_addr()?.port();
+        if let Ok(v6) = TcpListener::bind(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)).await {
+            return Ok((v4, v6));
+        }
+    }
+    anyhow::bail!("found no port free on both 127.0.0.1 and [::1]; pass one with --listen-port")
+}
+
+/// The kernel refuses non-DNS UDP on its own; this turns its reports into audit rows.
+async fn audit_udp_denials(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    policy: Arc<Policy>,
+    audit: AuditSink,
+    cancel: CancellationToken,
+) {
+    // SAFETY: the ring buffer owns its map descriptor for as long as the AsyncFd owns the ring.
+    let mut ring = match unsafe {
+        AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the UDP denial ring; refused UDP will not be audited");
+            return;
+        }
+    };
+    loop {
+        let mut guard = tokio::select! {
+            _ = cancel.cancelled() => return,
+            ready = ring.readable_mut() => match ready { Ok(g) => g, Err(_) => return },
+        };
+        let inner = guard.get_inner_mut();
+        while let Some(item) = inner.next() {
+            if item.len() < size_of::<UdpDenied>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a UdpDenied; read_unaligned copes with the ring's alignment.
+            let event: UdpDenied = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let origin = Origin::from_record(&event.conn);
+            let decision = policy.decide_connection(&ConnectionRequest {
+                identity: &origin.identity,
+                destination: origin.destination,
+                transport: Transport::Udp,
+            });
+            let now = Utc::now();
+            audit.record(ConnectionRow {
+                session_id: uuid::Uuid::now_v7().to_string(),
+                start_time: now,
+                end_time: now,
+                transport: "udp",
+                identity: origin.identity,
+                workload: decision.workload,
+                destination: origin.destination,
+                protocol: Protocol::None.as_str(),
+                decision: "deny",
+                rule: "udp".into(),
+                bytes_up: 0,
+                bytes_down: 0,
+                error: Some("UDP to this port is not allowed (policy udp.allow_ports)".into()),
+            });
+        }
+        guard.clear_ready();
+    }
+}

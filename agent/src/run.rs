@@ -1,1 +1,239 @@
-//! (being written)
+//! `warden run`: one program, and everything it starts, in a fresh cgroup
+//! whose outbound connections all go through the agent.
+use std::{
+    ffi::{CString, OsString},
+    os::{fd::AsRawFd, unix::process::ExitStatusExt},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    agent::{Agent, AgentOptions},
+    audit::AuditConfig,
+    capture,
+    cgroup::ManagedCgroup,
+    policy::Policy,
+    preflight,
+};
+
+pub struct RunOptions {
+    pub policy: Option<PathBuf>,
+    pub audit_dir: Option<PathBuf>,
+    pub user: Option<String>,
+    pub listen_port: u16,
+    /// How long open connections may finish after the program exits.
+    pub grace: Duration,
+    pub command: Vec<OsString>,
+}
+
+pub const DEFAULT_AUDIT_DIR: &str = "/var/lib/warden/audit";
+
+/// Exit code when Warden itself failed before the program ran (as env and docker do).
+pub const EXIT_WARDEN_FAILED: i32 = 125;
+pub const EXIT_NOT_EXECUTABLE: i32 = 126;
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// Runs the program to its end and returns the exit code to leave with.
+pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
+    let host = preflight::check()?;
+    let policy = match &opts.policy {
+        Some(path) => Policy::load(path)?,
+        None => Policy::embedded_default(),
+    };
+    let target = match &opts.user {
+        Some(name) => Some(TargetUser::lookup(name)?),
+        None => {
+            tracing::warn!(
+                "the program runs as root: a root process can leave its cgroup and unload Warden's programs; \
+                 pass --user NAME to run it as it would run in production"
+            );
+            None
+        }
+    };
+    let stale = capture::stale_pin_dirs(&host.bpffs);
+    if !stale.is_empty() {
+        tracing::warn!(
+            count = stale.len(),
+            "agents that died left their cgroups failing closed; `warden cleanup` lists and releases them"
+        );
+    }
+
+    let (policy_dir, policy_rotate): (Option<PathBuf>, Option<Duration>) = (None, None); // TODO(policy): policy.audit_settings()
+    let mut audit = AuditConfig::default();
+    audit.dir = opts
+        .audit_dir
+        .or(policy_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_DIR));
+    if let Some(every) = policy_rotate {
+        audit.rotate_every = every;
+    }
+
+    let me = std::process::id();
+    let agent = Agent::start(AgentOptions {
+        listen_port: opts.listen_port,
+        policy,
+        audit,
+        pin_dir: host.bpffs.join("warden").join(format!("agent-{me}")),
+    })
+    .await?;
+    let cgroup = ManagedCgroup::create(&host.cgroup_root, &format!("run-{me}"))?;
+
+    let outcome = async {
+        agent.attach(cgroup.path())?;
+        let mut child = spawn(&opts.command, &cgroup, target.as_ref())?;
+        supervise(&mut child).await
+    }
+    .await;
+
+    // Whatever the program left behind in its cgroup goes with it, before
+    // the programs detach, so that nothing runs on unprotected.
+    let leftovers = cgroup.pids();
+    if !leftovers.is_empty() {
+        tracing::info!(
+            count = leftovers.len(),
+            "stopping processes the program left running"
+        );
+    }
+    let removed = cgroup.kill_and_remove(Duration::from_secs(5));
+    let report = agent.stop(opts.grace).await?;
+    tracing::info!(rows = report.rows_written, "audit flushed");
+    removed?;
+    outcome
+}
+
+/// Forward termination signals and wait; returns the exit code.
+async fn supervise(child: &mut tokio::process::Child) -> anyhow::Result<i32> {
+    let pid = child
+        .id()
+        .context("the program exited before it could be supervised")? as i32;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut quit = signal(SignalKind::quit())?;
+    loop {
+        let sig = tokio::select! {
+            status = child.wait() => {
+                let status = status?;
+                return Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)));
+            }
+            _ = int.recv() => nix::sys::signal::SIGINT,
+            _ = term.recv() => nix::sys::signal::SIGTERM,
+            _ = hup.recv() => nix::sys::signal::SIGHUP,
+            _ = quit.recv() => nix::sys::signal::SIGQUIT,
+        };
+        // A key press on the terminal already reached the program, which
+        // shares our foreground process group: do not deliver it twice.
+        let from_terminal = matches!(sig, nix::sys::signal::SIGINT | nix::sys::signal::SIGQUIT)
+            && in_terminal_foreground();
+        if !from_terminal {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+}
+
+fn in_terminal_foreground() -> bool {
+    let stdin = std::io::stdin();
+    nix::unistd::tcgetpgrp(&stdin).is_ok_and(|fg| fg == nix::unistd::getpgrp())
+}
+
+/// The user a program runs as with --user.
+struct TargetUser {
+    name: String,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+    home: PathBuf,
+}
+
+impl TargetUser {
+    fn lookup(name: &str) -> anyhow::Result<Self> {
+        let user = nix::unistd::User::from_name(name)
+            .with_context(|| format!("looking up user {name}"))?
+            .with_context(|| format!("no user named {name} on this host; create it, or pass an existing one to --user"))?;
+        let cname = CString::new(name)?;
+        let groups = nix::unistd::getgrouplist(&cname, user.gid)
+            .with_context(|| format!("reading the groups of {name}"))?
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        Ok(TargetUser {
+            name: name.into(),
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            groups,
+            home: user.dir,
+        })
+    }
+}
+
+fn spawn(
+    command: &[OsString],
+    cgroup: &ManagedCgroup,
+    user: Option<&TargetUser>,
+) -> anyhow::Result<tokio::process::Child> {
+    let Some((program, args)) = command.split_first() else {
+        bail!("no program to run: put it after `--`, e.g. `warden run -- python3 app.py`");
+    };
+    // Opened before the fork: the child only writes to it.
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.procs_file())
+        .with_context(|| format!("opening {}", cgroup.procs_file().display()))?;
+    let procs_fd = procs.as_raw_fd();
+    let ids = user.map(|u| (u.uid, u.gid, u.groups.clone()));
+
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args).kill_on_drop(false);
+    if let Some(u) = user {
+        cmd.env("USER", &u.name)
+            .env("LOGNAME", &u.name)
+            .env("HOME", &u.home);
+    }
+    // SAFETY: only async-signal-safe calls between fork and exec: write,
+    // setgroups, setgid, setuid, on data prepared before the fork. The
+    // cgroup is joined first, while the child is still root, and before
+    // exec, so that the program's first connect is already redirected.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        let code = match e.kind() {
+            std::io::ErrorKind::NotFound => EXIT_NOT_FOUND,
+            std::io::ErrorKind::PermissionDenied => EXIT_NOT_EXECUTABLE,
+            _ => EXIT_WARDEN_FAILED,
+        };
+        anyhow::Error::new(SpawnError {
+            code,
+            program: program.to_string_lossy().into_owned(),
+            source: e,
+        })
+    })?;
+    drop(procs);
+    Ok(child)
+}
+
+/// A program that could not be started; carries the shell-style exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot run {program}: {source}")]
+pub struct SpawnError {
+    pub code: i32,
+    pub program: String,
+    #[source]
+    pub source: std::io::Error,
+}

@@ -1,1 +1,227 @@
-//! (being written)
+//! The proxy: every redirected connection, in the order it is handled.
+//!
+//! 1. attribute: the kernel's record gives the original destination and the process;
+//! 2. decide: the policy allows or denies the connection;
+//! 3. connect: the agent opens its own connection to the original destination;
+//! 4. detect: the first bytes name the protocol (decoders plug in here);
+//! 5. relay: bytes both ways;
+//! 6. log: one audit row when the connection ends.
+pub mod detect;
+pub mod relay;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use chrono::Utc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    audit::{AuditSink, ConnectionRow},
+    capture::Capture,
+    identity::{Identity, Origin},
+    policy::{Action, ConnectionRequest, Policy, Transport},
+};
+use detect::Protocol;
+
+/// How long the agent waits for the original destination to accept.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The kernel files the record before the client's connect() returns, so a
+/// miss is rare; a short retry covers scheduling between the two sockets.
+const RECORD_RETRIES: u32 = 5;
+
+/// What every connection handler shares.
+pub struct Proxy {
+    pub capture: Arc<Capture>,
+    pub policy: Arc<Policy>,
+    pub audit: AuditSink,
+}
+
+impl Proxy {
+    /// Accept until cancelled; each connection runs on the tracker so that
+    /// a shutdown can wait for them.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let proxy = self.clone();
+                    tracker.spawn(async move { proxy.handle(stream, peer).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let start_time = Utc::now();
+        let session_id = uuid::Uuid::now_v7().to_string();
+        let local = client.local_addr().unwrap_or(peer);
+
+        // 1. attribute
+        let Some(origin) = self.attribute(peer, local).await else {
+            tracing::warn!(%peer, "connection without a kernel record refused");
+            refuse(client);
+            self.audit.record(ConnectionRow {
+                session_id,
+                start_time,
+                end_time: Utc::now(),
+                transport: "tcp",
+                identity: Identity::default(),
+                workload: None,
+                destination: local,
+                protocol: Protocol::None.as_str(),
+                decision: "deny",
+                rule: "unattributed".into(),
+                bytes_up: 0,
+                bytes_down: 0,
+                error: Some(
+                    "no kernel record for this connection: it did not come through the redirect"
+                        .into(),
+                ),
+            });
+            return;
+        };
+
+        // 2. decide
+        let decision = self.policy.decide_connection(&ConnectionRequest {
+            identity: &origin.identity,
+            destination: origin.destination,
+            transport: Transport::Tcp,
+        });
+        let mut row = ConnectionRow {
+            session_id,
+            start_time,
+            end_time: start_time,
+            transport: "tcp",
+            identity: origin.identity.clone(),
+            workload: decision.workload.clone(),
+            destination: origin.destination,
+            protocol: Protocol::None.as_str(),
+            decision: "allow",
+            rule: decision.rule.clone(),
+            bytes_up: 0,
+            bytes_down: 0,
+            error: None,
+        };
+        if decision.action == Action::Deny {
+            refuse(client);
+            row.decision = "deny";
+            self.finish(row);
+            return;
+        }
+
+        // 3. connect
+        let upstream =
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(origin.destination))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    refuse(client);
+                    row.error = Some(format!("upstream connect: {e}"));
+                    self.finish(row);
+                    return;
+                }
+                Err(_) => {
+                    refuse(client);
+                    row.error = Some(format!(
+                        "upstream connect: no answer within {CONNECT_TIMEOUT:?}"
+                    ));
+                    self.finish(row);
+                    return;
+                }
+            };
+        let _ = upstream.set_nodelay(true);
+        let _ = client.set_nodelay(true);
+
+        // 4. detect
+        let protocol = detect_protocol(&client, &upstream).await;
+        row.protocol = protocol.as_str();
+
+        // 5. relay
+        let (moved, result) = relay::relay(&client, &upstream).await;
+        row.bytes_up = moved.up;
+        row.bytes_down = moved.down;
+        if let Err(e) = result {
+            row.error = Some(format!("relay: {e}"));
+            // Pass an abort on as an abort, not as a clean end.
+            refuse(client);
+            refuse(upstream);
+        }
+
+        // 6. log
+        self.finish(row);
+    }
+
+    async fn attribute(&self, peer: SocketAddr, local: SocketAddr) -> Option<Origin> {
+        for attempt in 0..RECORD_RETRIES {
+            if let Some(record) = self.capture.take_flow(peer, local) {
+                // /proc reads are small but blocking.
+                return tokio::task::spawn_blocking(move || Origin::from_record(&record))
+                    .await
+                    .ok();
+            }
+            tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
+        }
+        None
+    }
+
+    fn finish(&self, mut row: ConnectionRow) {
+        row.end_time = Utc::now();
+        tracing::debug!(
+            session = %row.session_id, pid = row.identity.pid, dst = %row.destination,
+            decision = row.decision, rule = %row.rule, up = row.bytes_up, down = row.bytes_down,
+            "connection closed"
+        );
+        self.audit.record(row);
+    }
+}
+
+/// Close with a reset, so that the client fails at once instead of reading
+/// an orderly end of stream.
+fn refuse(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Wait until one side speaks (or closes) and name the protocol. Nothing is
+/// consumed: the relay, or a decoder, starts from the first byte.
+async fn detect_protocol(client: &TcpStream, upstream: &TcpStream) -> Protocol {
+    let mut buf = [0u8; 16];
+    let mut seen = 0usize;
+    // A client that sends a few ambiguous bytes and then waits is relayed
+    // as unknown after this many short looks.
+    let mut looks = 0;
+    loop {
+        tokio::select! {
+            biased;
+            peeked = client.peek(&mut buf) => match peeked {
+                Ok(0) | Err(_) => return if seen == 0 { Protocol::None } else { Protocol::Unknown },
+                Ok(n) => {
+                    if let Some(p) = detect::classify(&buf[..n]) {
+                        return p;
+                    }
+                    looks += 1;
+                    if n == buf.len() || looks > 20 {
+                        return Protocol::Unknown;
+                    }
+                    seen = n;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            },
+            _ = upstream.readable(), if seen == 0 => return Protocol::ServerFirst,
+        }
+    }
+}
