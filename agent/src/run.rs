@@ -29,8 +29,6 @@ pub struct RunOptions {
     pub command: Vec<OsString>,
 }
 
-pub const DEFAULT_AUDIT_DIR: &str = "/var/lib/warden/audit";
-
 /// Exit code when Warden itself failed before the program ran (as env and docker do).
 pub const EXIT_WARDEN_FAILED: i32 = 125;
 pub const EXIT_NOT_EXECUTABLE: i32 = 126;
@@ -62,14 +60,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
     }
 
     let (policy_dir, policy_rotate): (Option<PathBuf>, Option<Duration>) = (None, None); // TODO(policy): policy.audit_settings()
-    let mut audit = AuditConfig::default();
-    audit.dir = opts
-        .audit_dir
-        .or(policy_dir)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_DIR));
-    if let Some(every) = policy_rotate {
-        audit.rotate_every = every;
-    }
+    let defaults = AuditConfig::default();
+    let audit = AuditConfig {
+        dir: opts.audit_dir.or(policy_dir).unwrap_or(defaults.dir),
+        rotate_every: policy_rotate.unwrap_or(defaults.rotate_every),
+        ..defaults
+    };
 
     let me = std::process::id();
     let agent = Agent::start(AgentOptions {
@@ -201,13 +197,12 @@ fn spawn(
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some((uid, gid, groups)) = &ids {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+            if let Some((uid, gid, groups)) = &ids
+                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                    || libc::setuid(*uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });

@@ -1,9 +1,44 @@
 //! Audit: every connection and decision becomes a Parquet row.
-//! (Being written: see the interface below.)
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+//!
+//! The proxy hands a [`ConnectionRow`] to an [`AuditSink`], which only pushes
+//! it into a bounded channel: a full channel drops the row (and counts it)
+//! rather than slow the data path. The [`AuditWriter`]'s task buffers the
+//! rows and, at each rotation, writes them as zstd Parquet files of the
+//! `connections` table, Hive-partitioned by the rows' start time:
+//! `<dir>/connections/date=YYYY-MM-DD/hour=HH/part-<yyyymmddThhmmss>-<pid>-<seq>.parquet`.
+//! docs/audit.md describes the layout and the columns for analysts.
+mod files;
+mod schema;
+#[cfg(test)]
+mod tests;
 
+use std::{
+    collections::BTreeMap,
+    mem,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
 use chrono::{DateTime, Utc};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+    time::Instant,
+};
 
+use self::files::TableWriter;
+pub use self::{
+    files::AuditError,
+    schema::{
+        CONNECTIONS_TABLE, META_SCHEMA_VERSION, META_TABLE, SCHEMA_VERSION, connections_schema,
+    },
+};
 use crate::identity::Identity;
 
 /// One row of the `connections` table.
@@ -33,26 +68,350 @@ pub struct ConnectionRow {
 
 #[derive(Clone, Debug)]
 pub struct AuditConfig {
+    /// The audit directory; the table lives in `<dir>/connections`.
     pub dir: PathBuf,
+    /// Write a file at the latest this long after the first buffered row.
     pub rotate_every: Duration,
+    /// Write a file as soon as the buffered rows' estimated size reaches this.
     pub rotate_bytes: u64,
 }
 
-/// Cheap to clone; never blocks the data path.
-#[derive(Clone)]
-pub struct AuditSink {}
-
-impl AuditSink {
-    pub fn record(&self, _row: ConnectionRow) {}
+impl AuditConfig {
+    /// Default `rotate_every`: 60 s.
+    pub const DEFAULT_ROTATE_EVERY: Duration = Duration::from_secs(60);
+    /// Default `rotate_bytes`: 64 MiB.
+    pub const DEFAULT_ROTATE_BYTES: u64 = 64 << 20;
 }
 
-pub struct AuditWriter {}
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            dir: PathBuf::from("/var/lib/warden/audit"),
+            rotate_every: Self::DEFAULT_ROTATE_EVERY,
+            rotate_bytes: Self::DEFAULT_ROTATE_BYTES,
+        }
+    }
+}
+
+/// Rows the channel between the sinks and the writer holds.
+pub const CHANNEL_CAPACITY: usize = 65_536;
+
+/// The first wait before retrying a failed write; it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Cheap to clone; never blocks the data path.
+#[derive(Clone)]
+pub struct AuditSink {
+    tx: mpsc::Sender<ConnectionRow>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AuditSink {
+    /// Queues the row for writing. Never blocks: when the writer is behind
+    /// (the channel is full) or gone, the row is dropped and counted.
+    pub fn record(&self, row: ConnectionRow) {
+        if self.tx.try_send(row).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Rows dropped so far: channel full, writer shut down, or a write that
+    /// kept failing until the retained rows exceeded their bound.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Owns the task that writes the files.
+pub struct AuditWriter {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<u64>>,
+    dropped: Arc<AtomicU64>,
+}
 
 impl AuditWriter {
-    pub fn start(_config: AuditConfig) -> anyhow::Result<(AuditSink, AuditWriter)> {
-        Ok((AuditSink {}, AuditWriter {}))
+    /// Creates `<dir>/connections`, removes files a crash left half-written,
+    /// and starts the writer task. Must be called inside a tokio runtime.
+    pub fn start(config: AuditConfig) -> anyhow::Result<(AuditSink, AuditWriter)> {
+        Self::start_with_capacity(config, CHANNEL_CAPACITY)
     }
+
+    pub(crate) fn start_with_capacity(
+        config: AuditConfig,
+        capacity: usize,
+    ) -> anyhow::Result<(AuditSink, AuditWriter)> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .context("the audit writer must be started inside a tokio runtime")?;
+        let table = TableWriter::new(&config.dir, files::hostname());
+        std::fs::create_dir_all(table.table_dir()).with_context(|| {
+            format!(
+                "cannot create the audit directory {}; make it writable by the agent or choose another",
+                table.table_dir().display()
+            )
+        })?;
+        let stale = files::remove_stale_tmp(table.table_dir()).with_context(|| {
+            format!(
+                "cannot remove stale temporary files under {}",
+                table.table_dir().display()
+            )
+        })?;
+        if stale > 0 {
+            tracing::info!(
+                count = stale,
+                dir = %table.table_dir().display(),
+                "audit: removed temporary files a previous run left half-written"
+            );
+        }
+
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let state = WriterState {
+            table: Arc::new(table),
+            // Rows retained across failed writes are bounded by this.
+            max_pending_bytes: config.rotate_bytes.saturating_mul(2).max(1 << 20),
+            config,
+            buffer: Vec::new(),
+            buffered_bytes: 0,
+            first_row_at: None,
+            retry_at: None,
+            failures: 0,
+            written: 0,
+            dropped: dropped.clone(),
+            dropped_reported: 0,
+        };
+        let task = runtime.spawn(state.run(rx, stop_rx));
+        Ok((
+            AuditSink {
+                tx,
+                dropped: dropped.clone(),
+            },
+            AuditWriter {
+                stop: stop_tx,
+                task,
+                dropped,
+            },
+        ))
+    }
+
+    /// Rows dropped so far (the same counter as [`AuditSink::dropped`]).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Writes every row recorded before this call and stops the writer.
+    /// Rows recorded afterwards are dropped. Returns how many rows the writer
+    /// wrote in total.
     pub async fn shutdown(self) -> anyhow::Result<u64> {
-        Ok(0)
+        // The task may have ended already (every sink dropped): fine.
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(anyhow::anyhow!("the audit writer task failed: {e}")),
+        }
+    }
+}
+
+struct WriterState {
+    table: Arc<TableWriter>,
+    config: AuditConfig,
+    max_pending_bytes: u64,
+    buffer: Vec<ConnectionRow>,
+    buffered_bytes: u64,
+    /// When the oldest buffered row arrived: rotation is due `rotate_every` later.
+    first_row_at: Option<Instant>,
+    /// After a failed write, when to try again.
+    retry_at: Option<Instant>,
+    failures: u32,
+    written: u64,
+    dropped: Arc<AtomicU64>,
+    dropped_reported: u64,
+}
+
+impl WriterState {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<ConnectionRow>,
+        mut stop: oneshot::Receiver<()>,
+    ) -> anyhow::Result<u64> {
+        loop {
+            let deadline = self.deadline();
+            tokio::select! {
+                biased;
+                // A message or a dropped AuditWriter: stop either way.
+                _ = &mut stop => break,
+                row = rx.recv() => match row {
+                    Some(row) => {
+                        self.push(row);
+                        if self.size_due() {
+                            self.flush().await;
+                        }
+                    }
+                    None => break, // every sink is gone
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => self.flush().await,
+            }
+        }
+        // Everything recorded before the stop is in the channel: close it so
+        // that later rows are refused, then take what is left.
+        rx.close();
+        while let Some(row) = rx.recv().await {
+            self.push(row);
+            if self.size_due() {
+                self.flush().await;
+            }
+        }
+        self.finish().await
+    }
+
+    fn push(&mut self, row: ConnectionRow) {
+        let size = schema::estimated_size(&row);
+        if self.buffered_bytes.saturating_add(size) > self.max_pending_bytes {
+            // Only reachable while writes fail: rows kept for the retry have
+            // filled their bound.
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.first_row_at.get_or_insert_with(Instant::now);
+        self.buffered_bytes += size;
+        self.buffer.push(row);
+    }
+
+    fn size_due(&self) -> bool {
+        self.retry_at.is_none() && self.buffered_bytes >= self.config.rotate_bytes
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.retry_at
+            .or_else(|| Some(self.first_row_at? + self.config.rotate_every))
+    }
+
+    /// Writes the buffer, one file per partition; rows of a file that could
+    /// not be written stay buffered and are retried later.
+    async fn flush(&mut self) {
+        self.report_drops();
+        let failed = self.write_buffer().await;
+        if failed.is_empty() {
+            self.failures = 0;
+            self.retry_at = None;
+            return;
+        }
+        self.failures += 1;
+        let wait = RETRY_FIRST
+            .saturating_mul(1 << (self.failures - 1).min(16))
+            .min(RETRY_MAX);
+        self.retry_at = Some(Instant::now() + wait);
+        for (path, rows, err) in failed {
+            tracing::error!(
+                path = %path,
+                rows = rows,
+                retry_in = ?wait,
+                error = %err,
+                "audit: cannot write a file; keeping its rows to retry: {}",
+                err.advice()
+            );
+        }
+    }
+
+    /// The final flush: one last attempt; what fails is lost and counted.
+    async fn finish(mut self) -> anyhow::Result<u64> {
+        self.report_drops();
+        let failed = self.write_buffer().await;
+        let lost: usize = failed.iter().map(|(_, n, _)| n).sum();
+        self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+        match failed.into_iter().next() {
+            None => Ok(self.written),
+            Some((path, _, err)) => {
+                let advice = err.advice();
+                Err(anyhow::Error::new(err).context(format!(
+                    "audit: {lost} rows were lost at shutdown (first failure at {path}; {advice}); {} rows were written",
+                    self.written
+                )))
+            }
+        }
+    }
+
+    /// Writes the buffered rows, one file per partition, on a blocking
+    /// thread. Returns the failures (path, rows, error); their rows are
+    /// back in the buffer.
+    async fn write_buffer(&mut self) -> Vec<(String, usize, AuditError)> {
+        let rows = mem::take(&mut self.buffer);
+        self.buffered_bytes = 0;
+        self.first_row_at = None;
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let count = rows.len();
+        let mut partitions: BTreeMap<String, Vec<ConnectionRow>> = BTreeMap::new();
+        for row in rows {
+            partitions
+                .entry(files::partition_of(&row.start_time))
+                .or_default()
+                .push(row);
+        }
+        let table = self.table.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            partitions
+                .into_iter()
+                .map(|(partition, rows)| {
+                    let result = table.write_partition(&partition, &rows);
+                    (partition, rows, result)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let results = match written {
+            Ok(results) => results,
+            Err(e) => {
+                // The rows went with the blocking task.
+                self.dropped.fetch_add(count as u64, Ordering::Relaxed);
+                tracing::error!(rows = count, error = %e, "audit: the file writer failed; rows lost");
+                return Vec::new();
+            }
+        };
+        let mut failed = Vec::new();
+        for (partition, rows, result) in results {
+            match result {
+                Ok(path) => {
+                    self.written += rows.len() as u64;
+                    tracing::debug!(path = %path.display(), rows = rows.len(), "audit: wrote file");
+                }
+                Err(err) => {
+                    let path = self
+                        .table
+                        .table_dir()
+                        .join(&partition)
+                        .display()
+                        .to_string();
+                    failed.push((path, rows.len(), err));
+                    for row in rows {
+                        self.push(row);
+                    }
+                }
+            }
+        }
+        failed
+    }
+
+    /// Logs the rows dropped since the last report, at most once per rotation.
+    fn report_drops(&mut self) {
+        let total = self.dropped.load(Ordering::Relaxed);
+        if total > self.dropped_reported {
+            tracing::warn!(
+                dropped = total - self.dropped_reported,
+                total,
+                "audit: rows dropped: the writer fell behind or could not write"
+            );
+            self.dropped_reported = total;
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
