@@ -48,6 +48,7 @@ pub struct StopReport {
 
 impl Agent {
     pub async fn start(options: AgentOptions) -> anyhow::Result<Agent> {
+        raise_fd_limit();
         let (v4, v6) = bind_listeners(options.listen_port).await?;
         let port = v4.local_addr()?.port();
         let capture = Arc::new(
@@ -120,6 +121,17 @@ impl Agent {
             rows_written,
             connections_cut,
         })
+    }
+}
+
+/// Each proxied connection holds two sockets and two pipes: lift the soft
+/// descriptor limit to the hard one so that thousands of connections fit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 

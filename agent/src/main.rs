@@ -1,5 +1,5 @@
 //! The `warden` command line.
-use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
+use std::{ffi::OsString, io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use warden::{
@@ -110,8 +110,7 @@ fn main() -> ExitCode {
             command: PolicyCommand::Check { file },
         } => match Policy::load(&file) {
             Ok(policy) => {
-                let _ = policy;
-                println!("{}: ok", file.display());
+                println!("{}: ok ({})", file.display(), policy.summary());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -164,6 +163,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warden=info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

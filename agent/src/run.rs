@@ -59,11 +59,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
         );
     }
 
-    let (policy_dir, policy_rotate): (Option<PathBuf>, Option<Duration>) = (None, None); // TODO(policy): policy.audit_settings()
+    let from_policy = policy.audit_settings();
     let defaults = AuditConfig::default();
     let audit = AuditConfig {
-        dir: opts.audit_dir.or(policy_dir).unwrap_or(defaults.dir),
-        rotate_every: policy_rotate.unwrap_or(defaults.rotate_every),
+        dir: opts.audit_dir.or(from_policy.dir).unwrap_or(defaults.dir),
+        rotate_every: from_policy.rotate.unwrap_or(defaults.rotate_every),
         ..defaults
     };
 
@@ -225,7 +225,7 @@ fn spawn(
 
 /// A program that could not be started; carries the shell-style exit code.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot run {program}: {source}")]
+#[error("cannot run {program}")]
 pub struct SpawnError {
     pub code: i32,
     pub program: String,

@@ -1,1 +1,154 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | bench | demo`.
+//!
+//! Every task installs what it needs first (idempotently), so that each one
+//! works on a fresh machine; a failing step says which step and what to do.
+mod bench;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Warden's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain, packages and Python environment the build and tests need.
+    Setup,
+    /// Build the eBPF programs and target/release/warden.
+    Build,
+    /// Lints, unit tests, then the end-to-end tests (root and real eBPF).
+    Test {
+        /// Only the end-to-end tests whose names match (pytest -k).
+        #[arg(short = 'k')]
+        filter: Option<String>,
+    },
+    /// Direct path versus through the agent: latency and throughput, as ratios.
+    Bench(bench::BenchArgs),
+    /// Run the demo: a LangChain app under `warden run`, then its audit.
+    Demo,
+    /// Internal: the benchmark's client, run inside the managed cgroup.
+    #[command(hide = true)]
+    BenchClient(bench::ClientArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::all().map(|_| ()),
+        Task::Build => {
+            setup::toolchain()?;
+            build_release()
+        }
+        Task::Test { filter } => test(filter),
+        Task::Bench(args) => {
+            setup::toolchain()?;
+            build_release()?;
+            bench::run(&args)
+        }
+        Task::Demo => demo(),
+        Task::BenchClient(args) => bench::client(&args),
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn warden_bin() -> PathBuf {
+    root().join("target/release/warden")
+}
+
+/// Run a command from the workspace root; fail with the step's name.
+pub fn step(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("==> {what}");
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("{what}: could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build_release() -> anyhow::Result<()> {
+    step(
+        "build warden (release)",
+        Command::new("cargo").args(["build", "--release", "-p", "warden", "-p", "xtask"]),
+    )
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn test(filter: Option<String>) -> anyhow::Result<()> {
+    let env = setup::all()?;
+    step(
+        "format check",
+        Command::new("cargo").args(["fmt", "--all", "--check"]),
+    )?;
+    step(
+        "clippy",
+        Command::new("cargo").args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    step(
+        "unit tests",
+        Command::new("cargo").args(["test", "--workspace"]),
+    )?;
+    build_release()?;
+
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if !is_root() {
+        if in_ci {
+            bail!("the end-to-end tests need root and real eBPF, and CI=true: run CI as root");
+        }
+        eprintln!(
+            "\n!!! SKIPPED: the end-to-end tests need root (eBPF, cgroups); run `sudo -E cargo xtask test`.\n"
+        );
+        return Ok(());
+    }
+    let mut pytest = Command::new(env.python());
+    pytest
+        .args(["-m", "pytest", "tests/e2e", "-v", "-rA", "--durations=10"])
+        .env("WARDEN_BIN", warden_bin())
+        .env("WARDEN_XTASK_BIN", root().join("target/release/xtask"));
+    if let Some(k) = filter {
+        pytest.args(["-k", &k]);
+    }
+    step("end-to-end tests", &mut pytest)
+}
+
+fn demo() -> anyhow::Result<()> {
+    let env = setup::all()?;
+    build_release()?;
+    if !is_root() {
+        bail!("the demo loads eBPF programs: run it as root (`sudo -E cargo xtask demo`)");
+    }
+    step(
+        "demo",
+        Command::new(env.python())
+            .arg("tests/demo/run_demo.py")
+            .env("WARDEN_BIN", warden_bin()),
+    )
+}

@@ -1,0 +1,589 @@
+//! Reading policies: every kind of error, with its exact line and column.
+use std::{io::Write, time::Duration};
+
+use super::super::{AuditSettings, Policy, PolicyError, PortRange};
+use super::{parse_duration, parse_net, parse_port_range};
+
+/// The error `src` gives, as the user sees it.
+fn err(src: &str) -> String {
+    match Policy::from_yaml(src, "policy.yaml") {
+        Ok(_) => panic!("expected an error from:\n{src}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Asserts the error starts with `policy.yaml:LINE:COL: ` and mentions `words`.
+#[track_caller]
+fn assert_err(src: &str, line: usize, column: usize, words: &str) {
+    let got = err(src);
+    let prefix = format!("policy.yaml:{line}:{column}: ");
+    assert!(
+        got.starts_with(&prefix) && got.contains(words),
+        "expected {prefix}...{words}...\n     got {got}"
+    );
+}
+
+#[test]
+fn unknown_field_in_a_rule() {
+    let src = "\
+version: 1
+rules:
+  - name: no-cloud-metadata
+    when: { address: 169.254.169.254 }
+    acton: deny
+";
+    assert_eq!(
+        err(src),
+        "policy.yaml:5:5: unknown field `acton` in a rule; expected one of: name, when, action"
+    );
+}
+
+#[test]
+fn unknown_fields_everywhere_name_their_place() {
+    assert_eq!(
+        err("version: 1\nrule: []\n"),
+        "policy.yaml:2:1: unknown field `rule` at the top level; expected one of: version, \
+         default, workloads, targets, udp, rules, audit"
+    );
+    // In a flow mapping, the column is the key's.
+    assert_eq!(
+        err("version: 1\nrules:\n  - { name: a, when: { adress: 10.0.0.1 }, action: deny }\n"),
+        "policy.yaml:3:24: unknown field `adress` in a rule's when; expected one of: workload, \
+         target, address, port"
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  w:\n    match: { pid: 1 }\n",
+        4,
+        14,
+        "unknown field `pid` in a workload's match; expected one of: uid, user, exe, comm, unit, \
+         cgroup, container",
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  w:\n    selector: { uid: 1 }\n",
+        4,
+        5,
+        "unknown field `selector` in a workload; expected one of: match",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  t: { addr: 10.0.0.1 }\n",
+        3,
+        8,
+        "unknown field `addr` in a target",
+    );
+    assert_err(
+        "version: 1\nudp:\n  ports: [53]\n",
+        3,
+        3,
+        "unknown field `ports` under udp; expected one of: allow_ports",
+    );
+    assert_err(
+        "version: 1\naudit:\n  directory: /x\n",
+        3,
+        3,
+        "unknown field `directory` under audit; expected one of: dir, rotate",
+    );
+}
+
+#[test]
+fn a_key_given_twice() {
+    assert_err(
+        "version: 1\ndefault: deny\ndefault: audit\n",
+        3,
+        1,
+        "`default` is given twice at the top level; keep one",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - name: a\n    action: deny\n    action: allow\n",
+        5,
+        5,
+        "`action` is given twice in a rule",
+    );
+}
+
+#[test]
+fn bad_addresses() {
+    let src = "\
+version: 1
+default: deny
+# the networks we own
+targets:
+  internal:
+    port: 5432
+    address: \"10.0.0.0/33\"
+";
+    assert_eq!(
+        err(src),
+        "policy.yaml:7:14: \"10.0.0.0/33\" is not an address or CIDR; write e.g. 10.0.0.0/8 or \
+         192.0.2.1"
+    );
+    // In a list, the position is the element's.
+    assert_err(
+        "version: 1\ntargets:\n  t:\n    address:\n      - 10.0.0.0/8\n      - fd00::/200\n",
+        6,
+        9,
+        "\"fd00::/200\" is not an address or CIDR",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  t: { address: 10.1.2.3/16 }\n",
+        3,
+        17,
+        "has bits set past its /16 prefix; write 10.1.0.0/16 for the network, or 10.1.2.3 for \
+         the one address",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  t: { address: \"10.0.4.12:5432\" }\n",
+        3,
+        17,
+        "write the port apart: `address: \"10.0.4.12\", port: 5432`",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  t: { address: api.openai.com }\n",
+        3,
+        17,
+        "host names are not supported yet in policy v0",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - name: r\n    when: { address: 1234 }\n    action: deny\n",
+        4,
+        22,
+        "1234 is not an address or CIDR such as 10.0.0.0/8 or 192.0.2.1",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  t: { address: \"::ffff:192.0.2.1\" }\n",
+        3,
+        17,
+        "is an IPv4-mapped IPv6 address, which never reaches the policy (Warden sees such \
+         connections as IPv4); write 192.0.2.1",
+    );
+}
+
+#[test]
+fn bad_ports() {
+    assert_err(
+        "version: 1\ntargets:\n  t: { port: [443, 70000] }\n",
+        3,
+        20,
+        "port 70000 is out of range; a port is 1 to 65535",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  t: { port: 0 }\n",
+        3,
+        14,
+        "port 0 is out of range",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  t:\n    port:\n      - 5432\n      - \"8099-8000\"\n",
+        6,
+        9,
+        "the port range \"8099-8000\" is backwards; write \"8000-8099\"",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  t: { port: 80-http }\n",
+        3,
+        14,
+        "\"80-http\" is not a port or port range; write e.g. 443 or \"8000-8099\"",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  t: { port: [] }\n",
+        3,
+        14,
+        "this list is empty, so it would match nothing; give at least one port",
+    );
+    assert_err(
+        "version: 1\nudp:\n  allow_ports: [53, \"100-200\"]\n",
+        3,
+        21,
+        "udp allow_ports takes single ports",
+    );
+    let many: Vec<String> = (1..=300).map(|p| p.to_string()).collect();
+    assert_err(
+        &format!("version: 1\nudp:\n  allow_ports: [{}]\n", many.join(", ")),
+        3,
+        3,
+        "udp allow_ports lists 300 ports; the kernel's map holds at most 256",
+    );
+}
+
+#[test]
+fn bad_globs_and_selectors() {
+    assert_eq!(
+        err("version: 1\nworkloads:\n  bot:\n    match: { exe: \"/usr/bin/[python\" }\n"),
+        "policy.yaml:4:19: \"/usr/bin/[python\" is not a valid glob: a [ is not closed by ]; \
+         write e.g. \"/usr/bin/python3*\" (* matches any characters, ? one character, [abc] one \
+         of a set)"
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  bot:\n    match:\n      unit: [\"a.service\", \"\"]\n",
+        5,
+        27,
+        "\"\" is not a valid glob: the pattern is empty",
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  w: { match: { uid: alice } }\n",
+        3,
+        22,
+        "\"alice\" is not a uid; uid takes numbers (to match a user by name write `user: alice`)",
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  w: { match: { uid: -1 } }\n",
+        3,
+        22,
+        "-1 is not a uid",
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  w: { match: { container: docker-abc } }\n",
+        3,
+        28,
+        "\"docker-abc\" is not a container id",
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  w: { match: {} }\n",
+        3,
+        15,
+        "a workload's match is empty, which would match every process",
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  w: {}\n",
+        3,
+        6,
+        "a workload needs a match",
+    );
+}
+
+#[test]
+fn undefined_references() {
+    // Rules may name definitions that come later in the file.
+    let src = "\
+version: 1
+rules:
+  - name: bot-to-crm
+    when: { workload: bot, target: crm }
+    action: allow
+  - name: x
+    when: { target: crm-db }
+    action: deny
+workloads:
+  bot: { match: { uid: 1000 } }
+targets:
+  a: { port: 1 }
+  b: { port: 2 }
+  crm: { port: 5432 }
+";
+    assert_eq!(
+        err(src),
+        "policy.yaml:7:21: rule `x` names target `crm-db` which is not defined under targets:; \
+         defined: a, b, crm"
+    );
+    assert_eq!(
+        err(
+            "version: 1\nrules:\n  - name: r\n    when:\n      workload: [bot, notebooks]\n    action: deny\nworkloads:\n  bot: { match: { uid: 1 } }\n"
+        ),
+        "policy.yaml:5:23: rule `r` names workload `notebooks` which is not defined under \
+         workloads:; defined: bot"
+    );
+    // Naming a workload as a target says so.
+    assert_eq!(
+        err(
+            "version: 1\nworkloads:\n  bot: { match: { uid: 1 } }\nrules:\n  - name: r\n    when: { target: bot }\n    action: deny\n"
+        ),
+        "policy.yaml:6:21: rule `r` names target `bot` which is not defined under targets:; \
+         defined: none (`bot` is a workload: write `workload: bot`)"
+    );
+}
+
+#[test]
+fn names() {
+    let src = "\
+version: 1
+rules:
+  - name: one
+    action: deny
+  - action: allow
+    name: one
+";
+    assert_eq!(
+        err(src),
+        "policy.yaml:6:11: a rule named `one` comes earlier in rules:; each rule needs its own \
+         name (the audit records which rule decided)"
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  w: { match: { uid: 1 } }\n  w: { match: { uid: 2 } }\n",
+        4,
+        3,
+        "workload `w` is defined twice under workloads:",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  t: { port: 1 }\n  t: { port: 2 }\n",
+        4,
+        3,
+        "target `t` is defined twice under targets:",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - name: default\n    action: deny\n",
+        3,
+        11,
+        "a rule cannot be named `default`",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - name: \"no metadata\"\n    action: deny\n",
+        3,
+        11,
+        "rule name \"no metadata\" is not allowed; a name is letters, digits, `-` and `_`",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - action: deny\n",
+        3,
+        5,
+        "rule #1 has no name",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - name: a\n    when: { port: 22 }\n",
+        3,
+        5,
+        "rule `a` has no action; write `action: allow` or `action: deny`",
+    );
+}
+
+#[test]
+fn versions() {
+    assert_eq!(
+        err("version: 2\n"),
+        "policy.yaml:1:10: unsupported policy version 2; this Warden reads `version: 1`"
+    );
+    assert_err("version: v1\n", 1, 10, "\"v1\" is not a version");
+    assert_eq!(
+        err("# a policy\ndefault: deny\n"),
+        "policy.yaml:2:1: the policy does not say its version; write `version: 1` as its first \
+         line"
+    );
+    assert_err("", 1, 1, "the policy does not say its version");
+    assert!(Policy::from_yaml("version: \"1\"\n", "p").is_ok());
+}
+
+#[test]
+fn not_supported_yet() {
+    for matcher in ["sql", "http", "llm", "ssh"] {
+        let src = format!(
+            "version: 1\nrules:\n  - name: r\n    when:\n      target: db\n      {matcher}: {{ class: write }}\n    action: deny\ntargets:\n  db: {{ port: 5432 }}\n"
+        );
+        assert_eq!(
+            err(&src),
+            format!(
+                "policy.yaml:6:7: `{matcher}` in a rule's when is not supported yet in policy v0 \
+                 (a later version adds protocol matchers); expected one of: workload, target, \
+                 address, port"
+            )
+        );
+    }
+    for action in ["approve", "mask"] {
+        assert_eq!(
+            err(&format!(
+                "version: 1\nrules:\n  - name: r\n    action: {action}\n"
+            )),
+            format!(
+                "policy.yaml:4:13: action `{action}` is not supported yet in policy v0; write \
+                 `action: allow` or `action: deny`"
+            )
+        );
+    }
+    assert_err(
+        "version: 1\nrules:\n  - name: r\n    action: allow\n    mask: { columns: [ssn] }\n",
+        5,
+        5,
+        "`mask` in a rule is not supported yet in policy v0 (a later version adds masking)",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - name: r\n    action: allow\n    approve: { groups: [dba] }\n",
+        5,
+        5,
+        "`approve` in a rule is not supported yet in policy v0 (a later version adds approvals)",
+    );
+    assert_err(
+        "version: 1\ncredentials:\n  db: { user: ro }\n",
+        2,
+        1,
+        "`credentials` at the top level is not supported yet in policy v0",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  openai: { host: api.openai.com, protocol: llm }\n",
+        3,
+        13,
+        "`host` in a target is not supported yet in policy v0 (a later version adds host names)",
+    );
+    assert_err(
+        "version: 1\naudit:\n  prompts: digest\n",
+        3,
+        3,
+        "`prompts` under audit is not supported yet in policy v0",
+    );
+}
+
+#[test]
+fn bad_values() {
+    assert_err(
+        "version: 1\ndefault: allow\n",
+        2,
+        10,
+        "`default: allow` is not a choice; write `default: audit`",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - name: r\n    action: block\n",
+        4,
+        13,
+        "\"block\" is not an action; write `action: allow` or `action: deny`",
+    );
+    assert_err(
+        "version: 1\naudit:\n  dir: audit\n",
+        3,
+        8,
+        "audit dir \"audit\" is not an absolute path",
+    );
+    assert_err(
+        "version: 1\naudit:\n  rotate: 60\n",
+        3,
+        11,
+        "60 has no unit; write e.g. 60s",
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  w:\n    match:\n      uid:\n",
+        5,
+        11,
+        "a value is missing here; expected a uid",
+    );
+    assert_err(
+        "version: 1\nrules: {}\n",
+        2,
+        8,
+        "invalid type: map, expected a list of rules",
+    );
+    assert_err(
+        "- version: 1\n",
+        1,
+        1,
+        "expected a policy: a mapping with version",
+    );
+}
+
+#[test]
+fn yaml_syntax_errors() {
+    assert_err(
+        "version: 1\n\tdefault: deny\n",
+        2,
+        1,
+        "this is not valid YAML",
+    );
+    assert!(err("version: 1\n\tdefault: deny\n").contains("tabs"));
+    assert_err(
+        "version: 1\nrules:\n  - name: r\n    when: { port: 22 ]\n    action: deny\n",
+        4,
+        22,
+        "this is not valid YAML",
+    );
+    assert_err(
+        "version: 1\ndefault: deny: x\n",
+        2,
+        14,
+        "this is not valid YAML: mapping values are not allowed in this context",
+    );
+}
+
+#[test]
+fn a_misindented_key_lands_where_it_is() {
+    // `when` indented like the rule's dash belongs to the top level.
+    assert_err(
+        "version: 1\nrules:\n  - name: r\n    action: deny\nwhen: { port: 22 }\n",
+        5,
+        1,
+        "unknown field `when` at the top level",
+    );
+}
+
+#[test]
+fn positions_hold_with_crlf_and_anchors() {
+    let crlf = "version: 1\r\ntargets:\r\n  t: { port: 0 }\r\n";
+    assert_err(crlf, 3, 14, "port 0 is out of range");
+    let anchors = "\
+version: 1
+targets:
+  a: &web { port: [80, 443] }
+  b: *web
+  c: { port: 99999 }
+";
+    assert_err(anchors, 5, 14, "port 99999 is out of range");
+}
+
+#[test]
+fn error_values() {
+    let e = Policy::from_yaml("version: 2\n", "x.yaml").unwrap_err();
+    assert_eq!(e.position(), Some((1, 10)));
+    assert!(matches!(e, PolicyError::Invalid { ref origin, .. } if origin == "x.yaml"));
+}
+
+#[test]
+fn load_reads_files_and_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(b"version: 1\ndefault: deny\naudit: { dir: /srv/audit, rotate: 5m }\n")
+        .unwrap();
+    let p = Policy::load(&path).unwrap();
+    assert_eq!(
+        p.audit_settings(),
+        AuditSettings {
+            dir: Some("/srv/audit".into()),
+            rotate: Some(Duration::from_secs(300)),
+        }
+    );
+
+    std::fs::write(&path, "version: 1\nrules:\n  - name: a\n    acton: deny\n").unwrap();
+    let e = Policy::load(&path).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{}:4:5: unknown field `acton` in a rule; expected one of: name, when, action",
+            path.display()
+        )
+    );
+
+    let missing = dir.path().join("nope.yaml");
+    let e = Policy::load(&missing).unwrap_err();
+    assert!(matches!(e, PolicyError::Read { .. }));
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}: cannot read the policy: ", missing.display())),
+        "{e}"
+    );
+}
+
+#[test]
+fn scalars() {
+    assert_eq!(
+        parse_port_range("8000-8099"),
+        Ok(PortRange {
+            first: 8000,
+            last: 8099
+        })
+    );
+    assert_eq!(
+        parse_port_range(" 443 "),
+        Ok(PortRange {
+            first: 443,
+            last: 443
+        })
+    );
+    assert!(parse_port_range("1-").is_err());
+    assert!(parse_port_range("-5").is_err());
+    assert!(parse_port_range("65536").is_err());
+    assert_eq!(parse_net("192.0.2.1").unwrap().to_string(), "192.0.2.1/32");
+    assert_eq!(parse_net("fd00::/8").unwrap().to_string(), "fd00::/8");
+    assert_eq!(parse_net("::1").unwrap().to_string(), "::1/128");
+    assert!(parse_net("::ffff:0:0/96").is_err());
+    assert!(parse_net("::/0").is_ok());
+    assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+    assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+    assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+    assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172800)));
+    assert!(parse_duration("0s").is_err());
+    assert!(parse_duration("1.5h").is_err());
+    assert!(parse_duration("s").is_err());
+}

@@ -1,0 +1,106 @@
+"""Signals, load and failure: the agent under pressure and after its death."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from conftest import WARDEN, read_audit, warden_run
+
+
+def wait_for(path: Path, timeout: float = 30):
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > end:
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.02)
+
+
+def test_sigterm_reaches_the_program(tmp_path, audit_dir):
+    ready = tmp_path / "ready"
+    code = textwrap.dedent(
+        f"""
+        import signal, sys, time, pathlib
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))
+        pathlib.Path({str(ready)!r}).touch()
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([WARDEN, "run", "--audit-dir", str(audit_dir), "--", sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    wait_for(ready)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 3
+    # Its cgroup and pinned programs are gone.
+    assert not any(Path("/sys/fs/bpf/warden").glob(f"agent-{proc.pid}"))
+
+
+def test_a_thousand_concurrent_connections(echo4, audit_dir):
+    code = textwrap.dedent(
+        f"""
+        import asyncio, json, resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        async def one(i):
+            r, w = await asyncio.open_connection("127.0.0.1", {echo4.port})
+            msg = f"connection {{i}}\\n".encode()
+            w.write(msg)
+            await w.drain()
+            return r, w, msg
+        async def main():
+            opened = await asyncio.gather(*(one(i) for i in range(1000)))
+            ok = 0
+            for r, w, msg in opened:  # all 1000 are open at once here
+                if await r.readline() == msg:
+                    ok += 1
+                w.close()
+            print(json.dumps(dict(ok=ok)))
+        asyncio.run(main())
+        """
+    )
+    run = warden_run(code, audit_dir)
+    assert run.returncode == 0, run.stderr
+    assert run.report["ok"] == 1000
+    rows = read_audit(audit_dir)
+    assert len(rows) == 1000
+    assert all(r["decision"] == "allow" and r["bytes_up"] == r["bytes_down"] for r in rows)
+
+
+def test_fail_closed_when_the_agent_is_killed(echo4, tmp_path, audit_dir):
+    ready, go, result = tmp_path / "ready", tmp_path / "go", tmp_path / "result"
+    code = textwrap.dedent(
+        f"""
+        import json, pathlib, socket, time
+        s = socket.create_connection(("127.0.0.1", {echo4.port})); s.sendall(b"before"); s.recv(10); s.close()
+        pathlib.Path({str(ready)!r}).touch()
+        while not pathlib.Path({str(go)!r}).exists():
+            time.sleep(0.02)
+        try:
+            s = socket.create_connection(("127.0.0.1", {echo4.port}), timeout=5)
+            s.sendall(b"after")
+            outcome = "connected"
+        except OSError as e:
+            outcome = type(e).__name__
+        pathlib.Path({str(result)!r}).write_text(outcome)
+        """
+    )
+    proc = subprocess.Popen([WARDEN, "run", "--audit-dir", str(audit_dir), "--", sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    wait_for(ready)
+    peers_before = len(echo4.peers)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    go.touch()
+    wait_for(result)
+    assert result.read_text() == "ConnectionRefusedError"
+    time.sleep(0.2)
+    assert len(echo4.peers) == peers_before, "a connection went around the dead agent"
+
+    # Recovery: `warden cleanup` releases the dead agent's cgroup and programs.
+    pins = Path(f"/sys/fs/bpf/warden/agent-{proc.pid}")
+    assert pins.exists()
+    cleanup = subprocess.run([WARDEN, "cleanup", "--kill"], capture_output=True, text=True)
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert f"agent {proc.pid}: released" in cleanup.stdout
+    assert not pins.exists()

@@ -1,0 +1,133 @@
+"""Connection rules: denied destinations fail at once and are audited; a bad
+policy is refused with its line."""
+import socket
+import subprocess
+import textwrap
+import time
+
+from conftest import WARDEN, read_audit, warden_run
+
+
+def test_denied_destination_fails_fast_and_is_audited(echo4, tmp_path, audit_dir):
+    blocked = socket.socket()
+    blocked.bind(("127.0.0.1", 0))
+    blocked.listen(8)
+    blocked_port = blocked.getsockname()[1]
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            f"""
+            version: 1
+            default: audit
+            targets:
+              forbidden: {{ address: "127.0.0.1/32", port: {blocked_port} }}
+            rules:
+              - name: no-forbidden
+                when: {{ target: forbidden }}
+                action: deny
+            """
+        )
+    )
+    code = textwrap.dedent(
+        f"""
+        import json, socket, time
+        t0 = time.monotonic()
+        outcome = "delivered"
+        try:
+            s = socket.create_connection(("127.0.0.1", {blocked_port}), timeout=20)
+            s.sendall(b"secret")
+            if s.recv(10) == b"":
+                outcome = "closed"
+        except OSError as e:
+            outcome = type(e).__name__
+        elapsed = time.monotonic() - t0
+        ok = socket.create_connection(("127.0.0.1", {echo4.port})); ok.sendall(b"fine"); back = ok.recv(10)
+        print(json.dumps(dict(outcome=outcome, elapsed=elapsed, back=back.decode())))
+        """
+    )
+    run = warden_run(code, audit_dir, "--policy", str(policy))
+    assert run.returncode == 0, run.stderr
+    assert run.report["outcome"] in ("ConnectionResetError", "closed", "BrokenPipeError"), run.report
+    # Not a hang: the client learned at once (its own timeout was 20 s).
+    assert run.report["elapsed"] < 5
+    assert run.report["back"] == "fine"
+    blocked.settimeout(0.5)
+    try:
+        blocked.accept()
+        raise AssertionError("the denied destination received a connection")
+    except socket.timeout:
+        pass
+    rows = {r["dst_port"]: r for r in read_audit(audit_dir)}
+    assert rows[blocked_port]["decision"] == "deny"
+    assert rows[blocked_port]["rule"] == "no-forbidden"
+    assert rows[blocked_port]["bytes_up"] == 0
+    assert rows[echo4.port]["decision"] == "allow"
+
+
+def test_malformed_policy_names_the_line(tmp_path, audit_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ndefault: audit\nrules:\n  - name: r1\n    when: { port: 22 }\n    acton: deny\n")
+    check = subprocess.run([WARDEN, "policy", "check", str(bad)], capture_output=True, text=True)
+    assert check.returncode == 1
+    assert f"{bad}:6:" in check.stderr, check.stderr
+    assert "acton" in check.stderr
+    run = subprocess.run([WARDEN, "run", "--policy", str(bad), "--audit-dir", str(audit_dir), "--", "true"], capture_output=True, text=True)
+    assert run.returncode == 125
+    assert f"{bad}:6:" in run.stderr
+
+
+def test_good_policy_checks_ok(tmp_path):
+    import pathlib
+
+    for example in sorted(pathlib.Path(__file__).resolve().parents[2].glob("policies/**/*.yaml")):
+        check = subprocess.run([WARDEN, "policy", "check", str(example)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        assert "ok" in check.stdout
+
+
+def test_udp_dns_allowed_other_udp_refused_and_audited(audit_dir):
+    dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        dns.bind(("127.0.0.1", 53))
+        dns_bound = True
+    except OSError:
+        dns_bound = False
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.1", 0))
+    other_port = other.getsockname()[1]
+    code = textwrap.dedent(
+        f"""
+        import json, socket
+        out = {{}}
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.sendto(b"query", ("127.0.0.1", 53)); out["dns"] = "sent"
+        except OSError as e:
+            out["dns"] = type(e).__name__
+        try:
+            s.sendto(b"quic", ("127.0.0.1", {other_port})); out["other"] = "sent"
+        except OSError as e:
+            out["other"] = type(e).__name__
+        c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            c.connect(("::ffff:127.0.0.1", {other_port})); c.send(b"mapped"); out["mapped"] = "sent"
+        except OSError as e:
+            out["mapped"] = type(e).__name__
+        print(json.dumps(out))
+        """
+    )
+    run = warden_run(code, audit_dir)
+    assert run.returncode == 0, run.stderr
+    assert run.report == {"dns": "sent", "other": "PermissionError", "mapped": "PermissionError"}
+    if dns_bound:
+        dns.settimeout(2)
+        assert dns.recvfrom(100)[0] == b"query"
+    other.settimeout(0.3)
+    try:
+        other.recvfrom(100)
+        raise AssertionError("refused UDP arrived")
+    except socket.timeout:
+        pass
+    udp_rows = [r for r in read_audit(audit_dir) if r["transport"] == "udp"]
+    assert len(udp_rows) == 2
+    assert all(r["decision"] == "deny" and r["dst_port"] == other_port for r in udp_rows)
