@@ -4,7 +4,14 @@
 //! /proc adds the executable, command line and cgroup path while the process
 //! lives. A process that exited before the agent looked keeps the kernel's
 //! fields and loses only the /proc ones.
-use std::{fs, net::SocketAddr, path::Path};
+use std::{
+    collections::HashMap,
+    fs,
+    net::SocketAddr,
+    path::Path,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use warden_common::ConnRecord;
 
@@ -125,11 +132,24 @@ pub fn container_id(path: &str) -> Option<String> {
     })
 }
 
+/// User names change rarely and their lookup reads /etc/passwd (or asks
+/// NSS): remember them for a minute.
 fn user_name(uid: u32) -> Option<String> {
-    nix::unistd::User::from_uid(uid.into())
+    static CACHE: Mutex<Option<HashMap<u32, (Option<String>, Instant)>>> = Mutex::new(None);
+    const TTL: Duration = Duration::from_secs(60);
+    let mut guard = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = guard.get_or_insert_with(HashMap::new);
+    if let Some((name, at)) = cache.get(&uid)
+        && at.elapsed() < TTL
+    {
+        return name.clone();
+    }
+    let name = nix::unistd::User::from_uid(uid.into())
         .ok()
         .flatten()
-        .map(|u| u.name)
+        .map(|u| u.name);
+    cache.insert(uid, (name.clone(), Instant::now()));
+    name
 }
 
 #[cfg(test)]

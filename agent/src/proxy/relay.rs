@@ -21,6 +21,7 @@ pub struct Transferred {
 }
 
 const CHUNK: usize = 1 << 20;
+const PIPE_SIZE: libc::c_int = 1 << 20;
 
 /// Relay until both directions have ended, or one fails. The counts are
 /// kept even when the relay ends with an error.
@@ -80,7 +81,12 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // A larger pipe moves more per splice; where the kernel refuses (pipe
+    // limits), the default 64 KiB still works.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+    Ok((r, w))
 }
 
 /// One non-blocking splice; WouldBlock tells tokio to wait for readiness.
