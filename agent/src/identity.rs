@@ -135,7 +135,8 @@ pub fn container_id(path: &str) -> Option<String> {
 /// User names change rarely and their lookup reads /etc/passwd (or asks
 /// NSS): remember them for a minute.
 fn user_name(uid: u32) -> Option<String> {
-    static CACHE: Mutex<Option<HashMap<u32, (Option<String>, Instant)>>> = Mutex::new(None);
+    type Names = HashMap<u32, (Option<String>, Instant)>;
+    static CACHE: Mutex<Option<Names>> = Mutex::new(None);
     const TTL: Duration = Duration::from_secs(60);
     let mut guard = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     let cache = guard.get_or_insert_with(HashMap::new);
