@@ -104,3 +104,36 @@ def test_fail_closed_when_the_agent_is_killed(echo4, tmp_path, audit_dir):
     assert cleanup.returncode == 0, cleanup.stderr
     assert f"agent {proc.pid}: released" in cleanup.stdout
     assert not pins.exists()
+
+
+def test_connections_that_skip_the_redirect_are_refused(tmp_path, audit_dir):
+    """The agent's listener is no open relay: a local process outside the
+    managed cgroup that connects to it straight has no kernel record."""
+    import re
+    import socket
+
+    go = tmp_path / "go"
+    code = f"import pathlib, time\nwhile not pathlib.Path({str(go)!r}).exists(): time.sleep(0.02)"
+    proc = subprocess.Popen(
+        [WARDEN, "run", "--audit-dir", str(audit_dir), "--", sys.executable, "-c", code],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    port = None
+    for line in proc.stderr:
+        m = re.search(r"agent listening .* port=(\d+)", line)
+        if m:
+            port = int(m.group(1))
+            break
+    assert port, "the agent did not say where it listens"
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
+        outcome = "closed" if s.recv(100) == b"" else "answered"
+    except ConnectionResetError:
+        outcome = "reset"
+    assert outcome in ("closed", "reset")
+    go.touch()
+    assert proc.wait(timeout=30) == 0
+    rows = read_audit(audit_dir)
+    assert [(r["decision"], r["rule"]) for r in rows] == [("deny", "unattributed")]

@@ -131,3 +131,39 @@ def test_udp_dns_allowed_other_udp_refused_and_audited(audit_dir):
     udp_rows = [r for r in read_audit(audit_dir) if r["transport"] == "udp"]
     assert len(udp_rows) == 2
     assert all(r["decision"] == "deny" and r["dst_port"] == other_port for r in udp_rows)
+
+
+def test_rules_by_workload_use_the_kernels_attribution(echo4, tmp_path, audit_dir):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            f"""
+            version: 1
+            default: audit
+            workloads:
+              untrusted: {{ match: {{ uid: 65534 }} }}
+            targets:
+              echo: {{ address: "127.0.0.1/32", port: {echo4.port} }}
+            rules:
+              - name: untrusted-no-echo
+                when: {{ workload: untrusted, target: echo }}
+                action: deny
+            """
+        )
+    )
+    code = textwrap.dedent(
+        f"""
+        import json, socket
+        try:
+            s = socket.create_connection(("127.0.0.1", {echo4.port}), timeout=10); s.sendall(b"hi")
+            print(json.dumps(dict(outcome="delivered" if s.recv(10) == b"hi" else "closed")))
+        except OSError as e:
+            print(json.dumps(dict(outcome=type(e).__name__)))
+        """
+    )
+    as_root = warden_run(code, audit_dir, "--policy", str(policy), python="/usr/bin/python3")
+    as_nobody = warden_run(code, audit_dir, "--policy", str(policy), "--user", "nobody", python="/usr/bin/python3")
+    assert as_root.report == {"outcome": "delivered"}, as_root.stderr
+    assert as_nobody.report["outcome"] in ("closed", "ConnectionResetError"), as_nobody.stderr
+    rows = sorted((r["uid"], r["workload"], r["decision"], r["rule"]) for r in read_audit(audit_dir))
+    assert rows == [(0, None, "allow", "default"), (65534, "untrusted", "deny", "untrusted-no-echo")]

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::{root, warden_bin};
+use crate::{target_dir, warden_bin};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -96,7 +96,7 @@ struct Figures {
 }
 
 fn measure(through_agent: bool, addr: SocketAddr, args: &BenchArgs) -> anyhow::Result<Figures> {
-    let client = root().join("target/release/xtask");
+    let client = target_dir().join("release/xtask");
     let client_args = [
         "bench-client".to_string(),
         format!("--addr={addr}"),

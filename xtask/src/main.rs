@@ -66,8 +66,14 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory: CARGO_TARGET_DIR when set (CI keeps it
+/// outside the clone), the workspace's target/ otherwise.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
 pub fn warden_bin() -> PathBuf {
-    root().join("target/release/warden")
+    target_dir().join("release/warden")
 }
 
 /// Run a command from the workspace root; fail with the step's name.
@@ -131,8 +137,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     let mut pytest = Command::new(env.python());
     pytest
         .args(["-m", "pytest", "tests/e2e", "-v", "-rA", "--durations=10"])
-        .env("WARDEN_BIN", warden_bin())
-        .env("WARDEN_XTASK_BIN", root().join("target/release/xtask"));
+        .env("WARDEN_BIN", warden_bin());
     if let Some(k) = filter {
         pytest.args(["-k", &k]);
     }
