@@ -69,6 +69,8 @@ pub mod names {
     pub const SENDMSG4: &str = "warden_sendmsg4";
     pub const SENDMSG6: &str = "warden_sendmsg6";
     pub const SOCK_OPS: &str = "warden_track_established";
+    pub const GETPEERNAME4: &str = "warden_getpeername4";
+    pub const GETPEERNAME6: &str = "warden_getpeername6";
 }
 
 /// Capacity of the per-connection maps. Both are LRU maps, so a connection

@@ -5,12 +5,16 @@
 //!   was going and who asked, then rewrite it to the agent's listener; UDP
 //!   connects are checked against the allowed ports.
 //! - `track`: sock_ops moves the record, once the connection is established,
-//!   to a key the agent can compute from the socket it accepts.
+//!   to a key the agent can compute from the socket it accepts, and forgets
+//!   the original peer when the socket closes.
+//! - `peername`: getpeername4 and getpeername6 show the program the address
+//!   it connected to, not the agent.
 //! - `udp`: cgroup/sendmsg4 and sendmsg6 hold unconnected UDP to the same rule.
 #![no_std]
 #![no_main]
 
 mod maps;
+mod peername;
 mod redirect;
 mod track;
 mod udp;

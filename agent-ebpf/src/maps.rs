@@ -33,3 +33,17 @@ pub static WARDEN_UDP_ALLOW: HashMap<u16, u8> = HashMap::with_max_entries(256, 0
 /// Refused UDP sends, for the audit.
 #[map]
 pub static WARDEN_UDP_DENIED: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// The original peer of each redirected socket, by cookie, so that
+/// getpeername() shows the program the address it connected to. Removed
+/// when the socket closes.
+#[map]
+pub static WARDEN_PEERS: LruHashMap<u64, PeerName> = LruHashMap::with_max_entries(MAX_PENDING, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PeerName {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: [u8; 6],
+}

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use warden_common::{ConnRecord, mapped_v4};
 
 use crate::{
-    maps::{WARDEN_CONFIG, WARDEN_PENDING},
+    maps::{PeerName, WARDEN_CONFIG, WARDEN_PEERS, WARDEN_PENDING},
     udp,
 };
 
@@ -102,7 +102,12 @@ fn is_agent_or_listener(cfg: &warden_common::AgentConfig, ip: [u8; 16], port: u1
 fn remember(ctx: &SockAddrContext, ip: [u8; 16], port: u16, family: u8) -> bool {
     let record = record_for(ctx, ip, port, family);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    WARDEN_PENDING.insert(cookie, record, 0).is_ok()
+    let peer = PeerName {
+        addr: ip,
+        port,
+        _pad: [0; 6],
+    };
+    WARDEN_PENDING.insert(cookie, record, 0).is_ok() && WARDEN_PEERS.insert(cookie, peer, 0).is_ok()
 }
 
 /// Who is calling, from the kernel's view of the current task.
@@ -137,6 +142,6 @@ pub fn words_to_bytes(w0: u32, w1: u32, w2: u32, w3: u32) -> [u8; 16] {
     ]
 }
 
-fn word(b: &[u8; 16], at: usize) -> u32 {
+pub fn word(b: &[u8; 16], at: usize) -> u32 {
     u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }

@@ -10,16 +10,28 @@ use aya_ebpf::{
 use warden_common::{FlowKey, mapped_v4};
 
 use crate::{
-    maps::{WARDEN_FLOWS, WARDEN_PENDING},
+    maps::{WARDEN_FLOWS, WARDEN_PEERS, WARDEN_PENDING},
     redirect::words_to_bytes,
 };
 
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
+const TCP_CLOSE: u32 = 7;
 const AF_INET: u32 = 2;
 
 #[sock_ops]
 pub fn warden_track_established(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // arg 1 is the new state: once closed, forget the original peer.
+        if ctx.arg(1) == TCP_CLOSE {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = WARDEN_PEERS.remove(cookie);
+        }
+        return 1;
+    }
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 1;
     }
     // Read every context field up front, straight from the context: the
@@ -75,5 +87,7 @@ pub fn warden_track_established(ctx: SockOpsContext) -> u32 {
     };
     let _ = WARDEN_FLOWS.insert(key, record, 0);
     let _ = WARDEN_PENDING.remove(cookie);
+    // Ask for state changes of this socket, to see it close.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG);
     1
 }

@@ -115,6 +115,8 @@ impl Agent {
         if connections_cut {
             tracing::warn!(?grace, "connections still open at shutdown were cut");
         }
+        let (pending, flows) = self.capture.records_in_flight();
+        tracing::info!(pending, flows, "kernel records left at stop");
         self.capture.detach_all();
         let rows_written = self.audit.shutdown().await.context("flushing the audit")?;
         Ok(StopReport {

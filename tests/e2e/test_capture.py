@@ -15,6 +15,7 @@ CLIENT = textwrap.dedent(
     for host, port, family in {targets!r}:
         s = socket.socket(family, socket.SOCK_STREAM)
         s.connect((host, port))
+        peer = list(s.getpeername()[:2])
         payload = os.urandom({size})
         got = bytearray()
         def read():
@@ -27,7 +28,7 @@ CLIENT = textwrap.dedent(
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         t.join()
-        results.append(dict(host=host, local=list(s.getsockname()[:2]),
+        results.append(dict(host=host, local=list(s.getsockname()[:2]), peer=peer,
                             sent=hashlib.sha256(payload).hexdigest(), got=hashlib.sha256(bytes(got)).hexdigest(),
                             n=len(got)))
         s.close()
@@ -47,8 +48,10 @@ def test_ipv4_ipv6_and_mapped_connections_arrive_intact(echo4, echo6, audit_dir)
     ]
     run = warden_run(CLIENT.format(targets=targets, size=size), audit_dir)
     assert run.returncode == 0, run.stderr
-    for r in run.report["results"]:
+    for r, (host, port, _) in zip(run.report["results"], targets):
         assert r["n"] == size and r["got"] == r["sent"], r
+        # getpeername() shows the program where it connected, not the agent.
+        assert r["peer"] == [host, port], r
     # The servers saw the agent's upstream sockets, never the client's own.
     client_ports = {r["local"][1] for r in run.report["results"]}
     seen_ports = {p for _, p in echo4.peers + echo6.peers}

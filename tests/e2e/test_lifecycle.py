@@ -63,6 +63,8 @@ def test_a_thousand_concurrent_connections(echo4, audit_dir):
     run = warden_run(code, audit_dir)
     assert run.returncode == 0, run.stderr
     assert run.report["ok"] == 1000
+    # Every kernel record was consumed: nothing is left to fill the maps.
+    assert "kernel records left at stop pending=0 flows=0" in run.stderr
     rows = read_audit(audit_dir)
     assert len(rows) == 1000
     assert all(r["decision"] == "allow" and r["bytes_up"] == r["bytes_down"] for r in rows)
@@ -137,3 +139,45 @@ def test_connections_that_skip_the_redirect_are_refused(tmp_path, audit_dir):
     assert proc.wait(timeout=30) == 0
     rows = read_audit(audit_dir)
     assert [(r["decision"], r["rule"]) for r in rows] == [("deny", "unattributed")]
+
+
+def test_clear_error_when_not_root(tmp_path):
+    import shutil
+    import tempfile
+
+    # A copy that an unprivileged user can execute (the build may sit under /root).
+    bindir = Path(tempfile.mkdtemp(prefix="warden-bin-"))
+    bindir.chmod(0o755)
+    copy = bindir / "warden"
+    shutil.copy(WARDEN, copy)
+    copy.chmod(0o755)
+    try:
+        proc = subprocess.run(
+            [str(copy), "run", "--audit-dir", str(tmp_path), "--", "true"],
+            capture_output=True,
+            text=True,
+            user=65534,
+            group=65534,
+            cwd="/",
+        )
+    finally:
+        shutil.rmtree(bindir)
+    assert proc.returncode == 125
+    assert "must run as root" in proc.stderr and "sudo" in proc.stderr
+
+
+def test_clear_error_when_the_listener_port_is_taken(audit_dir):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    proc = subprocess.run(
+        [WARDEN, "run", "--listen-port", str(port), "--audit-dir", str(audit_dir), "--", "true"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 125
+    assert f"127.0.0.1:{port} is already in use" in proc.stderr
+    assert "--listen-port" in proc.stderr

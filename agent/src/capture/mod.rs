@@ -25,11 +25,13 @@ use warden_common::{AgentConfig, ConnRecord, FlowKey, mapped_v4, names};
 /// The kernel programs, built by agent/build.rs from agent-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/warden-ebpf.o"));
 
-const PROGRAMS: [&str; 5] = [
+const PROGRAMS: [&str; 7] = [
     names::CONNECT4,
     names::CONNECT6,
     names::SENDMSG4,
     names::SENDMSG6,
+    names::GETPEERNAME4,
+    names::GETPEERNAME6,
     names::SOCK_OPS,
 ];
 
@@ -82,6 +84,7 @@ pub struct Listener {
 
 pub struct Capture {
     ebpf: Mutex<Ebpf>,
+    pending: HashMap<MapData, u64, ConnRecord>,
     flows: Mutex<HashMap<MapData, FlowKey, ConnRecord>>,
     udp_allow: Mutex<HashMap<MapData, u16, u8>>,
     udp_denied: Mutex<Option<RingBuf<MapData>>>,
@@ -118,6 +121,7 @@ impl Capture {
             };
             loaded.map_err(|source| CaptureError::Program { name, source })?;
         }
+        let pending = take_map(&mut ebpf, names::PENDING)?;
         let flows = take_map(&mut ebpf, names::FLOWS)?;
         let udp_allow = take_map(&mut ebpf, names::UDP_ALLOW)?;
         let udp_denied = RingBuf::try_from(
@@ -134,6 +138,7 @@ impl Capture {
         })?;
         Ok(Capture {
             ebpf: Mutex::new(ebpf),
+            pending,
             flows: Mutex::new(flows),
             udp_allow: Mutex::new(udp_allow),
             udp_denied: Mutex::new(Some(udp_denied)),
@@ -215,6 +220,21 @@ impl Capture {
         let record = flows.get(&key, 0).ok()?;
         let _ = flows.remove(&key);
         Some(record)
+    }
+
+    /// Records still in the kernel maps: connections being set up, and
+    /// connections established but not yet accepted. Both drain to zero when
+    /// nothing is in flight; a count that grows means records leak.
+    pub fn records_in_flight(&self) -> (usize, usize) {
+        let pending = self.pending.keys().filter(Result::is_ok).count();
+        let flows = self
+            .flows
+            .lock()
+            .expect("capture lock")
+            .keys()
+            .filter(Result::is_ok)
+            .count();
+        (pending, flows)
     }
 
     /// Set the UDP destination ports managed processes may use.
