@@ -11,6 +11,14 @@ from pathlib import Path
 from conftest import WARDEN, read_audit, warden_run
 
 
+def cgroup2_root() -> Path:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, right = line.split(" - ", 1)
+        if right.split()[0] == "cgroup2":
+            return Path(left.split()[4])
+    raise AssertionError("no cgroup2 mount")
+
+
 def wait_for(path: Path, timeout: float = 30):
     end = time.monotonic() + timeout
     while not path.exists():
@@ -35,6 +43,7 @@ def test_sigterm_reaches_the_program(tmp_path, audit_dir):
     assert proc.wait(timeout=30) == 3
     # Its cgroup and pinned programs are gone.
     assert not any(Path("/sys/fs/bpf/warden").glob(f"agent-{proc.pid}"))
+    assert not (cgroup2_root() / "warden" / f"run-{proc.pid}").exists()
 
 
 def test_a_thousand_concurrent_connections(echo4, audit_dir):
@@ -181,3 +190,53 @@ def test_clear_error_when_the_listener_port_is_taken(audit_dir):
     assert proc.returncode == 125
     assert f"127.0.0.1:{port} is already in use" in proc.stderr
     assert "--listen-port" in proc.stderr
+
+
+def test_ctrl_c_on_the_terminal_reaches_the_program_once(tmp_path, audit_dir):
+    """Ctrl-C makes the terminal signal its whole foreground group, the
+    program included: Warden must not deliver it a second time."""
+    import fcntl
+    import pty
+    import termios
+
+    ready, counted = tmp_path / "ready", tmp_path / "count"
+    code = textwrap.dedent(
+        f"""
+        import pathlib, signal, socket, sys, time
+        # The wakeup fd gets one byte per signal delivered, even when two
+        # arrive before the Python-level handler runs.
+        r, w = socket.socketpair()
+        r.setblocking(False); w.setblocking(False)
+        signal.signal(signal.SIGINT, lambda *a: None)
+        signal.set_wakeup_fd(w.fileno())
+        pathlib.Path({str(ready)!r}).touch()
+        got = b""
+        deadline = None
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.01)
+            try:
+                got += r.recv(64)
+            except BlockingIOError:
+                pass
+            if got and deadline is None:
+                deadline = time.monotonic() + 0.5  # time for a duplicate to arrive
+        pathlib.Path({str(counted)!r}).write_text(str(got.count(bytes([signal.SIGINT]))))
+        sys.exit(130)
+        """
+    )
+    master, slave = pty.openpty()
+
+    def take_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [WARDEN, "run", "--audit-dir", str(audit_dir), "--", sys.executable, "-c", code],
+        stdin=slave, stdout=slave, stderr=slave, preexec_fn=take_terminal,
+    )
+    os.close(slave)
+    wait_for(ready)
+    os.write(master, b"\x03")
+    assert proc.wait(timeout=30) == 130
+    os.close(master)
+    assert counted.read_text() == "1"
