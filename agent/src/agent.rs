@@ -19,7 +19,7 @@ use crate::{
     capture::{Capture, Listener},
     identity::Origin,
     policy::{ConnectionRequest, Policy, Transport},
-    proxy::{Proxy, detect::Protocol},
+    proxy::{Proxy, detect::Protocol, intercept::Interceptor},
 };
 
 pub struct AgentOptions {
@@ -29,6 +29,8 @@ pub struct AgentOptions {
     pub audit: AuditConfig,
     /// This agent's directory in bpffs.
     pub pin_dir: PathBuf,
+    /// TLS interception; None relays TLS as opaque bytes.
+    pub tls: Option<Interceptor>,
 }
 
 pub struct Agent {
@@ -70,6 +72,7 @@ impl Agent {
             capture: capture.clone(),
             policy: policy.clone(),
             audit: sink.clone(),
+            tls: options.tls,
         });
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
@@ -208,6 +211,8 @@ async fn audit_udp_denials(
                 workload: decision.workload,
                 destination: origin.destination,
                 protocol: Protocol::None.as_str(),
+                server_name: None,
+                tls: None,
                 decision: "deny",
                 rule: "udp".into(),
                 bytes_up: 0,

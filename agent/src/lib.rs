@@ -17,5 +17,7 @@ pub mod cgroup;
 pub mod identity;
 pub mod policy;
 pub mod preflight;
+
 pub mod proxy;
 pub mod run;
+pub mod tls;

@@ -48,6 +48,15 @@ enum Command {
         /// Seconds that open connections may take to finish after the program exits.
         #[arg(long, default_value_t = 5)]
         grace: u64,
+        /// The agent's state directory (its CA is in `<dir>/ca`).
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// A CA (PEM) the agent trusts for its own TLS to servers, besides the system's roots. Repeatable.
+        #[arg(long)]
+        upstream_ca: Vec<PathBuf>,
+        /// Relay TLS as opaque bytes instead of ending it with the agent's CA.
+        #[arg(long)]
+        no_tls_intercept: bool,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<OsString>,
@@ -57,6 +66,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// The agent's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Release cgroups left failing closed by agents that died.
     Cleanup {
         /// Also kill the processes still in those cgroups.
@@ -64,6 +78,18 @@ enum Command {
         kill: bool,
     },
 }
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Print the CA certificate (PEM), making the CA first if there is none,
+    /// e.g. to add it to a host's trust store.
+    Export {
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/warden";
 
 #[derive(Subcommand)]
 enum PolicyCommand {
@@ -81,6 +107,9 @@ fn main() -> ExitCode {
             user,
             listen_port,
             grace,
+            state_dir,
+            upstream_ca,
+            no_tls_intercept,
             command,
         } => {
             let runtime = match tokio::runtime::Runtime::new() {
@@ -94,6 +123,9 @@ fn main() -> ExitCode {
                 listen_port,
                 grace: Duration::from_secs(grace),
                 command,
+                state_dir,
+                upstream_ca,
+                intercept_tls: !no_tls_intercept,
             };
             match runtime.block_on(run::run(opts)) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -117,6 +149,15 @@ fn main() -> ExitCode {
                 eprintln!("{e}");
                 ExitCode::from(1)
             }
+        },
+        Command::Ca {
+            command: CaCommand::Export { state_dir },
+        } => match warden::tls::Authority::load_or_create(&state_dir.join("ca")) {
+            Ok(ca) => {
+                print!("{}", ca.ca_pem());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e.into()),
         },
         Command::Cleanup { kill } => match cleanup(kill) {
             Ok(()) => ExitCode::SUCCESS,

@@ -2,8 +2,11 @@
 //! whose outbound connections all go through the agent.
 use std::{
     ffi::{CString, OsString},
+    fs,
+    os::unix::fs::PermissionsExt,
     os::{fd::AsRawFd, unix::process::ExitStatusExt},
     path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
@@ -17,6 +20,8 @@ use crate::{
     cgroup::ManagedCgroup,
     policy::Policy,
     preflight,
+    proxy::intercept::Interceptor,
+    tls::{self, Authority},
 };
 
 pub struct RunOptions {
@@ -27,7 +32,22 @@ pub struct RunOptions {
     /// How long open connections may finish after the program exits.
     pub grace: Duration,
     pub command: Vec<OsString>,
+    /// The agent's state: its CA lives in `<state_dir>/ca`.
+    pub state_dir: PathBuf,
+    /// Extra CAs the agent trusts for its own upstream TLS.
+    pub upstream_ca: Vec<PathBuf>,
+    /// End the program's TLS with the agent's CA (on by default).
+    pub intercept_tls: bool,
 }
+
+/// The variables through which Python (ssl, requests, httpx), curl and Node
+/// find the CA bundle that makes the child trust the agent.
+const TRUST_VARIABLES: [&str; 4] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+];
 
 /// Exit code when Warden itself failed before the program ran (as env and docker do).
 pub const EXIT_WARDEN_FAILED: i32 = 125;
@@ -68,18 +88,35 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
     };
 
     let me = std::process::id();
+    // The child trusts the agent's CA through a bundle of its own, beside
+    // the system's roots; it goes when the run ends.
+    let run_dir = std::env::temp_dir().join(format!("warden-run-{me}"));
+    let mut child_env = Vec::new();
+    let interceptor = if opts.intercept_tls {
+        let authority = Arc::new(Authority::load_or_create(&opts.state_dir.join("ca"))?);
+        let upstream = tls::upstream_config(&opts.upstream_ca, &[])?;
+        fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755))?;
+        let bundle = run_dir.join("ca-bundle.pem");
+        tls::write_trust_bundle(&authority, &bundle)?;
+        child_env.extend(TRUST_VARIABLES.iter().map(|v| (*v, bundle.clone())));
+        Some(Interceptor::new(authority, upstream))
+    } else {
+        None
+    };
     let agent = Agent::start(AgentOptions {
         listen_port: opts.listen_port,
         policy,
         audit,
         pin_dir: host.bpffs.join("warden").join(format!("agent-{me}")),
+        tls: interceptor,
     })
     .await?;
     let cgroup = ManagedCgroup::create(&host.cgroup_root, &format!("run-{me}"))?;
 
     let outcome = async {
         agent.attach(cgroup.path())?;
-        let mut child = spawn(&opts.command, &cgroup, target.as_ref())?;
+        let mut child = spawn(&opts.command, &cgroup, target.as_ref(), &child_env)?;
         supervise(&mut child).await
     }
     .await;
@@ -96,6 +133,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
     let removed = cgroup.kill_and_remove(Duration::from_secs(5));
     let report = agent.stop(opts.grace).await?;
     tracing::info!(rows = report.rows_written, "audit flushed");
+    let _ = fs::remove_dir_all(&run_dir);
     removed?;
     outcome
 }
@@ -169,6 +207,7 @@ fn spawn(
     command: &[OsString],
     cgroup: &ManagedCgroup,
     user: Option<&TargetUser>,
+    env: &[(&str, PathBuf)],
 ) -> anyhow::Result<tokio::process::Child> {
     let Some((program, args)) = command.split_first() else {
         bail!("no program to run: put it after `--`, e.g. `warden run -- python3 app.py`");
@@ -182,7 +221,9 @@ fn spawn(
     let ids = user.map(|u| (u.uid, u.gid, u.groups.clone()));
 
     let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args).kill_on_drop(false);
+    cmd.args(args)
+        .kill_on_drop(false)
+        .envs(env.iter().map(|(k, v)| (k, v)));
     if let Some(u) = user {
         cmd.env("USER", &u.name)
             .env("LOGNAME", &u.name)

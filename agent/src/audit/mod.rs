@@ -56,6 +56,12 @@ pub struct ConnectionRow {
     /// "tls", "http", "postgres", "ssh", "unknown" (client sent bytes we do
     /// not recognise), "server-first" (the server spoke first), "none" (no byte).
     pub protocol: &'static str,
+    /// The name the client asked for in its TLS hello (SNI), if any.
+    pub server_name: Option<String>,
+    /// "intercepted" (the agent ended the client's TLS and made its own),
+    /// "failed" (one of the two handshakes failed), or none (not TLS, or
+    /// relayed without interception).
+    pub tls: Option<&'static str>,
     /// "allow" or "deny".
     pub decision: &'static str,
     /// The rule that decided, or "default".

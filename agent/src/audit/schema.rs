@@ -55,6 +55,8 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("dst_addr", DataType::Utf8, false),
         Field::new("dst_port", DataType::Int32, false),
         Field::new("protocol", DataType::Utf8, false),
+        Field::new("server_name", DataType::Utf8, true),
+        Field::new("tls", DataType::Utf8, true),
         Field::new("decision", DataType::Utf8, false),
         Field::new("rule", DataType::Utf8, false),
         Field::new("bytes_up", DataType::Int64, false),
@@ -86,6 +88,7 @@ pub(crate) fn estimated_size(row: &ConnectionRow) -> u64 {
         + opt(&id.unit)
         + opt(&id.container_id)
         + opt(&row.workload)
+        + opt(&row.server_name)
         + opt(&row.error);
     (FIXED + variable) as u64
 }
@@ -157,6 +160,8 @@ pub(crate) fn to_record_batch(
             rows.iter().map(|r| i32::from(r.destination.port())),
         )),
         strings(rows, |r| r.protocol),
+        opt_strings(rows, |r| &r.server_name),
+        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.tls))),
         strings(rows, |r| r.decision),
         strings(rows, |r| &r.rule),
         ints(rows, |r| saturating_i64(r.bytes_up)),

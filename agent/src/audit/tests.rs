@@ -54,6 +54,8 @@ fn row(n: u32, start: DateTime<Utc>) -> ConnectionRow {
         workload: Some("bot".into()),
         destination: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 443),
         protocol: "tls",
+        server_name: None,
+        tls: None,
         decision: "allow",
         rule: "allow-llm".into(),
         bytes_up: 100,
@@ -133,6 +135,8 @@ async fn round_trip_of_every_column_with_nulls() {
     let start = at(2025, 3, 4, 5, 6, 7) + chrono::Duration::microseconds(123_456);
     let full = ConnectionRow {
         error: Some("upstream reset".into()),
+        server_name: Some("api.openai.com".into()),
+        tls: Some("intercepted"),
         identity: Identity {
             container_id: Some("ab".repeat(32)),
             cgroup_id: u64::MAX,
@@ -154,6 +158,8 @@ async fn round_trip_of_every_column_with_nulls() {
         workload: None,
         destination: SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 5432),
         protocol: "postgres",
+        server_name: None,
+        tls: None,
         decision: "deny",
         rule: "default".into(),
         bytes_up: 0,
@@ -281,7 +287,12 @@ async fn round_trip_of_every_column_with_nulls() {
     assert_eq!(col::<Int64Array>(&b, "bytes_up").values(), &[100, 0]);
     assert_eq!(col::<Int64Array>(&b, "bytes_down").values(), &[2000, 0]);
     assert_eq!(strs(&b, "error"), [Some("upstream reset".into()), None]);
-    for name in ["user", "exe", "error", "workload"] {
+    assert_eq!(
+        strs(&b, "server_name"),
+        [Some("api.openai.com".into()), None]
+    );
+    assert_eq!(strs(&b, "tls"), [Some("intercepted".into()), None]);
+    for name in ["user", "exe", "error", "workload", "server_name", "tls"] {
         assert_eq!(b.column_by_name(name).unwrap().null_count(), 1, "{name}");
     }
     assert_no_tmp(tmp.path());

@@ -7,6 +7,7 @@
 //! 5. relay: bytes both ways;
 //! 6. log: one audit row when the connection ends.
 pub mod detect;
+pub mod intercept;
 pub mod relay;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -22,6 +23,7 @@ use crate::{
     policy::{Action, ConnectionRequest, Policy, Transport},
 };
 use detect::Protocol;
+use intercept::Interceptor;
 
 /// How long the agent waits for the original destination to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +36,8 @@ pub struct Proxy {
     pub capture: Arc<Capture>,
     pub policy: Arc<Policy>,
     pub audit: AuditSink,
+    /// TLS interception, unless turned off.
+    pub tls: Option<Interceptor>,
 }
 
 impl Proxy {
@@ -82,6 +86,8 @@ impl Proxy {
                 workload: None,
                 destination: local,
                 protocol: Protocol::None.as_str(),
+                server_name: None,
+                tls: None,
                 decision: "deny",
                 rule: "unattributed".into(),
                 bytes_up: 0,
@@ -109,6 +115,8 @@ impl Proxy {
             workload: decision.workload.clone(),
             destination: origin.destination,
             protocol: Protocol::None.as_str(),
+            server_name: None,
+            tls: None,
             decision: "allow",
             rule: decision.rule.clone(),
             bytes_up: 0,
@@ -150,7 +158,19 @@ impl Proxy {
         let protocol = detect_protocol(&client, &upstream).await;
         row.protocol = protocol.as_str();
 
-        // 5. relay
+        // 5. relay: TLS through the interceptor, everything else opaque
+        if let (Protocol::Tls, Some(interceptor)) = (protocol, &self.tls) {
+            let done = interceptor
+                .intercept(client, upstream, origin.destination)
+                .await;
+            row.server_name = done.server_name;
+            row.tls = Some(done.tls);
+            row.bytes_up = done.moved.up;
+            row.bytes_down = done.moved.down;
+            row.error = done.error;
+            self.finish(row);
+            return;
+        }
         let (moved, result) = relay::relay(&client, &upstream).await;
         row.bytes_up = moved.up;
         row.bytes_down = moved.down;

@@ -11,7 +11,10 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest},
+    net::TcpStream,
+};
 
 /// Bytes moved each way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,6 +67,52 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result
             left -= m;
             moved.fetch_add(m as u64, Ordering::Relaxed);
         }
+    }
+}
+
+/// The same for streams the agent reads itself (TLS it terminated): copy
+/// through a buffer, pass end of stream on as a close of the write side.
+pub async fn relay_streams<A, B>(a: A, b: B) -> (Transferred, io::Result<()>)
+where
+    A: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite,
+{
+    let (mut a_read, mut a_write) = tokio::io::split(a);
+    let (mut b_read, mut b_write) = tokio::io::split(b);
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let result = tokio::try_join!(
+        copy_counted(&mut a_read, &mut b_write, &up),
+        copy_counted(&mut b_read, &mut a_write, &down)
+    )
+    .map(|_| ());
+    (
+        Transferred {
+            up: up.into_inner(),
+            down: down.into_inner(),
+        },
+        result,
+    )
+}
+
+async fn copy_counted<R, W>(src: &mut R, dst: &mut W, moved: &AtomicU64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match src.read(&mut buf).await {
+            // Many TLS clients close without a close_notify; HTTP frames its
+            // own bodies, so treat that as the end of the stream.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            read => read?,
+        };
+        if n == 0 {
+            return dst.shutdown().await.or_else(ignore_not_connected);
+        }
+        dst.write_all(&buf[..n]).await?;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 

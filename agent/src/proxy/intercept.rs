@@ -1,0 +1,139 @@
+//! TLS interception: the agent ends the client's TLS with a certificate its
+//! own CA makes for the name the client asked for, and opens its own TLS to
+//! the original destination, verified against the real roots. Decoders see
+//! plaintext in between; for now it is relayed as it is.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use rustls::{
+    ClientConfig,
+    pki_types::{IpAddr as PkiIpAddr, ServerName},
+    server::Acceptor,
+};
+use tokio::net::TcpStream;
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+
+use super::relay::{self, Transferred};
+use crate::tls::Authority;
+
+/// How long a client may take to send its ClientHello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Interceptor {
+    authority: Arc<Authority>,
+    /// Roots and extra CAs for the agent's upstream TLS; ALPN set per connection.
+    upstream: Arc<ClientConfig>,
+}
+
+/// What an intercepted connection did, for its audit row.
+pub struct Intercepted {
+    /// The name the client asked for (SNI), if it sent one.
+    pub server_name: Option<String>,
+    /// "intercepted" when both handshakes completed, "failed" otherwise.
+    pub tls: &'static str,
+    pub moved: Transferred,
+    pub error: Option<String>,
+}
+
+impl Interceptor {
+    pub fn new(authority: Arc<Authority>, upstream: Arc<ClientConfig>) -> Self {
+        Interceptor {
+            authority,
+            upstream,
+        }
+    }
+
+    pub async fn intercept(
+        &self,
+        client: TcpStream,
+        upstream: TcpStream,
+        destination: SocketAddr,
+    ) -> Intercepted {
+        let mut outcome = Intercepted {
+            server_name: None,
+            tls: "failed",
+            moved: Transferred::default(),
+            error: None,
+        };
+
+        // 1. The client's hello: which name, which application protocols.
+        let start = match tokio::time::timeout(
+            HELLO_TIMEOUT,
+            LazyConfigAcceptor::new(Acceptor::default(), client),
+        )
+        .await
+        {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => return outcome.failed(format!("reading the client's TLS hello: {e}")),
+            Err(_) => return outcome.failed("the client sent no TLS hello in time".into()),
+        };
+        let hello = start.client_hello();
+        outcome.server_name = hello.server_name().map(str::to_string);
+        let offered: Vec<Vec<u8>> = hello
+            .alpn()
+            .map(|protos| protos.map(<[u8]>::to_vec).collect())
+            .unwrap_or_default();
+        let name = match outcome.server_name.clone().map(ServerName::try_from) {
+            Some(Ok(dns)) => dns,
+            _ => ServerName::IpAddress(PkiIpAddr::from(destination.ip())),
+        };
+
+        // 2. The real server first, with what the client offered: its answer
+        //    (certificate, protocol) decides what the client is offered.
+        let mut config = (*self.upstream).clone();
+        config.alpn_protocols = offered;
+        let upstream = match TlsConnector::from(Arc::new(config))
+            .connect(name.clone(), upstream)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return outcome.failed(format!("upstream TLS to {}: {e}", display(&name))),
+        };
+        let chosen: Vec<Vec<u8>> = upstream
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .map(|p| vec![p.to_vec()])
+            .unwrap_or_default();
+
+        // 3. The client's side, with a certificate for the same name.
+        let server_config = match self.authority.server_config(&name, &chosen) {
+            Ok(c) => c,
+            Err(e) => {
+                return outcome.failed(format!("making a certificate for {}: {e}", display(&name)));
+            }
+        };
+        let client = match start.into_stream(server_config).await {
+            Ok(s) => s,
+            Err(e) => {
+                return outcome.failed(format!(
+                    "the client refused the agent's certificate for {} ({e}): it may pin certificates or not trust the Warden CA",
+                    display(&name)
+                ));
+            }
+        };
+
+        // 4. Plaintext both ways.
+        outcome.tls = "intercepted";
+        let (moved, result) = relay::relay_streams(client, upstream).await;
+        outcome.moved = moved;
+        if let Err(e) = result {
+            outcome.error = Some(format!("relay: {e}"));
+        }
+        outcome
+    }
+}
+
+impl Intercepted {
+    fn failed(mut self, error: String) -> Self {
+        self.error = Some(error);
+        self
+    }
+}
+
+fn display(name: &ServerName<'_>) -> String {
+    match name {
+        ServerName::DnsName(d) => d.as_ref().to_string(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        other => format!("{other:?}"),
+    }
+}
