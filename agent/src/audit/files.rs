@@ -2,6 +2,7 @@
 use std::{
     fs::{self, File},
     io::{self, BufWriter},
+    marker::PhantomData,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -14,10 +15,7 @@ use parquet::{
     file::{metadata::KeyValue, properties::WriterProperties},
 };
 
-use super::{
-    ConnectionRow,
-    schema::{self, CONNECTIONS_TABLE, META_SCHEMA_VERSION, META_TABLE, SCHEMA_VERSION},
-};
+use super::schema::{META_SCHEMA_VERSION, META_TABLE, Table};
 
 /// What can go wrong writing one file.
 #[derive(Debug, thiserror::Error)]
@@ -67,21 +65,25 @@ pub(crate) fn partition_of(start: &DateTime<Utc>) -> String {
     start.format("date=%Y-%m-%d/hour=%H").to_string()
 }
 
-/// Writes the files of one table, named uniquely for this process.
-pub(crate) struct TableWriter {
+/// Writes the files of the table of `T` (`<dir>/<T::NAME>`), named uniquely
+/// for this process.
+pub(crate) struct TableWriter<T> {
     table_dir: PathBuf,
     host: String,
     pid: u32,
     seq: AtomicU64,
+    // Holds no row: Send and Sync whatever `T` is.
+    rows: PhantomData<fn(&[T])>,
 }
 
-impl TableWriter {
+impl<T: Table> TableWriter<T> {
     pub(crate) fn new(dir: &Path, host: String) -> Self {
         TableWriter {
-            table_dir: dir.join(CONNECTIONS_TABLE),
+            table_dir: dir.join(T::NAME),
             host,
             pid: std::process::id(),
             seq: AtomicU64::new(0),
+            rows: PhantomData,
         }
     }
 
@@ -95,7 +97,7 @@ impl TableWriter {
     pub(crate) fn write_partition(
         &self,
         partition: &str,
-        rows: &[ConnectionRow],
+        rows: &[T],
     ) -> Result<PathBuf, AuditError> {
         let dir = self.table_dir.join(partition);
         create_dir_synced(&dir)?;
@@ -121,7 +123,7 @@ impl TableWriter {
         result.map(|()| path)
     }
 
-    fn write_file(&self, tmp: &Path, rows: &[ConnectionRow]) -> Result<(), AuditError> {
+    fn write_file(&self, tmp: &Path, rows: &[T]) -> Result<(), AuditError> {
         let io_err = |source| AuditError::Io {
             path: tmp.to_path_buf(),
             source,
@@ -130,15 +132,17 @@ impl TableWriter {
             path: tmp.to_path_buf(),
             source,
         };
-        let batch =
-            schema::to_record_batch(rows, &self.host).map_err(|source| AuditError::Arrow {
-                path: tmp.to_path_buf(),
-                source,
-            })?;
+        let batch = T::to_record_batch(rows, &self.host).map_err(|source| AuditError::Arrow {
+            path: tmp.to_path_buf(),
+            source,
+        })?;
         let file = File::create(tmp).map_err(io_err)?;
-        let mut writer =
-            ArrowWriter::try_new(BufWriter::new(file), batch.schema(), Some(writer_props()))
-                .map_err(encode_err)?;
+        let mut writer = ArrowWriter::try_new(
+            BufWriter::new(file),
+            batch.schema(),
+            Some(writer_props::<T>()),
+        )
+        .map_err(encode_err)?;
         writer.write(&batch).map_err(encode_err)?;
         let file = writer
             .into_inner()
@@ -149,12 +153,15 @@ impl TableWriter {
     }
 }
 
-fn writer_props() -> WriterProperties {
+fn writer_props<T: Table>() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_key_value_metadata(Some(vec![
-            KeyValue::new(META_SCHEMA_VERSION.to_string(), SCHEMA_VERSION.to_string()),
-            KeyValue::new(META_TABLE.to_string(), CONNECTIONS_TABLE.to_string()),
+            KeyValue::new(
+                META_SCHEMA_VERSION.to_string(),
+                T::SCHEMA_VERSION.to_string(),
+            ),
+            KeyValue::new(META_TABLE.to_string(), T::NAME.to_string()),
         ]))
         .build()
 }

@@ -1,35 +1,79 @@
-//! The Arrow schema of the `connections` table and the conversion of rows
-//! into a record batch. docs/audit.md documents every column.
+//! The Arrow schemas of the audit tables (`connections`, `requests`) and the
+//! conversion of rows into record batches. docs/audit.md documents every
+//! column.
+//!
+//! Each row type implements [`Table`]; the writer and the file code only
+//! know that trait. Adding a column to a table means: its field in the
+//! table's schema, its array in `to_record_batch` (in the same place), a
+//! bump of the table's schema version, and a line in docs/audit.md.
 use std::sync::{Arc, LazyLock};
 
 use arrow::{
     array::{
-        ArrayRef, Float64Array, Int16Array, Int32Array, Int64Array, StringArray,
-        TimestampMicrosecondArray,
+        ArrayRef, Float64Array, Int16Array, Int32Array, Int64Array, ListBuilder, StringArray,
+        StringBuilder, TimestampMicrosecondArray,
     },
-    datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit},
+    datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit},
     error::ArrowError,
     record_batch::RecordBatch,
 };
+use chrono::{DateTime, Utc};
 
-use super::ConnectionRow;
+use super::{ConnectionRow, RequestRow};
 
 /// The version of the `connections` schema, written in the `schema_version`
 /// column and in the file's `warden.schema_version` key-value metadata.
 /// Adding columns bumps it; readers should select columns by name.
 pub const SCHEMA_VERSION: i16 = 1;
 
-/// The table's name: its directory under the audit directory and the
-/// file's `warden.table` key-value metadata.
+/// The version of the `requests` schema (see [`SCHEMA_VERSION`]); the two
+/// tables' versions move independently.
+pub const REQUESTS_SCHEMA_VERSION: i16 = 1;
+
+/// The `connections` table's name: its directory under the audit directory
+/// and the file's `warden.table` key-value metadata.
 pub const CONNECTIONS_TABLE: &str = "connections";
 
-/// Key-value metadata key holding [`SCHEMA_VERSION`].
+/// The `requests` table's name (see [`CONNECTIONS_TABLE`]).
+pub const REQUESTS_TABLE: &str = "requests";
+
+/// Key-value metadata key holding the table's schema version.
 pub const META_SCHEMA_VERSION: &str = "warden.schema_version";
 /// Key-value metadata key holding the table name.
 pub const META_TABLE: &str = "warden.table";
 
-static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    let utc_micros = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+/// A row type the writer can buffer, partition and write as Parquet.
+pub(crate) trait Table: Send + 'static + Sized {
+    /// The table's directory under the audit directory, and its
+    /// `warden.table` metadata.
+    const NAME: &'static str;
+    /// Written in the `schema_version` column and the metadata.
+    const SCHEMA_VERSION: i16;
+    /// The table's Arrow schema (without the `date` and `hour` partition
+    /// columns, which come from the directory names).
+    fn schema() -> SchemaRef;
+    /// Decides the row's Hive partition.
+    fn start_time(&self) -> &DateTime<Utc>;
+    /// A rough size of the row once in Arrow memory, used to decide rotation.
+    fn estimated_size(&self) -> u64;
+    /// The rows as one record batch of [`Table::schema`].
+    fn to_record_batch(rows: &[Self], host: &str) -> Result<RecordBatch, ArrowError>;
+}
+
+fn utc_micros() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// The element field of the `List<Utf8>` columns: elements are never null.
+fn string_item() -> FieldRef {
+    Arc::new(Field::new_list_field(DataType::Utf8, false))
+}
+
+fn string_list() -> DataType {
+    DataType::List(string_item())
+}
+
+static CONNECTIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("schema_version", DataType::Int16, false),
         Field::new("session_id", DataType::Utf8, false),
@@ -65,110 +109,321 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
+static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("schema_version", DataType::Int16, false),
+        Field::new("session_id", DataType::Utf8, false),
+        Field::new("seq", DataType::Int64, false),
+        Field::new("start_time", utc_micros(), false),
+        Field::new("end_time", utc_micros(), false),
+        Field::new("duration_ms", DataType::Float64, false),
+        Field::new("host", DataType::Utf8, false),
+        Field::new("pid", DataType::Int64, false),
+        Field::new("uid", DataType::Int64, false),
+        Field::new("user", DataType::Utf8, true),
+        Field::new("comm", DataType::Utf8, false),
+        Field::new("exe", DataType::Utf8, true),
+        Field::new("cgroup_path", DataType::Utf8, true),
+        Field::new("unit", DataType::Utf8, true),
+        Field::new("container_id", DataType::Utf8, true),
+        Field::new("workload", DataType::Utf8, true),
+        Field::new("dst_addr", DataType::Utf8, false),
+        Field::new("dst_port", DataType::Int32, false),
+        Field::new("protocol", DataType::Utf8, false),
+        Field::new("database", DataType::Utf8, true),
+        Field::new("db_user", DataType::Utf8, true),
+        Field::new("statement", DataType::Utf8, true),
+        Field::new("statement_class", DataType::Utf8, true),
+        Field::new("tables_read", string_list(), false),
+        Field::new("tables_written", string_list(), false),
+        Field::new("functions", string_list(), false),
+        Field::new("fingerprint", DataType::Utf8, true),
+        Field::new("rows", DataType::Int64, true),
+        Field::new("decision", DataType::Utf8, false),
+        Field::new("rule", DataType::Utf8, false),
+        Field::new("error", DataType::Utf8, true),
+        Field::new("sqlstate", DataType::Utf8, true),
+    ]))
+});
+
 /// The Arrow schema of the `connections` table (without the `date` and
 /// `hour` partition columns, which come from the directory names).
 pub fn connections_schema() -> SchemaRef {
-    SCHEMA.clone()
+    CONNECTIONS_SCHEMA.clone()
 }
 
-/// A rough size of a row once in Arrow memory, used to decide rotation.
-pub(crate) fn estimated_size(row: &ConnectionRow) -> u64 {
-    // Fixed-width columns (2 + 8 * 13 + 4 bytes) plus string offsets
-    // (4 bytes for each of 16 strings) plus the short constant strings.
-    const FIXED: usize = 110 + 64 + 40;
-    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-    let id = &row.identity;
-    let variable = row.session_id.len()
-        + row.rule.len()
-        + id.comm.len()
-        + opt(&id.user)
-        + opt(&id.exe)
-        + opt(&id.cmdline)
-        + opt(&id.cgroup_path)
-        + opt(&id.unit)
-        + opt(&id.container_id)
-        + opt(&row.workload)
-        + opt(&row.server_name)
-        + opt(&row.error);
-    (FIXED + variable) as u64
+/// The Arrow schema of the `requests` table (without the `date` and `hour`
+/// partition columns, which come from the directory names).
+pub fn requests_schema() -> SchemaRef {
+    REQUESTS_SCHEMA.clone()
 }
 
-/// The rows as one record batch of [`connections_schema`].
-pub(crate) fn to_record_batch(
-    rows: &[ConnectionRow],
-    host: &str,
-) -> Result<RecordBatch, ArrowError> {
-    fn strings<'a>(
-        rows: &'a [ConnectionRow],
-        f: impl Fn(&'a ConnectionRow) -> &'a str,
-    ) -> ArrayRef {
-        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+impl Table for ConnectionRow {
+    const NAME: &'static str = CONNECTIONS_TABLE;
+    const SCHEMA_VERSION: i16 = SCHEMA_VERSION;
+
+    fn schema() -> SchemaRef {
+        connections_schema()
     }
-    fn opt_strings<'a>(
-        rows: &'a [ConnectionRow],
-        f: impl Fn(&'a ConnectionRow) -> &'a Option<String>,
-    ) -> ArrayRef {
-        Arc::new(StringArray::from_iter(rows.iter().map(|r| f(r).as_deref())))
+
+    fn start_time(&self) -> &DateTime<Utc> {
+        &self.start_time
     }
-    fn ints(rows: &[ConnectionRow], f: impl Fn(&ConnectionRow) -> i64) -> ArrayRef {
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(f)))
+
+    fn estimated_size(&self) -> u64 {
+        // Fixed-width columns (2 + 8 * 13 + 4 bytes) plus string offsets
+        // (4 bytes for each of 16 strings) plus the short constant strings.
+        const FIXED: usize = 110 + 64 + 40;
+        let id = &self.identity;
+        let variable = self.session_id.len()
+            + self.rule.len()
+            + id.comm.len()
+            + opt_len(&id.user)
+            + opt_len(&id.exe)
+            + opt_len(&id.cmdline)
+            + opt_len(&id.cgroup_path)
+            + opt_len(&id.unit)
+            + opt_len(&id.container_id)
+            + opt_len(&self.workload)
+            + opt_len(&self.server_name)
+            + opt_len(&self.error);
+        (FIXED + variable) as u64
     }
-    fn times(rows: &[ConnectionRow], f: impl Fn(&ConnectionRow) -> i64) -> ArrayRef {
-        Arc::new(
-            TimestampMicrosecondArray::from_iter_values(rows.iter().map(f)).with_timezone("UTC"),
+
+    fn to_record_batch(rows: &[Self], host: &str) -> Result<RecordBatch, ArrowError> {
+        batch(
+            Self::schema(),
+            vec![
+                ("schema_version", versions(rows, Self::SCHEMA_VERSION)),
+                ("session_id", strings(rows, |r| &r.session_id)),
+                ("start_time", times(rows, |r| &r.start_time)),
+                ("end_time", times(rows, |r| &r.end_time)),
+                (
+                    "duration_ms",
+                    durations_ms(rows, |r| (&r.start_time, &r.end_time)),
+                ),
+                ("host", strings(rows, |_| host)),
+                ("transport", strings(rows, |r| r.transport)),
+                ("pid", ints(rows, |r| r.identity.pid.into())),
+                ("tid", ints(rows, |r| r.identity.tid.into())),
+                ("uid", ints(rows, |r| r.identity.uid.into())),
+                ("gid", ints(rows, |r| r.identity.gid.into())),
+                ("user", opt_strings(rows, |r| r.identity.user.as_deref())),
+                ("comm", strings(rows, |r| &r.identity.comm)),
+                ("exe", opt_strings(rows, |r| r.identity.exe.as_deref())),
+                (
+                    "cmdline",
+                    opt_strings(rows, |r| r.identity.cmdline.as_deref()),
+                ),
+                // Parquet has no unsigned 64-bit type that every reader maps
+                // well; the id keeps its bits (ids at or above 2^63 read as
+                // negative).
+                ("cgroup_id", ints(rows, |r| r.identity.cgroup_id as i64)),
+                (
+                    "cgroup_path",
+                    opt_strings(rows, |r| r.identity.cgroup_path.as_deref()),
+                ),
+                ("unit", opt_strings(rows, |r| r.identity.unit.as_deref())),
+                (
+                    "container_id",
+                    opt_strings(rows, |r| r.identity.container_id.as_deref()),
+                ),
+                ("workload", opt_strings(rows, |r| r.workload.as_deref())),
+                (
+                    "family",
+                    strings(rows, |r| {
+                        if r.destination.is_ipv4() {
+                            "ipv4"
+                        } else {
+                            "ipv6"
+                        }
+                    }),
+                ),
+                ("dst_addr", addrs(rows, |r| r.destination.ip())),
+                ("dst_port", ports(rows, |r| r.destination.port())),
+                ("protocol", strings(rows, |r| r.protocol)),
+                (
+                    "server_name",
+                    opt_strings(rows, |r| r.server_name.as_deref()),
+                ),
+                ("tls", opt_strings(rows, |r| r.tls)),
+                ("decision", strings(rows, |r| r.decision)),
+                ("rule", strings(rows, |r| &r.rule)),
+                ("bytes_up", ints(rows, |r| saturating_i64(r.bytes_up))),
+                ("bytes_down", ints(rows, |r| saturating_i64(r.bytes_down))),
+                ("error", opt_strings(rows, |r| r.error.as_deref())),
+            ],
         )
     }
+}
 
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(Int16Array::from_iter_values(
-            rows.iter().map(|_| SCHEMA_VERSION),
-        )),
-        strings(rows, |r| &r.session_id),
-        times(rows, |r| r.start_time.timestamp_micros()),
-        times(rows, |r| r.end_time.timestamp_micros()),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| {
-            (r.end_time.timestamp_micros() - r.start_time.timestamp_micros()) as f64 / 1000.0
-        }))),
-        strings(rows, |_| host),
-        strings(rows, |r| r.transport),
-        ints(rows, |r| r.identity.pid.into()),
-        ints(rows, |r| r.identity.tid.into()),
-        ints(rows, |r| r.identity.uid.into()),
-        ints(rows, |r| r.identity.gid.into()),
-        opt_strings(rows, |r| &r.identity.user),
-        strings(rows, |r| &r.identity.comm),
-        opt_strings(rows, |r| &r.identity.exe),
-        opt_strings(rows, |r| &r.identity.cmdline),
-        // Parquet has no unsigned 64-bit type that every reader maps well;
-        // the id keeps its bits (ids at or above 2^63 read as negative).
-        ints(rows, |r| r.identity.cgroup_id as i64),
-        opt_strings(rows, |r| &r.identity.cgroup_path),
-        opt_strings(rows, |r| &r.identity.unit),
-        opt_strings(rows, |r| &r.identity.container_id),
-        opt_strings(rows, |r| &r.workload),
-        strings(rows, |r| {
-            if r.destination.is_ipv4() {
-                "ipv4"
-            } else {
-                "ipv6"
-            }
-        }),
-        Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|r| r.destination.ip().to_string()),
-        )),
-        Arc::new(Int32Array::from_iter_values(
-            rows.iter().map(|r| i32::from(r.destination.port())),
-        )),
-        strings(rows, |r| r.protocol),
-        opt_strings(rows, |r| &r.server_name),
-        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.tls))),
-        strings(rows, |r| r.decision),
-        strings(rows, |r| &r.rule),
-        ints(rows, |r| saturating_i64(r.bytes_up)),
-        ints(rows, |r| saturating_i64(r.bytes_down)),
-        opt_strings(rows, |r| &r.error),
-    ];
-    RecordBatch::try_new(connections_schema(), columns)
+impl Table for RequestRow {
+    const NAME: &'static str = REQUESTS_TABLE;
+    const SCHEMA_VERSION: i16 = REQUESTS_SCHEMA_VERSION;
+
+    fn schema() -> SchemaRef {
+        requests_schema()
+    }
+
+    fn start_time(&self) -> &DateTime<Utc> {
+        &self.start_time
+    }
+
+    fn estimated_size(&self) -> u64 {
+        // Fixed-width columns (2 + 8 * 8 + 4 bytes, and 4 bytes of list
+        // offsets for each of 3 lists) plus string offsets (4 bytes for each
+        // of 21 strings) plus the short constant strings.
+        const FIXED: usize = 70 + 12 + 84 + 40;
+        let id = &self.identity;
+        let list = |l: &[String]| l.iter().map(|s| s.len() + 4).sum::<usize>();
+        let variable = self.session_id.len()
+            + self.rule.len()
+            + id.comm.len()
+            + opt_len(&id.user)
+            + opt_len(&id.exe)
+            + opt_len(&id.cgroup_path)
+            + opt_len(&id.unit)
+            + opt_len(&id.container_id)
+            + opt_len(&self.workload)
+            + opt_len(&self.database)
+            + opt_len(&self.db_user)
+            + opt_len(&self.statement)
+            + opt_len(&self.fingerprint)
+            + opt_len(&self.error)
+            + opt_len(&self.sqlstate)
+            + list(&self.tables_read)
+            + list(&self.tables_written)
+            + list(&self.functions);
+        (FIXED + variable) as u64
+    }
+
+    fn to_record_batch(rows: &[Self], host: &str) -> Result<RecordBatch, ArrowError> {
+        batch(
+            Self::schema(),
+            vec![
+                ("schema_version", versions(rows, Self::SCHEMA_VERSION)),
+                ("session_id", strings(rows, |r| &r.session_id)),
+                ("seq", ints(rows, |r| saturating_i64(r.seq))),
+                ("start_time", times(rows, |r| &r.start_time)),
+                ("end_time", times(rows, |r| &r.end_time)),
+                (
+                    "duration_ms",
+                    durations_ms(rows, |r| (&r.start_time, &r.end_time)),
+                ),
+                ("host", strings(rows, |_| host)),
+                ("pid", ints(rows, |r| r.identity.pid.into())),
+                ("uid", ints(rows, |r| r.identity.uid.into())),
+                ("user", opt_strings(rows, |r| r.identity.user.as_deref())),
+                ("comm", strings(rows, |r| &r.identity.comm)),
+                ("exe", opt_strings(rows, |r| r.identity.exe.as_deref())),
+                (
+                    "cgroup_path",
+                    opt_strings(rows, |r| r.identity.cgroup_path.as_deref()),
+                ),
+                ("unit", opt_strings(rows, |r| r.identity.unit.as_deref())),
+                (
+                    "container_id",
+                    opt_strings(rows, |r| r.identity.container_id.as_deref()),
+                ),
+                ("workload", opt_strings(rows, |r| r.workload.as_deref())),
+                ("dst_addr", addrs(rows, |r| r.destination.ip())),
+                ("dst_port", ports(rows, |r| r.destination.port())),
+                ("protocol", strings(rows, |r| r.protocol)),
+                ("database", opt_strings(rows, |r| r.database.as_deref())),
+                ("db_user", opt_strings(rows, |r| r.db_user.as_deref())),
+                ("statement", opt_strings(rows, |r| r.statement.as_deref())),
+                ("statement_class", opt_strings(rows, |r| r.statement_class)),
+                ("tables_read", string_lists(rows, |r| &r.tables_read)),
+                ("tables_written", string_lists(rows, |r| &r.tables_written)),
+                ("functions", string_lists(rows, |r| &r.functions)),
+                (
+                    "fingerprint",
+                    opt_strings(rows, |r| r.fingerprint.as_deref()),
+                ),
+                ("rows", opt_ints(rows, |r| r.rows.map(saturating_i64))),
+                ("decision", strings(rows, |r| r.decision)),
+                ("rule", strings(rows, |r| &r.rule)),
+                ("error", opt_strings(rows, |r| r.error.as_deref())),
+                ("sqlstate", opt_strings(rows, |r| r.sqlstate.as_deref())),
+            ],
+        )
+    }
+}
+
+/// Builds the batch, checking that the arrays come in the schema's order
+/// (arrays of the same type in the wrong place would otherwise go unnoticed).
+fn batch(schema: SchemaRef, columns: Vec<(&str, ArrayRef)>) -> Result<RecordBatch, ArrowError> {
+    let names = columns.iter().map(|(name, _)| *name);
+    if !names.eq(schema.fields().iter().map(|f| f.name().as_str())) {
+        return Err(ArrowError::SchemaError(format!(
+            "the columns {:?} do not match the schema's",
+            columns.iter().map(|(name, _)| name).collect::<Vec<_>>()
+        )));
+    }
+    RecordBatch::try_new(schema, columns.into_iter().map(|(_, a)| a).collect())
+}
+
+fn versions<R>(rows: &[R], version: i16) -> ArrayRef {
+    Arc::new(Int16Array::from_iter_values(rows.iter().map(|_| version)))
+}
+
+fn strings<'a, R>(rows: &'a [R], f: impl Fn(&'a R) -> &'a str) -> ArrayRef {
+    Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+}
+
+fn opt_strings<'a, R>(rows: &'a [R], f: impl Fn(&'a R) -> Option<&'a str>) -> ArrayRef {
+    Arc::new(StringArray::from_iter(rows.iter().map(f)))
+}
+
+fn ints<R>(rows: &[R], f: impl Fn(&R) -> i64) -> ArrayRef {
+    Arc::new(Int64Array::from_iter_values(rows.iter().map(f)))
+}
+
+fn opt_ints<R>(rows: &[R], f: impl Fn(&R) -> Option<i64>) -> ArrayRef {
+    Arc::new(Int64Array::from_iter(rows.iter().map(f)))
+}
+
+fn times<R>(rows: &[R], f: impl Fn(&R) -> &DateTime<Utc>) -> ArrayRef {
+    Arc::new(
+        TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| f(r).timestamp_micros()))
+            .with_timezone("UTC"),
+    )
+}
+
+fn durations_ms<R>(rows: &[R], f: impl Fn(&R) -> (&DateTime<Utc>, &DateTime<Utc>)) -> ArrayRef {
+    Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| {
+        let (start, end) = f(r);
+        (end.timestamp_micros() - start.timestamp_micros()) as f64 / 1000.0
+    })))
+}
+
+fn addrs<R>(rows: &[R], f: impl Fn(&R) -> std::net::IpAddr) -> ArrayRef {
+    Arc::new(StringArray::from_iter_values(
+        rows.iter().map(|r| f(r).to_string()),
+    ))
+}
+
+fn ports<R>(rows: &[R], f: impl Fn(&R) -> u16) -> ArrayRef {
+    Arc::new(Int32Array::from_iter_values(
+        rows.iter().map(|r| i32::from(f(r))),
+    ))
+}
+
+/// A non-null `List<Utf8>` per row (empty when the row has no element).
+fn string_lists<'a, R>(rows: &'a [R], f: impl Fn(&'a R) -> &'a [String]) -> ArrayRef {
+    let mut builder =
+        ListBuilder::with_capacity(StringBuilder::new(), rows.len()).with_field(string_item());
+    for row in rows {
+        for s in f(row) {
+            builder.values().append_value(s);
+        }
+        builder.append(true);
+    }
+    Arc::new(builder.finish())
+}
+
+fn opt_len(s: &Option<String>) -> usize {
+    s.as_ref().map_or(0, String::len)
 }
 
 fn saturating_i64(v: u64) -> i64 {

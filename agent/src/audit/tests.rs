@@ -7,8 +7,8 @@ use std::{
 
 use arrow::{
     array::{
-        Array, Float64Array, Int16Array, Int32Array, Int64Array, RecordBatch, StringArray,
-        TimestampMicrosecondArray,
+        Array, Float64Array, Int16Array, Int32Array, Int64Array, ListArray, RecordBatch,
+        StringArray, TimestampMicrosecondArray,
     },
     compute::concat_batches,
 };
@@ -16,6 +16,9 @@ use chrono::TimeZone;
 use parquet::{arrow::arrow_reader::ParquetRecordBatchReaderBuilder, basic::Compression};
 
 use super::*;
+
+/// The `requests` table, and both tables together.
+mod requests;
 
 fn config(dir: &Path) -> AuditConfig {
     AuditConfig {
@@ -64,10 +67,15 @@ fn row(n: u32, start: DateTime<Utc>) -> ConnectionRow {
     }
 }
 
-/// Every `.parquet` file under the table, sorted.
+/// Every `.parquet` file under the `connections` table, sorted.
 fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    table_files(dir, CONNECTIONS_TABLE)
+}
+
+/// Every `.parquet` file under the table, sorted.
+fn table_files(dir: &Path, table: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    walk(&dir.join(CONNECTIONS_TABLE), &mut out);
+    walk(&dir.join(table), &mut out);
     out.retain(|p| p.extension().is_some_and(|e| e == "parquet"));
     out.sort();
     out
@@ -342,7 +350,7 @@ async fn partitions_by_start_hour_across_a_day_boundary() {
 async fn rotates_by_size_into_several_files() {
     let tmp = tempfile::tempdir().unwrap();
     let start = at(2025, 6, 1, 12, 0, 0);
-    let one = schema::estimated_size(&row(0, start));
+    let one = row(0, start).estimated_size();
     let cfg = AuditConfig {
         rotate_bytes: one * 5,
         ..config(tmp.path())
