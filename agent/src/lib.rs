@@ -6,6 +6,8 @@
 //! - [`capture`]: load the eBPF programs, attach them to cgroups, read their records;
 //! - [`identity`]: turn a kernel record into a process, user, unit or container;
 //! - [`proxy`]: accept redirected connections, detect the protocol, relay;
+//! - [`tls`]: the agent's CA and its TLS towards servers, for interception;
+//! - [`protocols`]: decoders that turn a protocol's bytes into typed messages;
 //! - [`policy`]: decide per connection (and later per request);
 //! - [`audit`]: write every connection and decision to Parquet;
 //! - [`agent`]: wire the stages together;
@@ -18,6 +20,7 @@ pub mod identity;
 pub mod policy;
 pub mod preflight;
 
+pub mod protocols;
 pub mod proxy;
 pub mod run;
 pub mod tls;
