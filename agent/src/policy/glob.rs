@@ -1,9 +1,14 @@
-//! Shell-style globs for workload selectors (exe, comm, unit, cgroup).
+//! Shell-style globs for workload selectors (exe, comm, unit, cgroup) and
+//! for the names in SQL matchers (tables, functions, database, user).
 //!
 //! `*` matches any run of characters, `/` included; `?` matches one
 //! character; `[abc]`, `[a-z]` and `[!a-z]` match one character of (or not
 //! of) a set; `\` makes the next character literal. There is nothing else:
 //! no `{a,b}`, and `**` means the same as `*`.
+//!
+//! A glob made with [`Glob::new_caseless`] ignores case: its literals and
+//! the text are compared lowercased, and a `[...]` set holds a character
+//! when it holds the character in either case.
 
 use std::fmt;
 
@@ -26,6 +31,7 @@ enum Token {
 pub struct Glob {
     source: String,
     tokens: Vec<Token>,
+    caseless: bool,
 }
 
 impl fmt::Debug for Glob {
@@ -37,6 +43,16 @@ impl fmt::Debug for Glob {
 impl Glob {
     /// Compiles `pattern`; the error says what is wrong in a few words.
     pub fn new(pattern: &str) -> Result<Glob, String> {
+        Glob::compile(pattern, false)
+    }
+
+    /// Like [`Glob::new`], for a glob that ignores case ("crm.*" matches
+    /// `CRM.Customers`).
+    pub fn new_caseless(pattern: &str) -> Result<Glob, String> {
+        Glob::compile(pattern, true)
+    }
+
+    fn compile(pattern: &str, caseless: bool) -> Result<Glob, String> {
         if pattern.is_empty() {
             return Err("the pattern is empty".into());
         }
@@ -51,7 +67,7 @@ impl Glob {
                 }
                 '?' => tokens.push(Token::One),
                 '\\' => match chars.next() {
-                    Some(next) => tokens.push(Token::Literal(next)),
+                    Some(next) => push_literal(&mut tokens, next, caseless),
                     None => return Err("it ends with a lone \\".into()),
                 },
                 '[' => {
@@ -97,12 +113,13 @@ impl Glob {
                     }
                     tokens.push(Token::Class { negated, ranges });
                 }
-                c => tokens.push(Token::Literal(c)),
+                c => push_literal(&mut tokens, c, caseless),
             }
         }
         Ok(Glob {
             source: pattern.to_string(),
             tokens,
+            caseless,
         })
     }
 
@@ -112,7 +129,11 @@ impl Glob {
 
     /// Whether the whole of `text` matches.
     pub fn is_match(&self, text: &str) -> bool {
-        let text: Vec<char> = text.chars().collect();
+        let text: Vec<char> = if self.caseless {
+            text.chars().flat_map(char::to_lowercase).collect()
+        } else {
+            text.chars().collect()
+        };
         let (mut t, mut p) = (0usize, 0usize);
         // Where the last `*` was, and where in the text it started matching.
         let mut star: Option<(usize, usize)> = None;
@@ -124,7 +145,7 @@ impl Glob {
                         p += 1;
                         continue;
                     }
-                    tok if one_matches(tok, text[t]) => {
+                    tok if one_matches(tok, text[t], self.caseless) => {
                         p += 1;
                         t += 1;
                         continue;
@@ -146,13 +167,25 @@ impl Glob {
     }
 }
 
-fn one_matches(token: &Token, c: char) -> bool {
+/// A caseless glob keeps its literals lowercased, as it lowercases the text.
+fn push_literal(tokens: &mut Vec<Token>, c: char, caseless: bool) {
+    if caseless {
+        tokens.extend(c.to_lowercase().map(Token::Literal));
+    } else {
+        tokens.push(Token::Literal(c));
+    }
+}
+
+/// `c` is lowercased already when `caseless`.
+fn one_matches(token: &Token, c: char, caseless: bool) -> bool {
     match token {
         Token::Literal(l) => *l == c,
         Token::One => true,
         Token::Any => false,
         Token::Class { negated, ranges } => {
-            ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated
+            let within = |c: char| ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi);
+            let hit = within(c) || (caseless && c.to_uppercase().any(within));
+            hit != *negated
         }
     }
 }
@@ -196,6 +229,21 @@ mod tests {
         assert!(m("[a-]", "-"));
         assert!(m(r"a\*b", "a*b"));
         assert!(!m(r"a\*b", "aXb"));
+    }
+
+    #[test]
+    fn caseless_globs() {
+        let c = |pattern: &str, text: &str| Glob::new_caseless(pattern).unwrap().is_match(text);
+        assert!(c("crm.*", "CRM.Customers"));
+        assert!(c("*CARD*", "public.credit_cards"));
+        assert!(c("customers", "Customers"));
+        assert!(!c("customers", "crm.customers"));
+        assert!(c("[A-C]rm.x", "crm.X"));
+        assert!(c("[a-c]rm.x", "CRM.x"));
+        assert!(!c("[!a-c]rm.x", "Crm.x"));
+        assert!(c(r"\Crm", "crm"));
+        assert!(!m("crm.*", "CRM.customers"), "plain globs keep case");
+        assert_eq!(Glob::new_caseless("").unwrap_err(), "the pattern is empty");
     }
 
     #[test]

@@ -1,12 +1,19 @@
-//! Policy: decides per connection, from one YAML file (docs/policy.md).
+//! Policy: decides per connection and, for PostgreSQL, per statement, from
+//! one YAML file (docs/policy.md).
 //!
-//! Version 0 of the policy language knows connections only: who (workloads,
-//! from the kernel's attribution), where (targets: addresses and ports), and
-//! rules that allow or deny, first match wins. Later versions add protocol
-//! matchers, masking, approvals and credentials to the same file.
+//! Who (workloads, from the kernel's attribution), where (targets: addresses,
+//! ports and what they speak), and rules that allow or deny, first match
+//! wins. A rule without a protocol matcher is a *connection rule*: it decides
+//! connections. A rule with a `sql` matcher is a *statement rule*: it decides
+//! each statement of a PostgreSQL session, and never a connection. Later
+//! versions add more matchers, masking, approvals and credentials to the
+//! same file.
+//!
+//! The policy knows nothing of sockets or wire protocols: callers hand it
+//! plain values ([`ConnectionRequest`], [`StatementRequest`]).
 //!
 //! - [`parse`] reads and checks a file, with errors that name line and column;
-//! - [`glob`] is the small glob language of workload selectors;
+//! - [`glob`] is the small glob language of selectors and SQL matchers;
 //! - this module holds the checked policy and decides.
 use std::{
     net::{IpAddr, SocketAddr},
@@ -35,6 +42,24 @@ pub const DEFAULT_RULE: &str = "default";
 /// The name [`Decision::rule`] carries for UDP, which `udp.allow_ports` decides.
 pub const UDP_RULE: &str = "udp.allow_ports";
 
+/// The statement classes a `sql` matcher names, least dangerous first: the
+/// names the PostgreSQL classifier gives (docs/postgres.md).
+pub const STATEMENT_CLASSES: [&str; 9] = [
+    "transaction",
+    "session",
+    "read",
+    "write",
+    "copy",
+    "ddl",
+    "function",
+    "privilege",
+    "unknown",
+];
+
+/// The class a statement is matched as when its class is not one of
+/// [`STATEMENT_CLASSES`].
+const UNKNOWN_CLASS: &str = "unknown";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     Tcp,
@@ -47,6 +72,26 @@ pub struct ConnectionRequest<'a> {
     pub identity: &'a Identity,
     pub destination: SocketAddr,
     pub transport: Transport,
+}
+
+/// What the policy is asked about one statement of a PostgreSQL session
+/// whose connection was allowed. Names are as the classifier gives them:
+/// schema-qualified as written (`crm.customers`, `customers`,
+/// `"CRM".customers`).
+#[derive(Clone, Debug)]
+pub struct StatementRequest<'a> {
+    pub identity: &'a Identity,
+    /// The session's original destination, as for its connection.
+    pub destination: SocketAddr,
+    /// The startup packet's `database`, if the client sent one.
+    pub database: Option<&'a str>,
+    /// The startup packet's `user`.
+    pub db_user: Option<&'a str>,
+    /// One of [`STATEMENT_CLASSES`]; any other string is taken as "unknown".
+    pub class: &'a str,
+    pub tables_read: &'a [String],
+    pub tables_written: &'a [String],
+    pub functions: &'a [String],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,8 +113,8 @@ impl Action {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub action: Action,
-    /// The rule's name, or "default" ([`DEFAULT_RULE`]), or for UDP
-    /// "udp.allow_ports" ([`UDP_RULE`]).
+    /// The rule's name, or "default" ([`DEFAULT_RULE`]) when no rule matched
+    /// (for a statement too), or for UDP "udp.allow_ports" ([`UDP_RULE`]).
     pub rule: String,
     /// The first workload the identity matches, if any.
     pub workload: Option<String>,
@@ -199,12 +244,53 @@ struct Workload {
     selector: Selector,
 }
 
+/// What a target speaks, as its `protocol:` says. It types the matchers a
+/// rule may give with the target; connections are matched by address and
+/// port alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Postgres,
+    Http,
+    Llm,
+    Ssh,
+    Tls,
+    Any,
+}
+
+impl Protocol {
+    const ALL: [Protocol; 6] = [
+        Protocol::Postgres,
+        Protocol::Http,
+        Protocol::Llm,
+        Protocol::Ssh,
+        Protocol::Tls,
+        Protocol::Any,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Postgres => "postgres",
+            Protocol::Http => "http",
+            Protocol::Llm => "llm",
+            Protocol::Ssh => "ssh",
+            Protocol::Tls => "tls",
+            Protocol::Any => "any",
+        }
+    }
+
+    /// Whether a `sql` matcher may go with a target of this protocol.
+    fn speaks_sql(protocol: Option<Protocol>) -> bool {
+        matches!(protocol, None | Some(Protocol::Postgres | Protocol::Any))
+    }
+}
+
 /// Where: a destination's address and port. Every key given must hold.
 #[derive(Clone, Debug, Default)]
 struct Target {
     name: String,
     address: Option<Vec<IpNet>>,
     port: Option<Vec<PortRange>>,
+    protocol: Option<Protocol>,
 }
 
 impl Target {
@@ -226,6 +312,81 @@ fn port_matches(ranges: &Option<Vec<PortRange>>, port: u16) -> bool {
         .is_none_or(|ranges| ranges.iter().any(|r| r.contains(port)))
 }
 
+/// What: a rule's `sql` matcher. Every key given must hold; a key with a
+/// list holds when any of its values does. No key: every statement.
+#[derive(Clone, Debug, Default)]
+struct SqlMatcher {
+    /// Names from [`STATEMENT_CLASSES`].
+    class: Option<Vec<&'static str>>,
+    /// Caseless globs; hold when any table read or written matches one.
+    tables: Option<Vec<Glob>>,
+    /// Caseless globs; hold when any function called matches one.
+    functions: Option<Vec<Glob>>,
+    /// Globs on the session's database (the user's name when none was sent).
+    database: Option<Vec<Glob>>,
+    /// Globs on the session's user.
+    user: Option<Vec<Glob>>,
+}
+
+impl SqlMatcher {
+    fn matches(&self, req: &StatementRequest) -> bool {
+        let class = STATEMENT_CLASSES
+            .iter()
+            .find(|&&c| c == req.class)
+            .copied()
+            .unwrap_or(UNKNOWN_CLASS);
+        fn any_name<'n>(
+            globs: &Option<Vec<Glob>>,
+            mut names: impl Iterator<Item = &'n String>,
+        ) -> bool {
+            globs
+                .as_ref()
+                .is_none_or(|globs| names.any(|name| globs.iter().any(|g| name_matches(g, name))))
+        }
+        let session = |globs: &Option<Vec<Glob>>, value: Option<&str>| {
+            globs
+                .as_ref()
+                .is_none_or(|globs| value.is_some_and(|v| globs.iter().any(|g| g.is_match(v))))
+        };
+        // PostgreSQL connects to the database named like the user when the
+        // client names none.
+        let database = req.database.or(req.db_user);
+        self.class.as_ref().is_none_or(|c| c.contains(&class))
+            && any_name(
+                &self.tables,
+                req.tables_read.iter().chain(req.tables_written),
+            )
+            && any_name(&self.functions, req.functions.iter())
+            && session(&self.database, database)
+            && session(&self.user, req.db_user)
+    }
+}
+
+/// A table or function name as the classifier writes it (`crm.customers`,
+/// `"CRM".customers`) matches a glob as written, or without its quotes
+/// (`CRM.customers`), so "crm.*" covers quoted and unquoted spellings.
+fn name_matches(glob: &Glob, name: &str) -> bool {
+    glob.is_match(name) || (name.contains('"') && glob.is_match(&unquoted(name)))
+}
+
+/// `"CRM"."Odd""Name"` to `CRM.Odd"Name`.
+fn unquoted(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut chars = name.chars().peekable();
+    let mut inside = false;
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            out.push(c);
+        } else if inside && chars.peek() == Some(&'"') {
+            chars.next();
+            out.push('"');
+        } else {
+            inside = !inside;
+        }
+    }
+    out
+}
+
 #[derive(Clone, Debug)]
 struct Rule {
     name: String,
@@ -235,7 +396,23 @@ struct Rule {
     targets: Vec<usize>,
     address: Option<Vec<IpNet>>,
     port: Option<Vec<PortRange>>,
+    /// Some: a statement rule, which never decides a connection.
+    sql: Option<SqlMatcher>,
     action: Action,
+}
+
+impl Rule {
+    /// Whether who and where hold: workload, target, address and port.
+    fn holds_for(&self, policy: &Policy, hits: &[bool], destination: SocketAddr) -> bool {
+        (self.workloads.is_empty() || self.workloads.iter().any(|&w| hits[w]))
+            && (self.targets.is_empty()
+                || self
+                    .targets
+                    .iter()
+                    .any(|&t| policy.targets[t].matches(destination)))
+            && address_matches(&self.address, destination.ip())
+            && port_matches(&self.port, destination.port())
+    }
 }
 
 /// A checked policy. Cheap to share behind an `Arc`; deciding never fails.
@@ -246,6 +423,8 @@ pub struct Policy {
     workloads: Vec<Workload>,
     targets: Vec<Target>,
     rules: Vec<Rule>,
+    /// What happens to statements no statement rule matches.
+    sql_default: Action,
     udp_ports: Vec<u16>,
     audit: AuditSettings,
 }
@@ -273,18 +452,12 @@ impl Policy {
         parse::parse(src, origin)
     }
 
-    /// Decides one connection. TCP: the first rule whose `when` holds decides,
-    /// else the default. UDP: `udp.allow_ports` decides, as the kernel does.
+    /// Decides one connection. TCP: the first connection rule whose `when`
+    /// holds decides, else the default; statement rules are passed over. UDP:
+    /// `udp.allow_ports` decides, as the kernel does.
     pub fn decide_connection(&self, req: &ConnectionRequest) -> Decision {
-        let hits: Vec<bool> = self
-            .workloads
-            .iter()
-            .map(|w| w.selector.matches(req.identity))
-            .collect();
-        let workload = hits
-            .iter()
-            .position(|&hit| hit)
-            .map(|i| self.workloads[i].name.clone());
+        let hits = self.workload_hits(req.identity);
+        let workload = self.first_workload(&hits);
         if req.transport == Transport::Udp {
             let allowed = self.udp_ports.contains(&req.destination.port());
             return Decision {
@@ -293,16 +466,11 @@ impl Policy {
                 workload,
             };
         }
-        let rule = self.rules.iter().find(|rule| {
-            (rule.workloads.is_empty() || rule.workloads.iter().any(|&w| hits[w]))
-                && (rule.targets.is_empty()
-                    || rule
-                        .targets
-                        .iter()
-                        .any(|&t| self.targets[t].matches(req.destination)))
-                && address_matches(&rule.address, req.destination.ip())
-                && port_matches(&rule.port, req.destination.port())
-        });
+        let rule = self
+            .rules
+            .iter()
+            .filter(|rule| rule.sql.is_none())
+            .find(|rule| rule.holds_for(self, &hits, req.destination));
         match rule {
             Some(rule) => Decision {
                 action: rule.action,
@@ -315,6 +483,64 @@ impl Policy {
                 workload,
             },
         }
+    }
+
+    /// Decides one statement of a PostgreSQL session whose connection was
+    /// allowed: the first statement rule (in file order) whose whole `when`
+    /// holds (workload, target, address, port and the `sql` matcher)
+    /// decides; else `sql_default` (allow unless the file says deny), with
+    /// the rule "default". Connection rules and `default` play no part.
+    pub fn decide_statement(&self, req: &StatementRequest) -> Decision {
+        let hits = self.workload_hits(req.identity);
+        let workload = self.first_workload(&hits);
+        let rule = self.rules.iter().find(|rule| {
+            rule.sql
+                .as_ref()
+                .is_some_and(|sql| rule.holds_for(self, &hits, req.destination) && sql.matches(req))
+        });
+        match rule {
+            Some(rule) => Decision {
+                action: rule.action,
+                rule: rule.name.clone(),
+                workload,
+            },
+            None => Decision {
+                action: self.sql_default,
+                rule: DEFAULT_RULE.to_string(),
+                workload,
+            },
+        }
+    }
+
+    /// Whether statements need deciding at all: true when the file has a
+    /// statement rule or says `sql_default: deny`. When false,
+    /// [`Policy::decide_statement`] allows every statement (rule "default"),
+    /// so a caller may skip asking.
+    pub fn has_statement_rules(&self) -> bool {
+        self.sql_default == Action::Deny || self.statement_rule_count() > 0
+    }
+
+    /// How many rules are statement rules (have a `sql` matcher).
+    pub fn statement_rule_count(&self) -> usize {
+        self.rules.iter().filter(|r| r.sql.is_some()).count()
+    }
+
+    /// What happens to statements no statement rule matches: `sql_default`.
+    pub fn sql_default(&self) -> Action {
+        self.sql_default
+    }
+
+    fn workload_hits(&self, identity: &Identity) -> Vec<bool> {
+        self.workloads
+            .iter()
+            .map(|w| w.selector.matches(identity))
+            .collect()
+    }
+
+    fn first_workload(&self, hits: &[bool]) -> Option<String> {
+        hits.iter()
+            .position(|&hit| hit)
+            .map(|i| self.workloads[i].name.clone())
     }
 
     /// The first workload whose match holds for `identity`, if any.
@@ -355,13 +581,18 @@ impl Policy {
         self.targets.len()
     }
 
-    /// "3 rules, 2 workloads, 2 targets", as `warden policy check` prints it.
+    /// "3 rules, 2 workloads, 2 targets", as `warden policy check` prints
+    /// it; with statement rules, "3 rules, 2 of them for SQL statements, ...".
     pub fn summary(&self) -> String {
         fn count(n: usize, noun: &str) -> String {
             format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
         }
+        let statements = match self.statement_rule_count() {
+            0 => String::new(),
+            n => format!(", {n} of them for SQL statements"),
+        };
         format!(
-            "{}, {}, {}",
+            "{}{statements}, {}, {}",
             count(self.rule_count(), "rule"),
             count(self.workload_count(), "workload"),
             count(self.target_count(), "target")
@@ -371,3 +602,7 @@ impl Policy {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[path = "statement_tests.rs"]
+mod statement_tests;

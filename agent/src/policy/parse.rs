@@ -10,8 +10,9 @@
 //!
 //! References (a rule naming a workload or a target) can point forwards in
 //! the file, so the file is read twice: the first reading learns the names
-//! and checks everything else; the second checks the references, with the
-//! names known.
+//! (and what each target speaks) and checks everything else; the second
+//! checks the references, with the names known, and that a rule's `sql`
+//! matcher goes only with targets that speak PostgreSQL.
 
 use std::{
     cell::{Cell, RefCell},
@@ -25,8 +26,8 @@ use ipnet::IpNet;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::{
-    Action, AuditSettings, DefaultAction, Policy, PolicyError, PortRange, Rule, Selector, Target,
-    Workload, glob::Glob,
+    Action, AuditSettings, DefaultAction, Policy, PolicyError, PortRange, Protocol, Rule,
+    STATEMENT_CLASSES, Selector, SqlMatcher, Target, Workload, glob::Glob,
 };
 
 /// The policy versions this build reads.
@@ -41,8 +42,11 @@ pub(crate) struct Fields {
     /// Where the mapping is, for messages: "in a rule".
     pub what: &'static str,
     pub known: &'static [&'static str],
-    /// (key, what it belongs to): ("sql", "protocol matchers").
+    /// (key, what it belongs to): ("http", "protocol matchers").
     pub later: &'static [(&'static str, &'static str)],
+    /// (key, what to write instead): keys people write that are spelt, or
+    /// belong, elsewhere.
+    pub instead: &'static [(&'static str, &'static str)],
 }
 
 pub(crate) const TOP: Fields = Fields {
@@ -50,6 +54,7 @@ pub(crate) const TOP: Fields = Fields {
     known: &[
         "version",
         "default",
+        "sql_default",
         "workloads",
         "targets",
         "udp",
@@ -61,34 +66,38 @@ pub(crate) const TOP: Fields = Fields {
         ("detectors", "masking"),
         ("presets", "masking"),
     ],
+    instead: &[],
 };
 
 pub(crate) const WORKLOAD: Fields = Fields {
     what: "in a workload",
     known: &["match"],
     later: &[],
+    instead: &[],
 };
 
 pub(crate) const MATCH: Fields = Fields {
     what: "in a workload's match",
     known: &["uid", "user", "exe", "comm", "unit", "cgroup", "container"],
     later: &[("k8s", "Kubernetes selectors")],
+    instead: &[],
 };
 
 pub(crate) const TARGET: Fields = Fields {
     what: "in a target",
-    known: &["address", "port"],
-    later: &[
-        ("host", "host names"),
-        ("protocol", "protocol matchers"),
-        ("database", "protocol matchers"),
-    ],
+    known: &["address", "port", "protocol"],
+    later: &[("host", "host names")],
+    instead: &[(
+        "database",
+        "a rule's sql matcher names databases: `when: { target: ..., sql: { database: crm } }`",
+    )],
 };
 
 pub(crate) const UDP: Fields = Fields {
     what: "under udp",
     known: &["allow_ports"],
     later: &[],
+    instead: &[],
 };
 
 pub(crate) const RULE: Fields = Fields {
@@ -103,19 +112,61 @@ pub(crate) const RULE: Fields = Fields {
         ("credentials", "credential injection"),
         ("llm", "protocol matchers"),
     ],
+    instead: &[(
+        "sql",
+        "a rule's sql matcher goes under when: `when: { sql: { ... } }`",
+    )],
 };
 
 pub(crate) const WHEN: Fields = Fields {
     what: "in a rule's when",
-    known: &["workload", "target", "address", "port"],
+    known: &["workload", "target", "address", "port", "sql"],
     later: &[
-        ("sql", "protocol matchers"),
         ("http", "protocol matchers"),
         ("llm", "protocol matchers"),
         ("ssh", "protocol matchers"),
         ("protocol", "protocol matchers"),
         ("host", "host names"),
         ("from_llm", "protocol matchers"),
+    ],
+    instead: &[
+        (
+            "database",
+            "databases are matched per statement: `sql: { database: crm }`",
+        ),
+        (
+            "db_user",
+            "database users are matched per statement: `sql: { user: bot_ro }`",
+        ),
+        (
+            "class",
+            "statement classes go in the sql matcher: `sql: { class: write }`",
+        ),
+        (
+            "tables",
+            "tables go in the sql matcher: `sql: { tables: \"crm.*\" }`",
+        ),
+    ],
+};
+
+pub(crate) const SQL: Fields = Fields {
+    what: "in a rule's sql",
+    known: &["class", "tables", "functions", "database", "user"],
+    later: &[("columns", "masking")],
+    instead: &[
+        ("classes", "write `class:`, which takes one class or a list"),
+        ("table", "write `tables:`, which takes one glob or a list"),
+        (
+            "function",
+            "write `functions:`, which takes one glob or a list",
+        ),
+        ("db", "write `database:`"),
+        ("db_user", "write `user:`"),
+        ("users", "write `user:`, which takes one glob or a list"),
+        (
+            "databases",
+            "write `database:`, which takes one glob or a list",
+        ),
     ],
 };
 
@@ -126,6 +177,7 @@ pub(crate) const AUDIT: Fields = Fields {
         ("prompts", "LLM request auditing"),
         ("retention", "audit retention"),
     ],
+    instead: &[],
 };
 
 /// Each mapping of the format, with where the JSON Schema describes it.
@@ -138,6 +190,7 @@ pub(crate) const SCHEMA_OBJECTS: &[(&str, &Fields)] = &[
     ("/$defs/udp", &UDP),
     ("/$defs/rule", &RULE),
     ("/$defs/when", &WHEN),
+    ("/$defs/sql", &SQL),
     ("/$defs/audit", &AUDIT),
 ];
 
@@ -151,6 +204,7 @@ pub(super) fn parse(src: &str, origin: &str) -> Result<Policy, PolicyError> {
         names: Some(Names {
             workloads: first.workloads.iter().map(|w| w.name.clone()).collect(),
             targets: first.targets.iter().map(|t| t.name.clone()).collect(),
+            target_protocols: first.targets.iter().map(|t| t.protocol).collect(),
             rules: first.rules.iter().map(|r| r.name.clone()).collect(),
         }),
         ..Ctx::default()
@@ -228,7 +282,16 @@ fn syntax_message(problem: &str, src: &str, line: usize) -> String {
 struct Names {
     workloads: Vec<String>,
     targets: Vec<String>,
+    /// What each target of `targets` speaks, in the same order.
+    target_protocols: Vec<Option<Protocol>>,
     rules: Vec<String>,
+}
+
+impl Names {
+    fn target_protocol(&self, name: &str) -> Option<Protocol> {
+        let i = self.targets.iter().position(|n| n == name)?;
+        self.target_protocols[i]
+    }
 }
 
 /// State shared by one reading of the file.
@@ -250,11 +313,28 @@ impl Ctx {
             .cloned()
             .unwrap_or_else(|| format!("#{index}"))
     }
+
+    /// On the second reading: the error for a `sql` matcher on `target`, if
+    /// the target says it speaks something other than PostgreSQL.
+    fn sql_target_error(&self, target: &str) -> Option<String> {
+        let protocol = self.names.as_ref()?.target_protocol(target);
+        if Protocol::speaks_sql(protocol) {
+            return None;
+        }
+        Some(format!(
+            "rule `{}` has a sql matcher, which matches PostgreSQL statements, but its target \
+             `{target}` says `protocol: {}`; a sql matcher goes with targets of `protocol: \
+             postgres` (or `any`, or none), so name another target or split the rule",
+            self.current_rule(),
+            protocol.map_or("", Protocol::as_str)
+        ))
+    }
 }
 
 struct FileDef {
     version: Option<u64>,
     default: DefaultAction,
+    sql_default: Action,
     workloads: Vec<Workload>,
     targets: Vec<Target>,
     udp_ports: Vec<u16>,
@@ -268,6 +348,7 @@ struct RuleDef {
     targets: Vec<String>,
     address: Option<Vec<IpNet>>,
     port: Option<Vec<PortRange>>,
+    sql: Option<SqlMatcher>,
     action: Action,
 }
 
@@ -294,6 +375,7 @@ impl FileDef {
                 name: r.name,
                 address: r.address,
                 port: r.port,
+                sql: r.sql,
                 action: r.action,
             })
             .collect();
@@ -303,6 +385,7 @@ impl FileDef {
             workloads: self.workloads,
             targets: self.targets,
             rules,
+            sql_default: self.sql_default,
             udp_ports: self.udp_ports,
             audit: self.audit,
         }
@@ -323,6 +406,7 @@ fn for_each_field<'de, A: MapAccess<'de>>(
     while let Some(key) = map.next_key_seed(FieldKey {
         fields,
         seen: &mut seen,
+        check: None,
     })? {
         each(key, map)?;
     }
@@ -332,6 +416,9 @@ fn for_each_field<'de, A: MapAccess<'de>>(
 struct FieldKey<'a> {
     fields: &'static Fields,
     seen: &'a mut Vec<&'static str>,
+    /// A check of a known key against what the mapping said before it; an
+    /// error is put at the key.
+    check: Option<&'a dyn Fn(&'static str) -> Result<(), String>>,
 }
 
 impl<'de> DeserializeSeed<'de> for FieldKey<'_> {
@@ -354,15 +441,25 @@ impl<'de> Visitor<'de> for FieldKey<'_> {
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        let Fields { what, known, later } = self.fields;
+        let Fields {
+            what, known, later, ..
+        } = self.fields;
         if let Some(&k) = known.iter().find(|&&k| k == key) {
             if self.seen.contains(&k) {
                 return Err(fail(format!("`{key}` is given twice {what}; keep one")));
+            }
+            if let Some(check) = self.check {
+                check(k).map_err(fail)?;
             }
             self.seen.push(k);
             return Ok(k);
         }
         let expected = known.join(", ");
+        if let Some((_, hint)) = self.fields.instead.iter().find(|(k, _)| *k == key) {
+            return Err(fail(format!(
+                "unknown field `{key}` {what} ({hint}); expected one of: {expected}"
+            )));
+        }
         if let Some((_, feature)) = later.iter().find(|(k, _)| *k == key) {
             return Err(fail(format!(
                 "`{key}` {what} is not supported yet in policy v0 (a later version adds \
@@ -399,6 +496,7 @@ impl<'de> Visitor<'de> for FileSeed<'_> {
         let mut file = FileDef {
             version: None,
             default: DefaultAction::Audit,
+            sql_default: Action::Allow,
             workloads: Vec::new(),
             targets: Vec::new(),
             udp_ports: vec![53],
@@ -409,6 +507,7 @@ impl<'de> Visitor<'de> for FileSeed<'_> {
             match key {
                 "version" => file.version = Some(map.next_value_seed(One(VersionP))?),
                 "default" => file.default = map.next_value_seed(One(DefaultP))?,
+                "sql_default" => file.sql_default = map.next_value_seed(One(SqlDefaultP))?,
                 "workloads" => {
                     file.workloads = map
                         .next_value_seed(NamedMap {
@@ -657,7 +756,7 @@ impl<'de> Visitor<'de> for TargetSeed {
     type Value = Target;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a target: a mapping with address and/or port")
+        f.write_str("a target: a mapping with address and/or port, and optionally protocol")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Target, A::Error> {
@@ -666,6 +765,7 @@ impl<'de> Visitor<'de> for TargetSeed {
             match key {
                 "address" => t.address = Some(map.next_value_seed(Many::new(AddressP, "address"))?),
                 "port" => t.port = Some(map.next_value_seed(Many::new(PortP, "port"))?),
+                "protocol" => t.protocol = Some(map.next_value_seed(One(ProtocolP))?),
                 _ => unreachable!("{key} is in TARGET.known"),
             }
             Ok(())
@@ -833,6 +933,7 @@ impl<'de> Visitor<'de> for RuleSeed<'_> {
             targets: when.targets,
             address: when.address,
             port: when.port,
+            sql: when.sql,
             action,
         })
     }
@@ -844,6 +945,7 @@ struct WhenDef {
     targets: Vec<String>,
     address: Option<Vec<IpNet>>,
     port: Option<Vec<PortRange>>,
+    sql: Option<SqlMatcher>,
 }
 
 struct WhenSeed<'c> {
@@ -871,13 +973,34 @@ impl<'de> Visitor<'de> for WhenSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<WhenDef, A::Error> {
         let ctx = self.ctx;
         let mut w = WhenDef::default();
-        for_each_field(&mut map, &WHEN, |key, map| {
+        let mut seen = Vec::new();
+        loop {
+            // `sql` after `target`: a target that does not speak PostgreSQL
+            // is reported at the `sql` key. (`target` after `sql`: at the
+            // target's name, by RefP.)
+            let targets = &w.targets;
+            let check = |key: &'static str| match key {
+                "sql" => targets
+                    .iter()
+                    .find_map(|t| ctx.sql_target_error(t))
+                    .map_or(Ok(()), Err),
+                _ => Ok(()),
+            };
+            let Some(key) = map.next_key_seed(FieldKey {
+                fields: &WHEN,
+                seen: &mut seen,
+                check: Some(&check),
+            })?
+            else {
+                break;
+            };
             match key {
                 "workload" => {
                     w.workloads = map.next_value_seed(Many::new(
                         RefP {
                             ctx,
                             kind: RefKind::Workload,
+                            sql: false,
                         },
                         "workload name",
                     ))?
@@ -887,19 +1010,75 @@ impl<'de> Visitor<'de> for WhenSeed<'_> {
                         RefP {
                             ctx,
                             kind: RefKind::Target,
+                            sql: w.sql.is_some(),
                         },
                         "target name",
                     ))?
                 }
                 "address" => w.address = Some(map.next_value_seed(Many::new(AddressP, "address"))?),
                 "port" => w.port = Some(map.next_value_seed(Many::new(PortP, "port"))?),
+                "sql" => w.sql = Some(map.next_value_seed(SqlSeed)?),
                 _ => unreachable!("{key} is in WHEN.known"),
             }
-            Ok(())
-        })?;
+        }
         Ok(w)
     }
 }
+
+/// A rule's `sql` matcher.
+struct SqlSeed;
+
+impl<'de> DeserializeSeed<'de> for SqlSeed {
+    type Value = SqlMatcher;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<SqlMatcher, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SqlSeed {
+    type Value = SqlMatcher;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "a sql matcher: a mapping with some of {}",
+            SQL.known.join(", ")
+        )
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SqlMatcher, A::Error> {
+        let mut m = SqlMatcher::default();
+        for_each_field(&mut map, &SQL, |key, map| {
+            match key {
+                "class" => m.class = Some(map.next_value_seed(Many::new(ClassP, "class"))?),
+                "tables" => {
+                    m.tables =
+                        Some(map.next_value_seed(Many::new(NameGlobP(TABLES_EXAMPLE), "table"))?)
+                }
+                "functions" => {
+                    m.functions = Some(
+                        map.next_value_seed(Many::new(NameGlobP(FUNCTIONS_EXAMPLE), "function"))?,
+                    )
+                }
+                "database" => {
+                    m.database =
+                        Some(map.next_value_seed(Many::new(GlobP(DATABASE_EXAMPLE), "database"))?)
+                }
+                "user" => {
+                    m.user = Some(map.next_value_seed(Many::new(GlobP(DB_USER_EXAMPLE), "user"))?)
+                }
+                _ => unreachable!("{key} is in SQL.known"),
+            }
+            Ok(())
+        })?;
+        Ok(m)
+    }
+}
+
+const TABLES_EXAMPLE: &str = "\"crm.*\"";
+const FUNCTIONS_EXAMPLE: &str = "\"pg_read_file\"";
+const DATABASE_EXAMPLE: &str = "crm";
+const DB_USER_EXAMPLE: &str = "bot_ro";
 
 // ---------------------------------------------------------------------------
 // Scalars, one or a list of them
@@ -1121,6 +1300,91 @@ impl Parse for ActionP {
 }
 
 #[derive(Clone, Copy)]
+struct SqlDefaultP;
+
+impl Parse for SqlDefaultP {
+    type Out = Action;
+    fn expecting(&self) -> String {
+        "allow or deny".into()
+    }
+    fn text(&self, s: &str) -> Result<Action, String> {
+        match s {
+            "allow" => Ok(Action::Allow),
+            "deny" => Ok(Action::Deny),
+            "audit" => Err(
+                "`sql_default: audit` is not a choice; write `sql_default: allow` (every \
+                 statement is recorded in the audit anyway) or `sql_default: deny`"
+                    .into(),
+            ),
+            _ => Err(format!(
+                "{s:?} is not a sql_default; write `sql_default: allow` or `sql_default: deny`"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct ProtocolP;
+
+impl Parse for ProtocolP {
+    type Out = Protocol;
+    fn expecting(&self) -> String {
+        let names: Vec<&str> = Protocol::ALL.iter().map(|p| p.as_str()).collect();
+        format!("a protocol: one of {}", names.join(", "))
+    }
+    fn text(&self, s: &str) -> Result<Protocol, String> {
+        if let Some(p) = Protocol::ALL.into_iter().find(|p| p.as_str() == s) {
+            return Ok(p);
+        }
+        let names: Vec<&str> = Protocol::ALL.iter().map(|p| p.as_str()).collect();
+        let hint = match s.to_ascii_lowercase().as_str() {
+            "postgresql" | "pg" | "psql" => " (PostgreSQL is `postgres`)",
+            "https" => " (HTTPS is `http`: Warden reads HTTP inside TLS)",
+            _ => "",
+        };
+        Err(format!(
+            "{s:?} is not a protocol{hint}; write one of: {}",
+            names.join(", ")
+        ))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct ClassP;
+
+impl Parse for ClassP {
+    type Out = &'static str;
+    fn expecting(&self) -> String {
+        format!("a statement class: one of {}", STATEMENT_CLASSES.join(", "))
+    }
+    fn text(&self, s: &str) -> Result<&'static str, String> {
+        if let Some(&class) = STATEMENT_CLASSES.iter().find(|&&c| c == s) {
+            return Ok(class);
+        }
+        let hint = match s.to_ascii_lowercase().as_str() {
+            "select" | "reads" => " (SELECT is class `read`)",
+            "insert" | "update" | "delete" | "merge" | "truncate" | "dml" | "writes" => {
+                " (INSERT, UPDATE, DELETE, MERGE and TRUNCATE are class `write`)"
+            }
+            "create" | "alter" | "drop" | "schema" => " (CREATE, ALTER and DROP are class `ddl`)",
+            "grant" | "revoke" | "role" | "privileges" => {
+                " (GRANT, REVOKE and roles are class `privilege`)"
+            }
+            "call" | "functions" => " (CALL and unsafe function calls are class `function`)",
+            "set" | "show" => " (SET and SHOW are class `session`)",
+            "begin" | "commit" | "rollback" => {
+                " (BEGIN, COMMIT and ROLLBACK are class `transaction`)"
+            }
+            _ => "",
+        };
+        Err(format!(
+            "{s:?} is not a statement class{hint}; write one of: {}",
+            STATEMENT_CLASSES.join(", ")
+        ))
+    }
+}
+
+#[derive(Clone, Copy)]
 struct RuleNameP<'c> {
     ctx: &'c Ctx,
 }
@@ -1164,6 +1428,9 @@ enum RefKind {
 struct RefP<'c> {
     ctx: &'c Ctx,
     kind: RefKind,
+    /// The rule has a `sql` matcher (read before this): a target must speak
+    /// PostgreSQL.
+    sql: bool,
 }
 
 impl Parse for RefP<'_> {
@@ -1195,6 +1462,12 @@ impl Parse for RefP<'_> {
             ),
         };
         if defined.iter().any(|n| n == s) {
+            if self.sql
+                && self.kind == RefKind::Target
+                && let Some(message) = self.ctx.sql_target_error(s)
+            {
+                return Err(message);
+            }
             return Ok(s.to_string());
         }
         let list = if defined.is_empty() {
@@ -1276,6 +1549,29 @@ impl Parse for GlobP {
             format!(
                 "{s:?} is not a valid glob: {why}; write e.g. {} (* matches any characters, ? one \
                  character, [abc] one of a set)",
+                self.0
+            )
+        })
+    }
+    fn int(&self, n: i128) -> Result<Glob, String> {
+        self.text(&n.to_string())
+    }
+}
+
+/// A caseless glob on table and function names.
+#[derive(Clone, Copy)]
+struct NameGlobP(&'static str);
+
+impl Parse for NameGlobP {
+    type Out = Glob;
+    fn expecting(&self) -> String {
+        format!("a glob such as {}", self.0)
+    }
+    fn text(&self, s: &str) -> Result<Glob, String> {
+        Glob::new_caseless(s).map_err(|why| {
+            format!(
+                "{s:?} is not a valid glob: {why}; write e.g. {} (* matches any characters, ? one \
+                 character, [abc] one of a set; case does not matter)",
                 self.0
             )
         })

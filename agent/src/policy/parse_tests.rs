@@ -43,13 +43,13 @@ fn unknown_fields_everywhere_name_their_place() {
     assert_eq!(
         err("version: 1\nrule: []\n"),
         "policy.yaml:2:1: unknown field `rule` at the top level; expected one of: version, \
-         default, workloads, targets, udp, rules, audit"
+         default, sql_default, workloads, targets, udp, rules, audit"
     );
     // In a flow mapping, the column is the key's.
     assert_eq!(
         err("version: 1\nrules:\n  - { name: a, when: { adress: 10.0.0.1 }, action: deny }\n"),
         "policy.yaml:3:24: unknown field `adress` in a rule's when; expected one of: workload, \
-         target, address, port"
+         target, address, port, sql"
     );
     assert_err(
         "version: 1\nworkloads:\n  w:\n    match: { pid: 1 }\n",
@@ -362,7 +362,8 @@ fn versions() {
 
 #[test]
 fn not_supported_yet() {
-    for matcher in ["sql", "http", "llm", "ssh"] {
+    // `sql` is supported now (sql_tests below); the other matchers are not.
+    for matcher in ["http", "llm", "ssh"] {
         let src = format!(
             "version: 1\nrules:\n  - name: r\n    when:\n      target: db\n      {matcher}: {{ class: write }}\n    action: deny\ntargets:\n  db: {{ port: 5432 }}\n"
         );
@@ -371,7 +372,7 @@ fn not_supported_yet() {
             format!(
                 "policy.yaml:6:7: `{matcher}` in a rule's when is not supported yet in policy v0 \
                  (a later version adds protocol matchers); expected one of: workload, target, \
-                 address, port"
+                 address, port, sql"
             )
         );
     }
@@ -586,4 +587,245 @@ fn scalars() {
     assert!(parse_duration("0s").is_err());
     assert!(parse_duration("1.5h").is_err());
     assert!(parse_duration("s").is_err());
+}
+
+// ---------------------------------------------------------------------------
+// Statement rules: the `sql` matcher, target protocols, sql_default
+
+const CLASSES: &str = "transaction, session, read, write, copy, ddl, function, privilege, unknown";
+
+#[test]
+fn sql_matchers_parse() {
+    let p = Policy::from_yaml(
+        r#"
+version: 1
+sql_default: deny
+targets:
+  crm-db: { address: 10.0.4.12, port: 5432, protocol: postgres }
+  any-db: { port: 5432, protocol: any }
+  plain:  { port: 5433 }
+  web:    { port: 443, protocol: http }
+rules:
+  - name: one-of-each
+    when: { target: crm-db, sql: { class: read, tables: "crm.*", functions: now, database: crm, user: bot } }
+    action: allow
+  - name: lists
+    when:
+      target: [any-db, plain]
+      sql:
+        class: [write, ddl]
+        tables: ["*card*", payments.*]
+        functions: ["pg_*"]
+        database: [crm, "crm_*"]
+        user: [alice, "svc-*"]
+    action: deny
+  - name: every-statement
+    when: { sql: {} }
+    action: allow
+  - name: null-is-empty
+    when:
+      sql:
+    action: allow
+  - name: connection-rule
+    when: { target: web }
+    action: allow
+"#,
+        "policy.yaml",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.rule_count(), 5);
+    assert_eq!(p.statement_rule_count(), 4);
+    assert_eq!(p.sql_default(), super::super::Action::Deny);
+    assert_eq!(
+        p.summary(),
+        "5 rules, 4 of them for SQL statements, 0 workloads, 4 targets"
+    );
+}
+
+#[test]
+fn a_bad_class_names_the_classes() {
+    assert_eq!(
+        err(
+            "version: 1\nrules:\n  - name: r\n    when: { sql: { class: [read, writes] } }\n    action: deny\n"
+        ),
+        format!(
+            "policy.yaml:4:34: \"writes\" is not a statement class (INSERT, UPDATE, DELETE, MERGE \
+             and TRUNCATE are class `write`); write one of: {CLASSES}"
+        )
+    );
+    assert_eq!(
+        err(
+            "version: 1\nrules:\n  - name: r\n    when:\n      sql:\n        class: selected\n    action: deny\n"
+        ),
+        format!("policy.yaml:6:16: \"selected\" is not a statement class; write one of: {CLASSES}")
+    );
+    assert_err(
+        "version: 1\nrules:\n  - name: r\n    when:\n      sql:\n        class:\n          - read\n          - SELECT\n    action: deny\n",
+        8,
+        13,
+        "\"SELECT\" is not a statement class (SELECT is class `read`); write one of:",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - { name: r, when: { sql: { class: [] } }, action: deny }\n",
+        3,
+        38,
+        "this list is empty, so it would match nothing; give at least one class",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - { name: r, when: { sql: { class: 3 } }, action: deny }\n",
+        3,
+        38,
+        "3 is not a statement class: one of transaction,",
+    );
+}
+
+#[test]
+fn a_sql_matcher_needs_a_target_that_speaks_postgres() {
+    // `sql` after the target: at the `sql` key.
+    assert_eq!(
+        err(
+            "version: 1\ntargets:\n  openai: { address: 192.0.2.10, port: 443, protocol: llm }\nrules:\n  - name: r\n    when:\n      target: openai\n      sql: { class: read }\n    action: deny\n"
+        ),
+        "policy.yaml:8:7: rule `r` has a sql matcher, which matches PostgreSQL statements, but \
+         its target `openai` says `protocol: llm`; a sql matcher goes with targets of \
+         `protocol: postgres` (or `any`, or none), so name another target or split the rule"
+    );
+    // The target after `sql`, and defined later in the file: at its name.
+    assert_err(
+        "version: 1\nrules:\n  - name: r\n    action: deny\n    when: { sql: { class: read }, target: [crm, web] }\ntargets:\n  crm: { port: 5432, protocol: postgres }\n  web: { port: 443, protocol: http }\n",
+        5,
+        49,
+        "rule `r` has a sql matcher, which matches PostgreSQL statements, but its target `web` \
+         says `protocol: http`",
+    );
+    for protocol in ["ssh", "tls", "http", "llm"] {
+        assert_err(
+            &format!(
+                "version: 1\ntargets:\n  t: {{ port: 1, protocol: {protocol} }}\nrules:\n  - {{ name: r, when: {{ target: t, sql: {{}} }}, action: deny }}\n"
+            ),
+            5,
+            35,
+            &format!("says `protocol: {protocol}`"),
+        );
+    }
+    // A connection rule may name any target; sql with postgres, any or none.
+    assert!(
+        Policy::from_yaml(
+            "version: 1\ntargets:\n  web: { port: 443, protocol: http }\n  a: { port: 1, protocol: any }\n  b: { port: 2 }\n  c: { port: 3, protocol: postgres }\nrules:\n  - { name: w, when: { target: web }, action: deny }\n  - { name: s, when: { target: [a, b, c], sql: {} }, action: deny }\n",
+            "p"
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn unknown_keys_in_a_sql_matcher() {
+    assert_eq!(
+        err(
+            "version: 1\nrules:\n  - name: r\n    when: { sql: { class: read, tabels: \"crm.*\" } }\n    action: deny\n"
+        ),
+        "policy.yaml:4:33: unknown field `tabels` in a rule's sql; expected one of: class, \
+         tables, functions, database, user"
+    );
+    assert_eq!(
+        err(
+            "version: 1\nrules:\n  - name: r\n    when:\n      sql:\n        table: customers\n    action: deny\n"
+        ),
+        "policy.yaml:6:9: unknown field `table` in a rule's sql (write `tables:`, which takes \
+         one glob or a list); expected one of: class, tables, functions, database, user"
+    );
+    assert_err(
+        "version: 1\nrules:\n  - { name: r, when: { sql: { db_user: bot } }, action: deny }\n",
+        3,
+        31,
+        "unknown field `db_user` in a rule's sql (write `user:`)",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - { name: r, when: { sql: { columns: [ssn] } }, action: deny }\n",
+        3,
+        31,
+        "`columns` in a rule's sql is not supported yet in policy v0 (a later version adds \
+         masking)",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - { name: r, when: { sql: { class: read, class: write } }, action: deny }\n",
+        3,
+        44,
+        "`class` is given twice in a rule's sql; keep one",
+    );
+    // Keys of the sql matcher written one level up.
+    assert_err(
+        "version: 1\nrules:\n  - { name: r, when: { database: crm }, action: deny }\n",
+        3,
+        24,
+        "unknown field `database` in a rule's when (databases are matched per statement: \
+         `sql: { database: crm }`)",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - { name: r, sql: { class: read }, action: deny }\n",
+        3,
+        16,
+        "unknown field `sql` in a rule (a rule's sql matcher goes under when:",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - { name: r, when: { sql: write }, action: deny }\n",
+        3,
+        29,
+        "invalid type: string \"write\", expected a sql matcher: a mapping with some of class, \
+         tables, functions, database, user",
+    );
+}
+
+#[test]
+fn bad_sql_values() {
+    assert_err(
+        "version: 1\nrules:\n  - { name: r, when: { sql: { tables: [\"crm.*\", \"crm.[x\"] } }, action: deny }\n",
+        3,
+        49,
+        "\"crm.[x\" is not a valid glob: a [ is not closed by ]; write e.g. \"crm.*\"",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - { name: r, when: { sql: { database: \"\" } }, action: deny }\n",
+        3,
+        41,
+        "\"\" is not a valid glob: the pattern is empty; write e.g. crm",
+    );
+    assert_err(
+        "version: 1\nsql_default: audit\n",
+        2,
+        14,
+        "`sql_default: audit` is not a choice; write `sql_default: allow`",
+    );
+    assert_err(
+        "version: 1\nsql_default: block\n",
+        2,
+        14,
+        "\"block\" is not a sql_default; write `sql_default: allow` or `sql_default: deny`",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  db: { port: 5432, protocol: postgresql }\n",
+        3,
+        31,
+        "\"postgresql\" is not a protocol (PostgreSQL is `postgres`); write one of: postgres, \
+         http, llm, ssh, tls, any",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  db: { port: 5432, database: crm }\n",
+        3,
+        21,
+        "unknown field `database` in a target (a rule's sql matcher names databases:",
+    );
+    assert_err(
+        "version: 1\ntargets:\n  db: { protocol: postgres }\n",
+        3,
+        7,
+        "a target needs an address, a port or both",
+    );
+    // Actions other than allow and deny stay refused on statement rules.
+    assert_err(
+        "version: 1\nrules:\n  - name: r\n    when: { sql: { class: write } }\n    action: approve\n",
+        5,
+        13,
+        "action `approve` is not supported yet in policy v0",
+    );
 }
