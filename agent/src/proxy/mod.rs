@@ -8,6 +8,7 @@
 //! 6. log: one audit row when the connection ends.
 pub mod detect;
 pub mod intercept;
+pub mod postgres;
 pub mod relay;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -158,7 +159,25 @@ impl Proxy {
         let protocol = detect_protocol(&client, &upstream).await;
         row.protocol = protocol.as_str();
 
-        // 5. relay: TLS through the interceptor, everything else opaque
+        // 5. relay: PostgreSQL through its decoder, TLS through the
+        //    interceptor, everything else opaque
+        if protocol == Protocol::Postgres {
+            let session = postgres::Session {
+                session_id: row.session_id.clone(),
+                identity: row.identity.clone(),
+                workload: row.workload.clone(),
+                destination: row.destination,
+                rule: row.rule.clone(),
+                audit: self.audit.clone(),
+                policy: self.policy.clone(),
+            };
+            let (moved, result) = postgres::serve(client, upstream, &session).await;
+            row.bytes_up = moved.up;
+            row.bytes_down = moved.down;
+            row.error = result.err().map(|e| e.to_string());
+            self.finish(row);
+            return;
+        }
         if let (Protocol::Tls, Some(interceptor)) = (protocol, &self.tls) {
             let done = interceptor
                 .intercept(client, upstream, origin.destination)
