@@ -50,9 +50,13 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { filter } => test(filter),
         Task::Bench(args) => {
-            setup::toolchain()?;
+            let env = setup::all()?;
             build_release()?;
-            bench::run(&args)
+            bench::run(&args)?;
+            step(
+                "PostgreSQL benchmark (pgbench)",
+                Command::new(env.python()).arg("tests/bench/pgbench_ratio.py").env("WARDEN_BIN", warden_bin()),
+            )
         }
         Task::Demo => demo(),
         Task::BenchClient(args) => bench::client(&args),
