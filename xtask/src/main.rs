@@ -55,7 +55,9 @@ fn main() -> anyhow::Result<()> {
             bench::run(&args)?;
             step(
                 "PostgreSQL benchmark (pgbench)",
-                Command::new(env.python()).arg("tests/bench/pgbench_ratio.py").env("WARDEN_BIN", warden_bin()),
+                Command::new(env.python())
+                    .arg("tests/bench/pgbench_ratio.py")
+                    .env("WARDEN_BIN", warden_bin()),
             )
         }
         Task::Demo => demo(),
