@@ -17,6 +17,7 @@ pub mod audit;
 pub mod capture;
 pub mod cgroup;
 pub mod identity;
+pub mod masking;
 pub mod policy;
 pub mod preflight;
 
