@@ -5,9 +5,11 @@
 //! ports and what they speak), and rules that allow or deny, first match
 //! wins. A rule without a protocol matcher is a *connection rule*: it decides
 //! connections. A rule with a `sql` matcher is a *statement rule*: it decides
-//! each statement of a PostgreSQL session, and never a connection. Later
-//! versions add more matchers, masking, approvals and credentials to the
-//! same file.
+//! each statement of a PostgreSQL session, and never a connection; one that
+//! allows may also mask the rows the statement returns (`mask`, compiled at
+//! load into a [`crate::masking::Masker`] that the [`Decision`] carries), and
+//! `sql_mask` masks the rows of statements no rule decides. Later versions
+//! add more matchers, approvals and credentials to the same file.
 //!
 //! The policy knows nothing of sockets or wire protocols: callers hand it
 //! plain values ([`ConnectionRequest`], [`StatementRequest`]).
@@ -18,12 +20,13 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use ipnet::IpNet;
 
-use crate::identity::Identity;
+use crate::{identity::Identity, masking::Masker};
 
 pub mod glob;
 mod parse;
@@ -33,7 +36,8 @@ pub use parse::{MAX_UDP_PORTS, SUPPORTED_VERSION};
 use glob::Glob;
 
 /// The policy built into the agent, used when no file is given: it audits
-/// everything and denies nothing.
+/// everything, denies nothing, and masks what the built-in detectors find in
+/// query results (`sql_mask`).
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../../policies/default.yaml");
 
 /// The name [`Decision::rule`] carries when no rule matched.
@@ -110,7 +114,7 @@ impl Action {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Decision {
     pub action: Action,
     /// The rule's name, or "default" ([`DEFAULT_RULE`]) when no rule matched
@@ -118,6 +122,39 @@ pub struct Decision {
     pub rule: String,
     /// The first workload the identity matches, if any.
     pub workload: Option<String>,
+    /// For an allowed statement: how to mask the rows it returns, from the
+    /// deciding rule's `mask`, or from `sql_mask` when no rule decided.
+    /// None for connections, for denied statements, and for statements
+    /// whose rule has no mask: their rows pass unchanged.
+    pub mask: Option<Arc<Masker>>,
+}
+
+/// Two decisions are equal when they say the same, and carry the same
+/// compiled mask (one rule's, or `sql_mask`), or none.
+impl PartialEq for Decision {
+    fn eq(&self, other: &Decision) -> bool {
+        self.action == other.action
+            && self.rule == other.rule
+            && self.workload == other.workload
+            && match (&self.mask, &other.mask) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl Eq for Decision {}
+
+/// A rule's `mask`, or `sql_mask`, compiled: the masker, and what the file
+/// said, for summaries.
+#[derive(Clone, Debug)]
+struct Mask {
+    masker: Arc<Masker>,
+    /// The column globs, as written.
+    columns: Vec<String>,
+    /// The detectors the names resolved to (presets expanded), in order.
+    detectors: Vec<String>,
 }
 
 /// What happens to connections no rule matches.
@@ -399,6 +436,8 @@ struct Rule {
     /// Some: a statement rule, which never decides a connection.
     sql: Option<SqlMatcher>,
     action: Action,
+    /// Only on a statement rule that allows (checked at load).
+    mask: Option<Mask>,
 }
 
 impl Rule {
@@ -425,13 +464,17 @@ pub struct Policy {
     rules: Vec<Rule>,
     /// What happens to statements no statement rule matches.
     sql_default: Action,
+    /// How the rows of statements no statement rule matches are masked
+    /// (only with `sql_default: allow`, checked at load).
+    sql_mask: Option<Mask>,
     udp_ports: Vec<u16>,
     audit: AuditSettings,
 }
 
 impl Policy {
     /// The built-in policy (policies/default.yaml): audit everything, deny
-    /// nothing, UDP to port 53 only.
+    /// nothing, mask the built-in detectors' findings in query results, UDP
+    /// to port 53 only.
     pub fn embedded_default() -> Policy {
         Policy::from_yaml(EMBEDDED_DEFAULT, "policies/default.yaml")
             .expect("the embedded default policy parses (a unit test checks it)")
@@ -464,6 +507,7 @@ impl Policy {
                 action: if allowed { Action::Allow } else { Action::Deny },
                 rule: UDP_RULE.to_string(),
                 workload,
+                mask: None,
             };
         }
         let rule = self
@@ -476,11 +520,13 @@ impl Policy {
                 action: rule.action,
                 rule: rule.name.clone(),
                 workload,
+                mask: None,
             },
             None => Decision {
                 action: self.default.action(),
                 rule: DEFAULT_RULE.to_string(),
                 workload,
+                mask: None,
             },
         }
     }
@@ -488,8 +534,9 @@ impl Policy {
     /// Decides one statement of a PostgreSQL session whose connection was
     /// allowed: the first statement rule (in file order) whose whole `when`
     /// holds (workload, target, address, port and the `sql` matcher)
-    /// decides; else `sql_default` (allow unless the file says deny), with
-    /// the rule "default". Connection rules and `default` play no part.
+    /// decides, with its `mask` if it has one; else `sql_default` (allow
+    /// unless the file says deny), with the rule "default" and `sql_mask`.
+    /// Connection rules and `default` play no part.
     pub fn decide_statement(&self, req: &StatementRequest) -> Decision {
         let hits = self.workload_hits(req.identity);
         let workload = self.first_workload(&hits);
@@ -498,26 +545,42 @@ impl Policy {
                 .as_ref()
                 .is_some_and(|sql| rule.holds_for(self, &hits, req.destination) && sql.matches(req))
         });
+        let masker = |mask: &Option<Mask>| mask.as_ref().map(|m| Arc::clone(&m.masker));
         match rule {
             Some(rule) => Decision {
                 action: rule.action,
                 rule: rule.name.clone(),
                 workload,
+                mask: masker(&rule.mask),
             },
             None => Decision {
                 action: self.sql_default,
                 rule: DEFAULT_RULE.to_string(),
                 workload,
+                mask: masker(&self.sql_mask),
             },
         }
     }
 
     /// Whether statements need deciding at all: true when the file has a
-    /// statement rule or says `sql_default: deny`. When false,
-    /// [`Policy::decide_statement`] allows every statement (rule "default"),
-    /// so a caller may skip asking.
+    /// statement rule, says `sql_default: deny`, or has a `sql_mask`. When
+    /// false, [`Policy::decide_statement`] allows every statement (rule
+    /// "default") and masks nothing, so a caller may skip asking.
     pub fn has_statement_rules(&self) -> bool {
-        self.sql_default == Action::Deny || self.statement_rule_count() > 0
+        self.sql_default == Action::Deny
+            || self.sql_mask.is_some()
+            || self.statement_rule_count() > 0
+    }
+
+    /// How many statement rules have a `mask`.
+    pub fn masking_rule_count(&self) -> usize {
+        self.rules.iter().filter(|r| r.mask.is_some()).count()
+    }
+
+    /// `sql_mask`, compiled: how the rows of statements no statement rule
+    /// matches are masked.
+    pub fn sql_mask(&self) -> Option<&Arc<Masker>> {
+        self.sql_mask.as_ref().map(|m| &m.masker)
     }
 
     /// How many rules are statement rules (have a `sql` matcher).
@@ -582,17 +645,39 @@ impl Policy {
     }
 
     /// "3 rules, 2 workloads, 2 targets", as `warden policy check` prints
-    /// it; with statement rules, "3 rules, 2 of them for SQL statements, ...".
+    /// it; with statement rules, "3 rules, 2 of them for SQL statements, ...",
+    /// with masks "..., 2 of them for SQL statements, 1 with a mask, ...", and
+    /// with `sql_mask` "...; sql_mask masks columns \"*email*\" and
+    /// detectors card, iban" (presets expanded).
     pub fn summary(&self) -> String {
         fn count(n: usize, noun: &str) -> String {
             format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
         }
+        let masks = match self.masking_rule_count() {
+            0 => String::new(),
+            n => format!(", {n} with a mask"),
+        };
         let statements = match self.statement_rule_count() {
             0 => String::new(),
-            n => format!(", {n} of them for SQL statements"),
+            n => format!(", {n} of them for SQL statements{masks}"),
+        };
+        let sql_mask = match &self.sql_mask {
+            None => String::new(),
+            Some(mask) => {
+                let mut parts = Vec::new();
+                if !mask.columns.is_empty() {
+                    let columns: Vec<String> =
+                        mask.columns.iter().map(|c| format!("{c:?}")).collect();
+                    parts.push(format!("columns {}", columns.join(", ")));
+                }
+                if !mask.detectors.is_empty() {
+                    parts.push(format!("detectors {}", mask.detectors.join(", ")));
+                }
+                format!("; sql_mask masks {}", parts.join(" and "))
+            }
         };
         format!(
-            "{}{statements}, {}, {}",
+            "{}{statements}, {}, {}{sql_mask}",
             count(self.rule_count(), "rule"),
             count(self.workload_count(), "workload"),
             count(self.target_count(), "target")
@@ -606,3 +691,7 @@ mod tests;
 #[cfg(test)]
 #[path = "statement_tests.rs"]
 mod statement_tests;
+
+#[cfg(test)]
+#[path = "mask_tests.rs"]
+mod mask_tests;

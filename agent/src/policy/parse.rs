@@ -8,17 +8,21 @@
 //! that node, as libyaml saw it, so positions never come from guessing at the
 //! text, whatever the style (block or flow, quoted or not, anchors).
 //!
-//! References (a rule naming a workload or a target) can point forwards in
-//! the file, so the file is read twice: the first reading learns the names
-//! (and what each target speaks) and checks everything else; the second
-//! checks the references, with the names known, and that a rule's `sql`
-//! matcher goes only with targets that speak PostgreSQL.
+//! References (a rule naming a workload or a target, a mask or a preset
+//! naming detectors and presets) can point forwards in the file, so the file
+//! is read twice: the first reading learns the names (and what each target
+//! speaks, what each rule does, the custom detectors and the presets) and
+//! checks everything else; the second checks the references, with the names
+//! known, that a rule's `sql` matcher goes only with targets that speak
+//! PostgreSQL, that `mask` goes only on statement rules that allow, and
+//! compiles each mask into a [`Masker`].
 
 use std::{
     cell::{Cell, RefCell},
     fmt,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
@@ -26,9 +30,10 @@ use ipnet::IpNet;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::{
-    Action, AuditSettings, DefaultAction, Policy, PolicyError, PortRange, Protocol, Rule,
+    Action, AuditSettings, DefaultAction, Mask, Policy, PolicyError, PortRange, Protocol, Rule,
     STATEMENT_CLASSES, Selector, SqlMatcher, Target, Workload, glob::Glob,
 };
+use crate::masking::{self, Checksum, DetectorSpec, MaskError, Masker};
 
 /// The policy versions this build reads.
 pub const SUPPORTED_VERSION: u64 = 1;
@@ -55,18 +60,21 @@ pub(crate) const TOP: Fields = Fields {
         "version",
         "default",
         "sql_default",
+        "sql_mask",
         "workloads",
         "targets",
+        "detectors",
+        "presets",
         "udp",
         "rules",
         "audit",
     ],
-    later: &[
-        ("credentials", "credential injection"),
-        ("detectors", "masking"),
-        ("presets", "masking"),
-    ],
-    instead: &[],
+    later: &[("credentials", "credential injection")],
+    instead: &[(
+        "mask",
+        "write `sql_mask:` to mask the rows of statements no rule matches, or `mask:` in a \
+         statement rule",
+    )],
 };
 
 pub(crate) const WORKLOAD: Fields = Fields {
@@ -93,6 +101,41 @@ pub(crate) const TARGET: Fields = Fields {
     )],
 };
 
+pub(crate) const DETECTOR: Fields = Fields {
+    what: "in a detector",
+    known: &["pattern", "checksum"],
+    later: &[],
+    instead: &[
+        ("regex", "write `pattern:`"),
+        ("match", "write `pattern:`"),
+        (
+            "luhn",
+            "write `checksum: luhn` to keep only matches that pass the Luhn check",
+        ),
+    ],
+};
+
+pub(crate) const MASK: Fields = Fields {
+    what: "in a mask",
+    known: &["columns", "detectors"],
+    later: &[],
+    instead: &[
+        ("column", "write `columns:`, which takes one glob or a list"),
+        (
+            "detector",
+            "write `detectors:`, which takes one name or a list",
+        ),
+        (
+            "presets",
+            "a preset is named in `detectors:`, like a detector",
+        ),
+        (
+            "tables",
+            "tables go in the rule's sql matcher: `when: { sql: { tables: \"crm.*\" } }`",
+        ),
+    ],
+};
+
 pub(crate) const UDP: Fields = Fields {
     what: "under udp",
     known: &["allow_ports"],
@@ -102,12 +145,11 @@ pub(crate) const UDP: Fields = Fields {
 
 pub(crate) const RULE: Fields = Fields {
     what: "in a rule",
-    known: &["name", "when", "action"],
+    known: &["name", "when", "action", "mask"],
     later: &[
         ("approve", "approvals"),
-        ("mask", "masking"),
-        ("redact_prompt", "masking"),
-        ("mask_response", "masking"),
+        ("redact_prompt", "LLM prompt masking"),
+        ("mask_response", "LLM response masking"),
         ("credential", "credential injection"),
         ("credentials", "credential injection"),
         ("llm", "protocol matchers"),
@@ -146,14 +188,23 @@ pub(crate) const WHEN: Fields = Fields {
             "tables",
             "tables go in the sql matcher: `sql: { tables: \"crm.*\" }`",
         ),
+        (
+            "mask",
+            "mask goes in the rule, next to its action: `action: allow, mask: { ... }`",
+        ),
     ],
 };
 
 pub(crate) const SQL: Fields = Fields {
     what: "in a rule's sql",
     known: &["class", "tables", "functions", "database", "user"],
-    later: &[("columns", "masking")],
+    later: &[],
     instead: &[
+        (
+            "columns",
+            "columns to mask go in the rule's mask, next to its action: `mask: { columns: \
+             [\"*email*\"] }`",
+        ),
         ("classes", "write `class:`, which takes one class or a list"),
         ("table", "write `tables:`, which takes one glob or a list"),
         (
@@ -187,6 +238,8 @@ pub(crate) const SCHEMA_OBJECTS: &[(&str, &Fields)] = &[
     ("/$defs/workload", &WORKLOAD),
     ("/$defs/match", &MATCH),
     ("/$defs/target", &TARGET),
+    ("/$defs/detector", &DETECTOR),
+    ("/$defs/mask", &MASK),
     ("/$defs/udp", &UDP),
     ("/$defs/rule", &RULE),
     ("/$defs/when", &WHEN),
@@ -206,6 +259,17 @@ pub(super) fn parse(src: &str, origin: &str) -> Result<Policy, PolicyError> {
             targets: first.targets.iter().map(|t| t.name.clone()).collect(),
             target_protocols: first.targets.iter().map(|t| t.protocol).collect(),
             rules: first.rules.iter().map(|r| r.name.clone()).collect(),
+            rule_shapes: first
+                .rules
+                .iter()
+                .map(|r| RuleShape {
+                    action: r.action,
+                    statement: r.sql.is_some(),
+                })
+                .collect(),
+            sql_default: first.sql_default,
+            detectors: first.detectors,
+            presets: first.presets,
         }),
         ..Ctx::default()
     };
@@ -278,13 +342,28 @@ fn syntax_message(problem: &str, src: &str, line: usize) -> String {
 // ---------------------------------------------------------------------------
 // What the file says, before the names are resolved
 
-#[derive(Default)]
 struct Names {
     workloads: Vec<String>,
     targets: Vec<String>,
     /// What each target of `targets` speaks, in the same order.
     target_protocols: Vec<Option<Protocol>>,
     rules: Vec<String>,
+    /// What each rule of `rules` does, in the same order.
+    rule_shapes: Vec<RuleShape>,
+    sql_default: Action,
+    /// The custom detectors: (name, pattern, checksum), as
+    /// [`masking::resolve`] takes them.
+    detectors: Vec<(String, String, Option<Checksum>)>,
+    /// The presets defined in the file: (name, members).
+    presets: Vec<(String, Vec<String>)>,
+}
+
+/// What the first reading learnt of a rule, for checking its `mask`.
+#[derive(Clone, Copy)]
+struct RuleShape {
+    action: Action,
+    /// It has a `sql` matcher.
+    statement: bool,
 }
 
 impl Names {
@@ -292,6 +371,131 @@ impl Names {
         let i = self.targets.iter().position(|n| n == name)?;
         self.target_protocols[i]
     }
+
+    fn is_detector(&self, name: &str) -> bool {
+        self.detectors.iter().any(|(n, _, _)| n == name)
+    }
+
+    fn preset(&self, name: &str) -> Option<&[String]> {
+        self.presets
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, members)| members.as_slice())
+    }
+
+    /// Whether a preset takes a custom detector's name. The only clash of
+    /// names the first reading cannot see (detectors may come after
+    /// presets); the second reports it at the preset's name.
+    fn preset_takes_a_detector_name(&self) -> bool {
+        self.presets.iter().any(|(p, _)| self.is_detector(p))
+    }
+
+    /// Whether `name` is something a mask or a preset may name.
+    fn is_mask_name(&self, name: &str) -> bool {
+        is_builtin_detector(name)
+            || is_builtin_preset(name)
+            || self.is_detector(name)
+            || self.preset(name).is_some()
+    }
+
+    /// What a mask may name, for messages.
+    fn mask_names(&self) -> String {
+        let list = |names: Vec<&str>| {
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        };
+        let builtin_presets: Vec<String> = masking::builtin_presets()
+            .iter()
+            .map(|(name, members)| {
+                if members.len() == masking::builtin_detector_names().len() {
+                    format!("{name} (every built-in detector)")
+                } else {
+                    format!("{name} ({})", members.join(", "))
+                }
+            })
+            .collect();
+        format!(
+            "built-in detectors: {}; built-in presets: {}; defined under detectors: {}; \
+             defined under presets: {}",
+            list(masking::builtin_detector_names().to_vec()),
+            list(builtin_presets.iter().map(String::as_str).collect()),
+            list(self.detectors.iter().map(|(n, _, _)| n.as_str()).collect()),
+            list(self.presets.iter().map(|(n, _)| n.as_str()).collect()),
+        )
+    }
+
+    /// The name a mask may use that is closest to `name`, if one is close:
+    /// `emial` → `email`.
+    fn closest_mask_name(&self, name: &str) -> Option<String> {
+        let candidates = masking::builtin_detector_names()
+            .iter()
+            .copied()
+            .chain(masking::builtin_presets().iter().map(|(n, _)| *n))
+            .chain(self.detectors.iter().map(|(n, _, _)| n.as_str()))
+            .chain(self.presets.iter().map(|(n, _)| n.as_str()));
+        let lower = name.to_ascii_lowercase();
+        candidates
+            .map(|c| (edit_distance(&lower, c), c))
+            .filter(|&(d, c)| d <= 2 && d < c.len())
+            .min_by_key(|&(d, _)| d)
+            .map(|(_, c)| c.to_string())
+    }
+
+    /// A chain of presets that comes back to where it started, reachable
+    /// from `name`: `["a", "b", "a"]`. Built-in presets name only built-in
+    /// detectors, so only presets of the file can make one.
+    fn preset_cycle(&self, name: &str) -> Option<Vec<String>> {
+        fn walk<'n>(
+            names: &'n Names,
+            name: &'n str,
+            path: &mut Vec<&'n str>,
+        ) -> Option<Vec<String>> {
+            if let Some(i) = path.iter().position(|&p| p == name) {
+                let mut cycle: Vec<String> = path[i..].iter().map(|p| p.to_string()).collect();
+                cycle.push(name.to_string());
+                return Some(cycle);
+            }
+            let members = names.preset(name)?;
+            path.push(name);
+            for member in members {
+                if let Some(cycle) = walk(names, member, path) {
+                    return Some(cycle);
+                }
+            }
+            path.pop();
+            None
+        }
+        walk(self, name, &mut Vec::new())
+    }
+}
+
+/// Levenshtein distance, over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+fn is_builtin_detector(name: &str) -> bool {
+    masking::builtin_detector_names().contains(&name)
+}
+
+fn is_builtin_preset(name: &str) -> bool {
+    masking::builtin_presets().iter().any(|(n, _)| *n == name)
 }
 
 /// State shared by one reading of the file.
@@ -307,11 +511,21 @@ struct Ctx {
 impl Ctx {
     fn current_rule(&self) -> String {
         let index = self.rules_started.get();
-        self.names
+        if let Some(name) = self
+            .names
             .as_ref()
             .and_then(|n| n.rules.get(index.wrapping_sub(1)))
-            .cloned()
-            .unwrap_or_else(|| format!("#{index}"))
+        {
+            return name.clone();
+        }
+        // On the first reading: every earlier rule had a name (or the
+        // reading stopped there), so a name for each rule started means the
+        // current rule's name has been read.
+        let seen = self.rule_names.borrow();
+        match seen.last() {
+            Some(name) if seen.len() == index => name.clone(),
+            _ => format!("#{index}"),
+        }
     }
 
     /// On the second reading: the error for a `sql` matcher on `target`, if
@@ -329,14 +543,40 @@ impl Ctx {
             protocol.map_or("", Protocol::as_str)
         ))
     }
+
+    /// On the second reading: the error for a `mask` on the current rule, if
+    /// it is not a statement rule that allows.
+    fn mask_rule_error(&self) -> Option<String> {
+        let names = self.names.as_ref()?;
+        let index = self.rules_started.get();
+        let shape = names.rule_shapes.get(index.wrapping_sub(1))?;
+        let rule = self.current_rule();
+        if !shape.statement {
+            return Some(format!(
+                "rule `{rule}` has a mask but no sql matcher, so it decides connections; mask \
+                 applies to the rows a statement returns: add an sql matcher, e.g. `when: {{ \
+                 ..., sql: {{ class: read }} }}`"
+            ));
+        }
+        if shape.action == Action::Deny {
+            return Some(format!(
+                "rule `{rule}` denies, and a denied statement returns no rows to mask; mask goes \
+                 with `action: allow`: make the rule allow, or remove its mask"
+            ));
+        }
+        None
+    }
 }
 
 struct FileDef {
     version: Option<u64>,
     default: DefaultAction,
     sql_default: Action,
+    sql_mask: Option<MaskDef>,
     workloads: Vec<Workload>,
     targets: Vec<Target>,
+    detectors: Vec<(String, String, Option<Checksum>)>,
+    presets: Vec<(String, Vec<String>)>,
     udp_ports: Vec<u16>,
     rules: Vec<RuleDef>,
     audit: AuditSettings,
@@ -350,6 +590,13 @@ struct RuleDef {
     port: Option<Vec<PortRange>>,
     sql: Option<SqlMatcher>,
     action: Action,
+    mask: Option<MaskDef>,
+}
+
+/// A `mask` or `sql_mask`: compiled on the second reading only, when the
+/// detectors and presets it may name are known.
+struct MaskDef {
+    compiled: Option<Mask>,
 }
 
 impl FileDef {
@@ -377,6 +624,8 @@ impl FileDef {
                 port: r.port,
                 sql: r.sql,
                 action: r.action,
+                // The second reading has compiled every mask.
+                mask: r.mask.and_then(|m| m.compiled),
             })
             .collect();
         Policy {
@@ -386,6 +635,7 @@ impl FileDef {
             targets: self.targets,
             rules,
             sql_default: self.sql_default,
+            sql_mask: self.sql_mask.and_then(|m| m.compiled),
             udp_ports: self.udp_ports,
             audit: self.audit,
         }
@@ -400,13 +650,24 @@ impl FileDef {
 fn for_each_field<'de, A: MapAccess<'de>>(
     map: &mut A,
     fields: &'static Fields,
+    each: impl FnMut(&'static str, &mut A) -> Result<(), A::Error>,
+) -> Result<(), A::Error> {
+    for_each_checked_field(map, fields, &|_| Ok(()), each)
+}
+
+/// [`for_each_field`], with a check of each known key (an error is put at
+/// the key).
+fn for_each_checked_field<'de, A: MapAccess<'de>>(
+    map: &mut A,
+    fields: &'static Fields,
+    check: &dyn Fn(&'static str) -> Result<(), String>,
     mut each: impl FnMut(&'static str, &mut A) -> Result<(), A::Error>,
 ) -> Result<(), A::Error> {
     let mut seen = Vec::new();
     while let Some(key) = map.next_key_seed(FieldKey {
         fields,
         seen: &mut seen,
-        check: None,
+        check: Some(check),
     })? {
         each(key, map)?;
     }
@@ -493,27 +754,47 @@ impl<'de> Visitor<'de> for FileSeed<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FileDef, A::Error> {
+        let ctx = self.ctx;
         let mut file = FileDef {
             version: None,
             default: DefaultAction::Audit,
             sql_default: Action::Allow,
+            sql_mask: None,
             workloads: Vec::new(),
             targets: Vec::new(),
+            detectors: Vec::new(),
+            presets: Vec::new(),
             udp_ports: vec![53],
             rules: Vec::new(),
             audit: AuditSettings::default(),
         };
-        for_each_field(&mut map, &TOP, |key, map| {
+        // `sql_mask` with `sql_default: deny`, wherever each is: at `sql_mask`.
+        let check = |key: &'static str| match (key, &ctx.names) {
+            ("sql_mask", Some(names)) if names.sql_default == Action::Deny => Err(
+                "sql_mask masks the rows of statements no rule matches, but `sql_default: deny` \
+                 refuses those statements; remove sql_mask, or write `sql_default: allow`"
+                    .to_string(),
+            ),
+            _ => Ok(()),
+        };
+        for_each_checked_field(&mut map, &TOP, &check, |key, map| {
             match key {
                 "version" => file.version = Some(map.next_value_seed(One(VersionP))?),
                 "default" => file.default = map.next_value_seed(One(DefaultP))?,
                 "sql_default" => file.sql_default = map.next_value_seed(One(SqlDefaultP))?,
+                "sql_mask" => {
+                    file.sql_mask = Some(map.next_value_seed(MaskSeed {
+                        ctx,
+                        owner: "sql_mask",
+                    })?)
+                }
                 "workloads" => {
                     file.workloads = map
                         .next_value_seed(NamedMap {
                             kind: "workload",
                             section: "workloads",
-                            seed: WorkloadSeed,
+                            seed: |_: &str| WorkloadSeed,
+                            reserved: &|_| Ok(()),
                         })?
                         .into_iter()
                         .map(|(name, selector)| Workload { name, selector })
@@ -524,11 +805,38 @@ impl<'de> Visitor<'de> for FileSeed<'_> {
                         .next_value_seed(NamedMap {
                             kind: "target",
                             section: "targets",
-                            seed: TargetSeed,
+                            seed: |_: &str| TargetSeed,
+                            reserved: &|_| Ok(()),
                         })?
                         .into_iter()
                         .map(|(name, target)| Target { name, ..target })
                         .collect()
+                }
+                "detectors" => {
+                    file.detectors = map
+                        .next_value_seed(NamedMap {
+                            kind: "detector",
+                            section: "detectors",
+                            seed: |name: &str| DetectorSeed {
+                                name: name.to_string(),
+                            },
+                            reserved: &reserved_detector_name,
+                        })?
+                        .into_iter()
+                        .map(|(name, (pattern, checksum))| (name, pattern, checksum))
+                        .collect()
+                }
+                "presets" => {
+                    let reserved = |name: &str| reserved_preset_name(ctx, name);
+                    file.presets = map.next_value_seed(NamedMap {
+                        kind: "preset",
+                        section: "presets",
+                        seed: |name: &str| PresetSeed {
+                            ctx,
+                            name: name.to_string(),
+                        },
+                        reserved: &reserved,
+                    })?
                 }
                 "udp" => file.udp_ports = map.next_value_seed(UdpSeed)?,
                 "rules" => file.rules = map.next_value_seed(RulesSeed { ctx: self.ctx })?,
@@ -546,16 +854,21 @@ impl<'de> Visitor<'de> for FileSeed<'_> {
     }
 }
 
-/// A mapping from names to definitions, in file order (workloads, targets).
-struct NamedMap<S> {
+/// A mapping from names to definitions, in file order (workloads, targets,
+/// detectors, presets).
+struct NamedMap<'r, F> {
     kind: &'static str,
     section: &'static str,
-    seed: S,
+    /// The seed that reads the definition of a name.
+    seed: F,
+    /// Refuses names that are taken by something else.
+    reserved: &'r dyn Fn(&str) -> Result<(), String>,
 }
 
-impl<'de, S> DeserializeSeed<'de> for NamedMap<S>
+impl<'de, F, S> DeserializeSeed<'de> for NamedMap<'_, F>
 where
-    S: DeserializeSeed<'de> + Copy,
+    F: Fn(&str) -> S,
+    S: DeserializeSeed<'de>,
 {
     type Value = Vec<(String, S::Value)>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
@@ -563,9 +876,10 @@ where
     }
 }
 
-impl<'de, S> Visitor<'de> for NamedMap<S>
+impl<'de, F, S> Visitor<'de> for NamedMap<'_, F>
 where
-    S: DeserializeSeed<'de> + Copy,
+    F: Fn(&str) -> S,
+    S: DeserializeSeed<'de>,
 {
     type Value = Vec<(String, S::Value)>;
 
@@ -580,8 +894,9 @@ where
             kind: self.kind,
             section: self.section,
             seen: &mut names,
+            reserved: self.reserved,
         })? {
-            let value = map.next_value_seed(self.seed)?;
+            let value = map.next_value_seed((self.seed)(&name))?;
             out.push((name, value));
         }
         Ok(out)
@@ -592,6 +907,7 @@ struct NameKey<'a> {
     kind: &'static str,
     section: &'static str,
     seen: &'a mut Vec<String>,
+    reserved: &'a dyn Fn(&str) -> Result<(), String>,
 }
 
 impl<'de> DeserializeSeed<'de> for NameKey<'_> {
@@ -610,6 +926,7 @@ impl<'de> Visitor<'de> for NameKey<'_> {
 
     fn visit_str<E: de::Error>(self, name: &str) -> Result<String, E> {
         check_name(self.kind, name).map_err(fail)?;
+        (self.reserved)(name).map_err(fail)?;
         if self.seen.iter().any(|n| n == name) {
             return Err(fail(format!(
                 "{} `{name}` is defined twice under {}:; give each its own name",
@@ -905,11 +1222,20 @@ impl<'de> Visitor<'de> for RuleSeed<'_> {
         let mut name = None;
         let mut when = None;
         let mut action = None;
-        for_each_field(&mut map, &RULE, |key, map| {
+        let mut mask = None;
+        // `mask` on a rule that is not a statement rule, or that denies: at
+        // the `mask` key, wherever `when` and `action` are (the first reading
+        // learnt them).
+        let check = |key: &'static str| match key {
+            "mask" => ctx.mask_rule_error().map_or(Ok(()), Err),
+            _ => Ok(()),
+        };
+        for_each_checked_field(&mut map, &RULE, &check, |key, map| {
             match key {
                 "name" => name = Some(map.next_value_seed(One(RuleNameP { ctx }))?),
                 "when" => when = Some(map.next_value_seed(WhenSeed { ctx })?),
                 "action" => action = Some(map.next_value_seed(One(ActionP))?),
+                "mask" => mask = Some(map.next_value_seed(MaskSeed { ctx, owner: "rule" })?),
                 _ => unreachable!("{key} is in RULE.known"),
             }
             Ok(())
@@ -935,6 +1261,7 @@ impl<'de> Visitor<'de> for RuleSeed<'_> {
             port: when.port,
             sql: when.sql,
             action,
+            mask,
         })
     }
 }
@@ -1072,6 +1399,355 @@ impl<'de> Visitor<'de> for SqlSeed {
             Ok(())
         })?;
         Ok(m)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Masking: detectors, presets, masks
+
+/// The longest name of a detector or preset: findings are replaced by
+/// `[REDACTED:<name>]`.
+const MAX_MASK_NAME: usize = 64;
+
+fn check_mask_name_length(kind: &str, name: &str) -> Result<(), String> {
+    if name.len() > MAX_MASK_NAME {
+        return Err(format!(
+            "{kind} name `{name}` is longer than {MAX_MASK_NAME} characters; pick a shorter one"
+        ));
+    }
+    Ok(())
+}
+
+/// A custom detector may not take the name of a built-in detector or preset.
+fn reserved_detector_name(name: &str) -> Result<(), String> {
+    check_mask_name_length("detector", name)?;
+    if is_builtin_detector(name) {
+        return Err(format!(
+            "`{name}` is a built-in detector; a detector defined here needs a name of its own \
+             (e.g. {name}_strict), so a mask always means what its names say"
+        ));
+    }
+    if is_builtin_preset(name) {
+        return Err(format!(
+            "`{name}` is a built-in preset; a detector defined here needs a name of its own"
+        ));
+    }
+    Ok(())
+}
+
+/// A preset may not take the name of a detector (built-in or defined here)
+/// or of a built-in preset.
+fn reserved_preset_name(ctx: &Ctx, name: &str) -> Result<(), String> {
+    check_mask_name_length("preset", name)?;
+    if is_builtin_detector(name) {
+        return Err(format!(
+            "`{name}` is a built-in detector; a preset needs a name of its own"
+        ));
+    }
+    if is_builtin_preset(name) {
+        return Err(format!(
+            "`{name}` is a built-in preset ({}); name yours differently, and list `{name}` in \
+             it to build on it",
+            builtin_preset_members(name)
+        ));
+    }
+    if ctx.names.as_ref().is_some_and(|n| n.is_detector(name)) {
+        return Err(format!(
+            "`{name}` is defined under detectors:; a preset needs a name of its own"
+        ));
+    }
+    Ok(())
+}
+
+fn builtin_preset_members(name: &str) -> String {
+    masking::builtin_presets()
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, members)| members.join(", "))
+        .unwrap_or_default()
+}
+
+/// A custom detector: (pattern, checksum).
+struct DetectorSeed {
+    name: String,
+}
+
+impl<'de> DeserializeSeed<'de> for DetectorSeed {
+    type Value = (String, Option<Checksum>);
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DetectorSeed {
+    type Value = (String, Option<Checksum>);
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a detector: a mapping with pattern, and optionally checksum")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let name = &self.name;
+        let mut pattern = None;
+        let mut checksum = None;
+        for_each_field(&mut map, &DETECTOR, |key, map| {
+            match key {
+                "pattern" => pattern = Some(map.next_value_seed(One(PatternP { name }))?),
+                "checksum" => checksum = Some(map.next_value_seed(One(ChecksumP))?),
+                _ => unreachable!("{key} is in DETECTOR.known"),
+            }
+            Ok(())
+        })?;
+        let Some(pattern) = pattern else {
+            return Err(fail(format!(
+                "detector `{name}` has no pattern; write e.g. `{name}: {{ pattern: 'EMP-\\d{{6}}' }}` \
+                 (a regular expression)"
+            )));
+        };
+        // The pattern alone was checked at its place; with its checksum,
+        // here.
+        if checksum.is_some() {
+            detector_masker(name, &pattern, checksum).map_err(fail)?;
+        }
+        Ok((pattern, checksum))
+    }
+}
+
+/// Builds a masker of one custom detector, which checks it as the masking
+/// module will use it.
+fn detector_masker(name: &str, pattern: &str, checksum: Option<Checksum>) -> Result<(), String> {
+    let spec = DetectorSpec::Custom {
+        name: name.to_string(),
+        pattern: pattern.to_string(),
+        checksum,
+    };
+    // The masking module's messages name the detector.
+    Masker::new(&[], &[spec])
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[derive(Clone, Copy)]
+struct PatternP<'n> {
+    name: &'n str,
+}
+
+impl Parse for PatternP<'_> {
+    type Out = String;
+    fn expecting(&self) -> String {
+        "a regular expression such as 'EMP-\\d{6}'".into()
+    }
+    fn text(&self, s: &str) -> Result<String, String> {
+        if s.is_empty() {
+            return Err(format!(
+                "detector `{}` has an empty pattern, which would match everywhere; write a \
+                 regular expression such as 'EMP-\\d{{6}}'",
+                self.name
+            ));
+        }
+        detector_masker(self.name, s, None)?;
+        Ok(s.to_string())
+    }
+    fn int(&self, n: i128) -> Result<String, String> {
+        self.text(&n.to_string())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct ChecksumP;
+
+impl Parse for ChecksumP {
+    type Out = Checksum;
+    fn expecting(&self) -> String {
+        "a checksum: luhn or mod97".into()
+    }
+    fn text(&self, s: &str) -> Result<Checksum, String> {
+        s.parse::<Checksum>().map_err(|_| {
+            format!(
+                "{s:?} is not a checksum; write `checksum: luhn` (card numbers) or `checksum: \
+                 mod97` (IBANs), or leave it out"
+            )
+        })
+    }
+    fn int(&self, n: i128) -> Result<Checksum, String> {
+        self.text(&n.to_string())
+    }
+}
+
+/// A preset's list of detector and preset names.
+struct PresetSeed<'c> {
+    ctx: &'c Ctx,
+    name: String,
+}
+
+impl<'de> DeserializeSeed<'de> for PresetSeed<'_> {
+    type Value = Vec<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<String>, D::Error> {
+        let owner = format!("preset `{}`", self.name);
+        d.deserialize_any(Many::new(
+            MaskNameP {
+                ctx: self.ctx,
+                owner: &owner,
+            },
+            "detector or preset name",
+        ))
+    }
+}
+
+/// A `mask` or `sql_mask`: `{ columns: [globs], detectors: [names] }`.
+struct MaskSeed<'c> {
+    ctx: &'c Ctx,
+    /// "rule" or "sql_mask".
+    owner: &'static str,
+}
+
+impl<'de> DeserializeSeed<'de> for MaskSeed<'_> {
+    type Value = MaskDef;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<MaskDef, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MaskSeed<'_> {
+    type Value = MaskDef;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a mask: a mapping with columns and/or detectors")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MaskDef, A::Error> {
+        let ctx = self.ctx;
+        let owner = match self.owner {
+            "rule" => format!("rule `{}`", ctx.current_rule()),
+            other => other.to_string(),
+        };
+        let mut columns = None;
+        let mut detectors = None;
+        for_each_field(&mut map, &MASK, |key, map| {
+            match key {
+                "columns" => columns = Some(map.next_value_seed(Many::new(ColumnP, "column"))?),
+                "detectors" => {
+                    detectors = Some(map.next_value_seed(Many::new(
+                        MaskNameP { ctx, owner: &owner },
+                        "detector or preset name",
+                    ))?)
+                }
+                _ => unreachable!("{key} is in MASK.known"),
+            }
+            Ok(())
+        })?;
+        if columns.is_none() && detectors.is_none() {
+            return Err(fail(format!(
+                "the mask of {owner} says nothing to mask; give columns, detectors or both, e.g. \
+                 `{{ columns: [\"*email*\"], detectors: [payment] }}`"
+            )));
+        }
+        let (columns, detectors) = (columns.unwrap_or_default(), detectors.unwrap_or_default());
+        let Some(names) = ctx
+            .names
+            .as_ref()
+            .filter(|n| !n.preset_takes_a_detector_name())
+        else {
+            // On the second reading with such a clash, the reading fails at
+            // the preset's name, later in the file.
+            return Ok(MaskDef { compiled: None });
+        };
+        // Each name was checked at its place; what fails here is about the
+        // mask as a whole.
+        let specs = masking::resolve(&detectors, &names.detectors, &names.presets)
+            .map_err(|e| fail(format!("the mask of {owner}: {e}")))?;
+        let masker =
+            Masker::new(&columns, &specs).map_err(|e| fail(format!("the mask of {owner}: {e}")))?;
+        let resolved = specs
+            .iter()
+            .map(|spec| match spec {
+                DetectorSpec::Builtin(name) => name.clone(),
+                DetectorSpec::Custom { name, .. } => name.clone(),
+            })
+            .collect();
+        Ok(MaskDef {
+            compiled: Some(Mask {
+                masker: Arc::new(masker),
+                columns,
+                detectors: resolved,
+            }),
+        })
+    }
+}
+
+/// A column glob of a mask, checked as the masking module reads it.
+#[derive(Clone, Copy)]
+struct ColumnP;
+
+impl Parse for ColumnP {
+    type Out = String;
+    fn expecting(&self) -> String {
+        format!("a column name or glob such as {COLUMNS_EXAMPLE}")
+    }
+    fn text(&self, s: &str) -> Result<String, String> {
+        let bad = |why: &str| {
+            format!(
+                "{s:?} is not a valid column glob: {why}; write e.g. {COLUMNS_EXAMPLE} (* matches \
+                 any characters, ? one character; case does not matter)"
+            )
+        };
+        match Masker::new(&[s.to_string()], &[]) {
+            Ok(_) => Ok(s.to_string()),
+            Err(MaskError::BadGlob { reason, .. }) => Err(bad(&reason)),
+            Err(e) => Err(bad(&e.to_string())),
+        }
+    }
+    fn int(&self, n: i128) -> Result<String, String> {
+        self.text(&n.to_string())
+    }
+}
+
+const COLUMNS_EXAMPLE: &str = "\"*email*\"";
+
+/// A detector or preset name in a mask or a preset; checked on the second
+/// reading, when the detectors and presets of the file are known.
+#[derive(Clone, Copy)]
+struct MaskNameP<'c, 'o> {
+    ctx: &'c Ctx,
+    /// "rule `r`", "sql_mask", "preset `p`".
+    owner: &'o str,
+}
+
+impl Parse for MaskNameP<'_, '_> {
+    type Out = String;
+    fn expecting(&self) -> String {
+        "a detector or preset name such as card or payment".into()
+    }
+    fn text(&self, s: &str) -> Result<String, String> {
+        let Some(names) = &self.ctx.names else {
+            return Ok(s.to_string());
+        };
+        let owner = self.owner;
+        if !names.is_mask_name(s) {
+            let hint = names
+                .closest_mask_name(s)
+                .map(|c| format!(" (did you mean `{c}`?)"))
+                .unwrap_or_default();
+            return Err(format!(
+                "{owner} names `{s}`, which is not a detector or a preset{hint}; {}",
+                names.mask_names()
+            ));
+        }
+        if let Some(cycle) = names.preset_cycle(s) {
+            return Err(format!(
+                "{owner} names `{s}`, but presets include one another in a circle: {}; a preset \
+                 may name detectors and other presets, never itself",
+                cycle.join(" -> ")
+            ));
+        }
+        if !names.preset_takes_a_detector_name() {
+            masking::resolve(&[s.to_string()], &names.detectors, &names.presets)
+                .map_err(|e| format!("{owner} names `{s}`, which cannot be used: {e}"))?;
+        }
+        Ok(s.to_string())
+    }
+    fn int(&self, n: i128) -> Result<String, String> {
+        self.text(&n.to_string())
     }
 }
 
@@ -1288,7 +1964,12 @@ impl Parse for ActionP {
         match s {
             "allow" => Ok(Action::Allow),
             "deny" => Ok(Action::Deny),
-            "approve" | "mask" | "redact" | "hold" | "audit" => Err(format!(
+            "mask" | "redact" => Err(format!(
+                "`action: {s}` is not an action; masking is `action: allow` with a mask on a \
+                 statement rule: `action: allow, mask: {{ columns: [\"*email*\"], detectors: \
+                 [payment] }}`"
+            )),
+            "approve" | "hold" | "audit" => Err(format!(
                 "action `{s}` is not supported yet in policy v0; write `action: allow` or \
                  `action: deny`"
             )),

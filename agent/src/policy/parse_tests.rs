@@ -34,7 +34,8 @@ rules:
 ";
     assert_eq!(
         err(src),
-        "policy.yaml:5:5: unknown field `acton` in a rule; expected one of: name, when, action"
+        "policy.yaml:5:5: unknown field `acton` in a rule; expected one of: name, when, action, \
+         mask"
     );
 }
 
@@ -43,7 +44,7 @@ fn unknown_fields_everywhere_name_their_place() {
     assert_eq!(
         err("version: 1\nrule: []\n"),
         "policy.yaml:2:1: unknown field `rule` at the top level; expected one of: version, \
-         default, sql_default, workloads, targets, udp, rules, audit"
+         default, sql_default, sql_mask, workloads, targets, detectors, presets, udp, rules, audit"
     );
     // In a flow mapping, the column is the key's.
     assert_eq!(
@@ -376,22 +377,25 @@ fn not_supported_yet() {
             )
         );
     }
-    for action in ["approve", "mask"] {
-        assert_eq!(
-            err(&format!(
-                "version: 1\nrules:\n  - name: r\n    action: {action}\n"
-            )),
-            format!(
-                "policy.yaml:4:13: action `{action}` is not supported yet in policy v0; write \
-                 `action: allow` or `action: deny`"
-            )
-        );
-    }
+    assert_eq!(
+        err("version: 1\nrules:\n  - name: r\n    action: approve\n"),
+        "policy.yaml:4:13: action `approve` is not supported yet in policy v0; write `action: \
+         allow` or `action: deny`"
+    );
+    // Masking is supported (masking tests below), as a mask on an allow.
     assert_err(
-        "version: 1\nrules:\n  - name: r\n    action: allow\n    mask: { columns: [ssn] }\n",
+        "version: 1\nrules:\n  - name: r\n    action: mask\n",
+        4,
+        13,
+        "`action: mask` is not an action; masking is `action: allow` with a mask on a statement \
+         rule",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - name: r\n    action: allow\n    redact_prompt: [payment]\n",
         5,
         5,
-        "`mask` in a rule is not supported yet in policy v0 (a later version adds masking)",
+        "`redact_prompt` in a rule is not supported yet in policy v0 (a later version adds LLM \
+         prompt masking)",
     );
     assert_err(
         "version: 1\nrules:\n  - name: r\n    action: allow\n    approve: { groups: [dba] }\n",
@@ -541,7 +545,7 @@ fn load_reads_files_and_names_them() {
     assert_eq!(
         e,
         format!(
-            "{}:4:5: unknown field `acton` in a rule; expected one of: name, when, action",
+            "{}:4:5: unknown field `acton` in a rule; expected one of: name, when, action, mask",
             path.display()
         )
     );
@@ -744,8 +748,8 @@ fn unknown_keys_in_a_sql_matcher() {
         "version: 1\nrules:\n  - { name: r, when: { sql: { columns: [ssn] } }, action: deny }\n",
         3,
         31,
-        "`columns` in a rule's sql is not supported yet in policy v0 (a later version adds \
-         masking)",
+        "unknown field `columns` in a rule's sql (columns to mask go in the rule's mask, next to \
+         its action: `mask: { columns: [\"*email*\"] }`)",
     );
     assert_err(
         "version: 1\nrules:\n  - { name: r, when: { sql: { class: read, class: write } }, action: deny }\n",

@@ -427,7 +427,10 @@ rules:
 #[test]
 fn the_embedded_default_allows_every_statement() {
     let p = Policy::embedded_default();
-    assert!(!p.has_statement_rules());
+    assert_eq!(p.statement_rule_count(), 0);
+    // No statement rule, but its sql_mask masks every statement's rows
+    // (mask_tests), so statements are asked about.
+    assert!(p.has_statement_rules());
     for class in STATEMENT_CLASSES {
         assert_eq!(Stmt::new(class).on(&p), allow("default"));
     }
@@ -484,11 +487,39 @@ fn the_sql_guardrails_example_does_what_it_says() {
             );
         }
     }
-    // The rest is allowed.
+    // Reads of the crm schema on the CRM database are allowed, with their
+    // results masked by the rule's own mask...
+    let crm_read = Stmt::new("read")
+        .uid(bot)
+        .reads(&["crm.customers", "crm.tickets"]);
+    assert_eq!(crm_read.on(&p), allow("mask-crm-reads"));
+    let mask = crm_read
+        .decision(&p)
+        .mask
+        .expect("the crm reads are masked");
+    assert!(mask.masks_column("email") && mask.masks_column("mobile_phone"));
+    assert!(!mask.masks_column("name"));
+    let (masked, found) = mask.mask_text("EMP-123456 paid with 4111 1111 1111 1111");
+    assert_eq!(found, 2, "{masked}");
+    assert!(
+        masked.starts_with("[REDACTED:employee_id] paid with"),
+        "{masked}"
+    );
+    assert!(!masked.contains("4111 1111"), "{masked}");
+    // ...and every other statement is allowed, with sql_mask.
+    let sql_mask = p.sql_mask().expect("the example has a sql_mask");
+    assert!(!sql_mask.masks_column("email"));
+    let other = Stmt::new("read").uid(bot).reads(&["public.notes"]);
+    assert_eq!(other.on(&p), allow("default"));
+    assert!(Arc::ptr_eq(
+        other.decision(&p).mask.as_ref().unwrap(),
+        sql_mask
+    ));
     assert_eq!(
         Stmt::new("read")
             .uid(bot)
-            .reads(&["crm.customers", "crm.tickets"])
+            .to("10.0.4.13:5432")
+            .reads(&["crm.customers"])
             .on(&p),
         allow("default")
     );
