@@ -184,3 +184,69 @@ def test_denied_statements_get_a_postgres_error_and_the_session_goes_on(pg, audi
     assert ("DROP TABLE orders", "deny", "42501") in got, got
     assert ("SELECT * FROM cards", "deny", "42501") in got, got
     assert ("INSERT INTO orders VALUES (7)", "allow", None) in got, got  # held back with its sibling
+
+
+def test_result_rows_are_masked_inline(pg, audit_dir, tmp_path):
+    pg.psql_admin(
+        "DROP TABLE IF EXISTS people; CREATE TABLE people (id int, email text, note text, ssn varchar(11), age int); "
+        "INSERT INTO people VALUES (1, 'ada@example.com', 'card 4111 1111 1111 1111 on file', '123-45-6789', 36), "
+        "(2, 'bob@example.com', 'order 4111 1111 1111 1112 is not a card', NULL, 41); GRANT SELECT ON people TO app",
+        database=pg.database,
+    )
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            """
+            version: 1
+            default: audit
+            rules:
+              - name: mask-people
+                when: { sql: { class: read, tables: people } }
+                action: allow
+                mask: { columns: ["*email*", "age"], detectors: [payment, ssn] }
+            """
+        )
+    )
+    code = textwrap.dedent(
+        f"""
+        import json, os, subprocess, psycopg
+        with psycopg.connect({pg.dsn!r}, autocommit=True) as conn:
+            extended = conn.execute("SELECT id, email, note, ssn, age FROM people WHERE id > %s ORDER BY id", (0,)).fetchall()
+        env = dict(os.environ, PGPASSWORD={pg.password!r})
+        simple = subprocess.run(["psql", "-h", "127.0.0.1", "-p", "{pg.port}", "-U", "{pg.user}", "-d", "{pg.database}",
+                                 "-qAt", "-c", "SELECT email FROM people ORDER BY id"],
+                                capture_output=True, text=True, env=env, check=True).stdout.split()
+        print(json.dumps(dict(extended=extended, simple=simple)))
+        """
+    )
+    run = warden_run(code, audit_dir, "--policy", str(policy))
+    assert run.returncode == 0, run.stderr
+    rows = run.report["extended"]
+    ada, bob = rows
+    assert ada[0] == 1 and bob[0] == 2  # untouched
+    assert ada[1] != "ada@example.com" and bob[1] != "bob@example.com"
+    assert "4111 1111 1111 1111" not in ada[2] and ada[2].endswith("1111 on file")
+    assert bob[2] == "order 4111 1111 1111 1112 is not a card"  # fails the Luhn check: not a card
+    assert ada[3] != "123-45-6789" and bob[3] is None
+    assert ada[4] is None and bob[4] is None  # a named non-text column comes back as NULL
+    # psql's simple protocol gets the same masking.
+    assert len(run.report["simple"]) == 2 and "ada@example.com" not in run.report["simple"]
+    # ada: email, card, ssn, age; bob: email, age
+    import duckdb
+
+    (rule, count), = duckdb.connect().execute(
+        f"SELECT rule, masked FROM read_parquet('{audit_dir}/requests/**/*.parquet') WHERE statement LIKE 'SELECT id, email%'"
+    ).fetchall()
+    assert (rule, count) == ("mask-people", 6)
+
+
+def test_the_embedded_default_masks_card_numbers(pg, audit_dir):
+    pg.psql_admin(
+        "DROP TABLE IF EXISTS tickets; CREATE TABLE tickets (body text); "
+        "INSERT INTO tickets VALUES ('please charge 4111-1111-1111-1111 today'); GRANT SELECT ON tickets TO app",
+        database=pg.database,
+    )
+    code = f"import json, psycopg\nwith psycopg.connect({pg.dsn!r}) as c: print(json.dumps(dict(body=c.execute('SELECT body FROM tickets').fetchone()[0])))"
+    run = warden_run(code, audit_dir)
+    assert run.returncode == 0, run.stderr
+    assert "4111-1111-1111-1111" not in run.report["body"] and run.report["body"].startswith("please charge ")

@@ -109,6 +109,8 @@ pub struct RequestRow {
     pub fingerprint: Option<String>,
     /// Rows returned or affected, from the server's completion tag.
     pub rows: Option<u64>,
+    /// Values the agent masked in the result (counts only, never values).
+    pub masked: u64,
     /// "allow" or "deny".
     pub decision: &'static str,
     pub rule: String,

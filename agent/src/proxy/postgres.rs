@@ -12,9 +12,10 @@
 //! clients that insist on TLS (sslmode=require) cannot connect through the
 //! agent until it terminates PostgreSQL TLS itself.
 use std::{
+    borrow::Cow,
     collections::{HashMap, VecDeque},
     io,
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use chrono::{DateTime, Utc};
@@ -30,10 +31,11 @@ use super::relay::Transferred;
 use crate::{
     audit::{AuditSink, RequestRow},
     identity::Identity,
+    masking::Masker,
     policy::{Action, Policy, StatementRequest},
     protocols::postgres::{
-        BackendFramer, BackendMessage, Frame, FrontendFramer, FrontendMessage, ProtocolError,
-        Severity, Statement, StatementClass, classify, encode, fingerprint,
+        BackendFramer, BackendMessage, DataRow, Frame, FrontendFramer, FrontendMessage,
+        ProtocolError, Severity, Statement, StatementClass, classify, encode, fingerprint,
     },
 };
 
@@ -45,15 +47,38 @@ pub struct Session {
     pub destination: std::net::SocketAddr,
     pub rule: String,
     pub audit: AuditSink,
-    pub policy: std::sync::Arc<Policy>,
+    pub policy: Arc<Policy>,
 }
 
-/// How a statement was decided, and by which rule.
+/// How a statement was decided, by which rule, and what of its result is masked.
 #[derive(Clone)]
 struct Verdict {
     denied: bool,
     rule: String,
+    mask: Option<Arc<Masker>>,
 }
+
+/// What happens to each column of the rows being returned.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ColumnAction {
+    Keep,
+    /// A column the policy names, of a text type: masked whole.
+    Whole,
+    /// A column the policy names that is not text: returned as NULL, which
+    /// is valid for every type.
+    Null,
+    /// A text column: detector findings inside it are masked.
+    Scan,
+}
+
+struct RowMasks {
+    masker: Arc<Masker>,
+    columns: Vec<ColumnAction>,
+}
+
+/// Types whose values are UTF-8 text in both formats: text, varchar,
+/// bpchar, name, json, unknown.
+const TEXT_TYPES: [u32; 6] = [25, 1043, 1042, 19, 114, 705];
 
 /// Set by the agent when the statement did not run because of the policy.
 #[derive(Clone)]
@@ -68,6 +93,7 @@ struct Pending {
     sql: String,
     start: DateTime<Utc>,
     rows_seen: u64,
+    masked: u64,
     verdict: Verdict,
     /// Known before the server answers: the statement was held back.
     outcome: Option<Outcome>,
@@ -93,6 +119,8 @@ struct State {
     injections: VecDeque<Option<Vec<u8>>>,
     /// A denied extended-protocol statement: its messages are dropped until Sync.
     discarding: Option<Vec<u8>>,
+    /// How the rows now being returned are masked, from their RowDescription.
+    row_masks: Option<RowMasks>,
 }
 
 impl State {
@@ -110,6 +138,7 @@ impl State {
             sql,
             start,
             rows_seen: 0,
+            masked: 0,
             verdict,
             outcome,
             batch,
@@ -296,10 +325,11 @@ async fn server_to_client(
         }
         framer.push(&buf[..n]);
         while let Some(frame) = framer.next().map_err(from_server)? {
-            if let Some(error) = observe_server(&frame, session, state)? {
-                out.extend_from_slice(&error);
+            let action = observe_server(&frame, session, state)?;
+            if let Some(before) = action.before {
+                out.extend_from_slice(&before);
             }
-            out.extend_from_slice(frame.bytes());
+            out.extend_from_slice(action.replace.as_deref().unwrap_or(frame.bytes()));
         }
         if !out.is_empty() {
             to.write_all(&out).await?;
@@ -379,6 +409,7 @@ fn observe_client(
                     Verdict {
                         denied: false,
                         rule: session.rule.clone(),
+                        mask: None,
                     },
                 )
             });
@@ -428,6 +459,7 @@ fn decide(session: &Session, st: &State, statement: &Statement) -> Verdict {
     Verdict {
         denied: decision.action == Action::Deny,
         rule: decision.rule,
+        mask: decision.mask,
     }
 }
 
@@ -469,15 +501,44 @@ fn observe_server(
     frame: &Frame,
     session: &Session,
     state: &Mutex<State>,
-) -> Result<Option<Vec<u8>>, SessionError> {
+) -> Result<ServerAction, SessionError> {
     let message = BackendMessage::decode(frame).map_err(from_server)?;
     let mut st = lock(state);
     let answered = |st: &mut State| st.pending.front().is_some_and(|p| p.outcome.is_none());
     match message {
-        BackendMessage::DataRow(_) => {
+        BackendMessage::RowDescription { fields } => {
+            let mask = st.pending.front().and_then(|p| p.verdict.mask.clone());
+            st.row_masks = mask.and_then(|masker| {
+                let columns: Vec<ColumnAction> = fields
+                    .iter()
+                    .map(|f| {
+                        let text = TEXT_TYPES.contains(&f.type_oid);
+                        match (masker.masks_column(&f.name), text) {
+                            (true, true) => ColumnAction::Whole,
+                            (true, false) => ColumnAction::Null,
+                            (false, true) if masker.has_detectors() => ColumnAction::Scan,
+                            _ => ColumnAction::Keep,
+                        }
+                    })
+                    .collect();
+                columns
+                    .iter()
+                    .any(|c| *c != ColumnAction::Keep)
+                    .then_some(RowMasks { masker, columns })
+            });
+        }
+        BackendMessage::DataRow(row) => {
+            let masked = st.row_masks.as_ref().and_then(|m| mask_row(m, &row, frame));
             if let Some(p) = st.pending.front_mut() {
                 p.rows_seen += 1;
+                if let Some((_, n)) = &masked {
+                    p.masked += u64::from(*n);
+                }
             }
+            return Ok(ServerAction {
+                before: None,
+                replace: masked.map(|(bytes, _)| bytes),
+            });
         }
         BackendMessage::CommandComplete(tag) => {
             if answered(&mut st)
@@ -527,11 +588,63 @@ fn observe_server(
                     );
                 }
             }
-            return Ok(st.injections.pop_front().flatten());
+            st.row_masks = None;
+            return Ok(ServerAction {
+                before: st.injections.pop_front().flatten(),
+                replace: None,
+            });
         }
         _ => {}
     }
-    Ok(None)
+    Ok(ServerAction::default())
+}
+
+/// Bytes to put before a server message, or in its place.
+#[derive(Default)]
+struct ServerAction {
+    before: Option<Vec<u8>>,
+    replace: Option<Vec<u8>>,
+}
+
+/// The row with its masked values, and how many were masked; None when
+/// nothing in it needed masking (the row goes on as it came).
+fn mask_row(masks: &RowMasks, row: &DataRow, frame: &Frame) -> Option<(Vec<u8>, u32)> {
+    let mut count = 0u32;
+    let mut values: Vec<Option<Cow<'_, [u8]>>> = Vec::with_capacity(row.len());
+    for (i, value) in row.values(frame).enumerate() {
+        let action = masks.columns.get(i).copied().unwrap_or(ColumnAction::Keep);
+        let new = match (action, value) {
+            (_, None) | (ColumnAction::Keep, _) => value.map(Cow::Borrowed),
+            (ColumnAction::Null, Some(_)) => {
+                count += 1;
+                None
+            }
+            (ColumnAction::Whole, Some(v)) => {
+                count += 1;
+                Some(Cow::Owned(
+                    masks
+                        .masker
+                        .mask_value(&String::from_utf8_lossy(v))
+                        .into_bytes(),
+                ))
+            }
+            (ColumnAction::Scan, Some(v)) => match std::str::from_utf8(v) {
+                Ok(text) => match masks.masker.mask_text(text) {
+                    (Cow::Owned(t), n) => {
+                        count += n;
+                        Some(Cow::Owned(t.into_bytes()))
+                    }
+                    (Cow::Borrowed(_), _) => Some(Cow::Borrowed(v)),
+                },
+                Err(_) => Some(Cow::Borrowed(v)),
+            },
+        };
+        values.push(new);
+    }
+    (count > 0).then(|| {
+        let refs: Vec<Option<&[u8]>> = values.iter().map(|v| v.as_deref()).collect();
+        (encode::data_row(&refs), count)
+    })
 }
 
 /// A statement the classifier did not see: an empty query, an Execute of an
@@ -586,6 +699,7 @@ fn emit(
         tables_written: p.statement.writes,
         functions: p.statement.functions,
         rows,
+        masked: p.masked,
         decision: if p.verdict.denied { "deny" } else { "allow" },
         rule: p.verdict.rule,
         error,

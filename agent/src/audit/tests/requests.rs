@@ -19,6 +19,7 @@ fn request(session: u32, seq: u64, start: DateTime<Utc>) -> RequestRow {
         functions: Vec::new(),
         fingerprint: Some("SELECT * FROM crm.customers WHERE id = ?".into()),
         rows: Some(1),
+        masked: 0,
         decision: "allow",
         rule: "allow-crm".into(),
         error: None,
@@ -83,6 +84,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
                 .into(),
         ),
         rows: Some(u64::MAX),
+        masked: 3,
         error: Some("duplicate key value violates unique constraint".into()),
         sqlstate: Some("23505".into()),
         identity: Identity {
@@ -112,6 +114,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
         functions: Vec::new(),
         fingerprint: None,
         rows: None,
+        masked: 0,
         decision: "deny",
         rule: "default".into(),
         error: None,
@@ -205,6 +208,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
             "functions",
             "fingerprint",
             "rows",
+            "masked",
             "decision",
             "rule",
             "error",
@@ -302,6 +306,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
             s("SELECT * FROM crm.customers WHERE id = ?"),
         ]
     );
+    assert_eq!(col::<Int64Array>(&b, "masked").values(), &[3, 0, 0]);
     let rows = col::<Int64Array>(&b, "rows");
     assert_eq!(
         rows.iter().collect::<Vec<_>>(),
