@@ -109,8 +109,11 @@ struct State {
     pending: VecDeque<Pending>,
     /// Prepared statements by name, and portals by name, for Execute, with
     /// the verdict given at Parse.
-    prepared: HashMap<String, (String, Verdict)>,
-    portals: HashMap<String, (String, Verdict)>,
+    prepared: HashMap<String, Prepared>,
+    portals: HashMap<String, Prepared>,
+    /// Classifications by statement text: apps repeat their statements, and
+    /// parsing SQL is most of the per-statement cost.
+    classified: HashMap<String, Vec<Statement>>,
     /// Messages sent that the server answers with ReadyForQuery (Query,
     /// Sync, FunctionCall), and ReadyForQuery messages seen.
     batches_sent: u64,
@@ -123,7 +126,30 @@ struct State {
     row_masks: Option<RowMasks>,
 }
 
+/// A statement parsed by the client, classified and decided once.
+#[derive(Clone)]
+struct Prepared {
+    sql: String,
+    statement: Statement,
+    verdict: Verdict,
+}
+
+/// Bound on the per-session classification cache.
+const CLASSIFIED_CAP: usize = 256;
+
 impl State {
+    fn classify(&mut self, sql: &str) -> Vec<Statement> {
+        if let Some(known) = self.classified.get(sql) {
+            return known.clone();
+        }
+        let statements = classify(sql);
+        if self.classified.len() >= CLASSIFIED_CAP {
+            self.classified.clear();
+        }
+        self.classified.insert(sql.to_string(), statements.clone());
+        statements
+    }
+
     fn pend(
         &mut self,
         statement: Statement,
@@ -354,7 +380,7 @@ fn observe_client(
     }
     Ok(match message {
         FrontendMessage::Query { sql } => {
-            let mut statements = classify(&sql);
+            let mut statements = st.classify(&sql);
             if statements.is_empty() {
                 // An empty query string still gets an answer (EmptyQueryResponse).
                 statements.push(statement_of(&sql, StatementClass::Unknown, Vec::new()));
@@ -379,7 +405,8 @@ fn observe_client(
             }
         }
         FrontendMessage::Parse { name, sql, .. } => {
-            let statement = classify(&sql)
+            let statement = st
+                .classify(&sql)
                 .into_iter()
                 .next()
                 .unwrap_or_else(|| statement_of(&sql, StatementClass::Unknown, Vec::new()));
@@ -390,7 +417,14 @@ fn observe_client(
                 st.pend(statement, sql, verdict, Some(outcome));
                 return Ok(Forwarding::Drop);
             }
-            st.prepared.insert(name, (sql, verdict));
+            st.prepared.insert(
+                name,
+                Prepared {
+                    sql,
+                    statement,
+                    verdict,
+                },
+            );
             Forwarding::Forward
         }
         FrontendMessage::Bind {
@@ -403,21 +437,20 @@ fn observe_client(
             Forwarding::Forward
         }
         FrontendMessage::Execute { portal, .. } => {
-            let (sql, verdict) = st.portals.get(&portal).cloned().unwrap_or_else(|| {
-                (
-                    String::new(),
-                    Verdict {
+            let p = st
+                .portals
+                .get(&portal)
+                .cloned()
+                .unwrap_or_else(|| Prepared {
+                    sql: String::new(),
+                    statement: statement_of("", StatementClass::Unknown, Vec::new()),
+                    verdict: Verdict {
                         denied: false,
                         rule: session.rule.clone(),
                         mask: None,
                     },
-                )
-            });
-            let statement = classify(&sql)
-                .into_iter()
-                .next()
-                .unwrap_or_else(|| statement_of(&sql, StatementClass::Unknown, Vec::new()));
-            st.pend(statement, sql, verdict, None);
+                });
+            st.pend(p.statement, p.sql, p.verdict, None);
             Forwarding::Forward
         }
         FrontendMessage::Sync => {
