@@ -33,7 +33,7 @@ enum LogFormat {
 enum Command {
     /// Run a program with all its outbound connections going through Warden.
     Run {
-        /// Policy file (YAML); the embedded default audits everything and denies nothing.
+        /// Policy file (YAML); the embedded default audits everything, denies nothing and masks payment data, SSNs and secrets in query results.
         #[arg(long)]
         policy: Option<PathBuf>,
         /// Where the Parquet audit goes.
