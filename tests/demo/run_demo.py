@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "peers"))
 from llm_server import start_server  # noqa: E402
+from pki import make_provider_pki  # noqa: E402
 
 WARDEN = os.environ.get("WARDEN_BIN", str(ROOT / "target" / "release" / "warden"))
 APP = ROOT / "tests" / "apps" / "langchain_app.py"
@@ -110,9 +111,10 @@ def query(sql: str):
 AUDIT_SQL = """\
 SELECT strftime(start_time, '%H:%M:%S.%g') AS time, pid, exe, user,
        dst_addr || ':' || dst_port AS destination, protocol, decision, rule,
-       bytes_up, bytes_down
+       bytes_up, bytes_down, server_name, tls
 FROM connections WHERE {where} ORDER BY start_time"""
-COLUMNS = ["time (UTC)", "pid", "exe", "user", "destination", "protocol", "decision", "rule", "bytes up", "bytes down"]
+COLUMNS = ["time (UTC)", "pid", "exe", "user", "destination", "protocol", "decision", "rule", "bytes up", "bytes down",
+           "server name", "tls"]
 
 
 def show_audit(where: str) -> list[tuple]:
@@ -144,12 +146,18 @@ def demo(tmp: Path):
         shutil.rmtree(AUDIT)
     AUDIT.mkdir(parents=True)
 
-    server, port = start_server("127.0.0.1", 0)
-    base_url = f"http://127.0.0.1:{port}/v1"
+    # The provider speaks HTTPS with a certificate from its own CA; only the
+    # agent is told to trust that CA, the bot trusts the agent's.
+    pki = make_provider_pki(tmp / "provider-pki")
+    server, port = start_server("127.0.0.1", 0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
+    base_url = f"https://localhost:{port}/v1"
+    tls_args = ("--state-dir", str(tmp / "state"), "--upstream-ca", str(pki / "ca.pem"))
     try:
         heading(1, "A stand-in LLM provider")
         say(f"An OpenAI-compatible server listens on {base_url}. It plays the part of the", 3)
-        say("provider (which this machine cannot reach) and echoes what it is asked.", 3)
+        say("provider (which this machine cannot reach) and echoes what it is asked. Its", 3)
+        say("certificate comes from a CA of its own, which only Warden's agent is told to trust", 3)
+        say("(--upstream-ca); the bot is given no certificate settings at all.", 3)
 
         heading(2, "The support bot, under Warden")
         say(f"The bot ({rel(APP)}) answers a customer ticket with a LangChain chain,", 3)
@@ -160,7 +168,7 @@ def demo(tmp: Path):
         say("in production, run it as its service user: `warden run --user bot-svc -- ...`.", 3)
         say()
         t0 = time.monotonic()
-        report, proc = warden_run(app_env(base_url))
+        report, proc = warden_run(app_env(base_url), *tls_args)
         if proc.returncode != 0 or not report.get("ok"):
             raise DemoFailed(f"the bot failed (exit code {proc.returncode}): {report}\n{proc.stderr}")
         say()
@@ -181,12 +189,17 @@ def demo(tmp: Path):
         say()
         say(f"{len(rows)} connections captured, each attributed to the bot's process, with the", 3)
         say("protocol Warden recognised and the bytes each way (one connection carries several", 3)
-        say("requests: HTTP keep-alive).", 3)
+        say("requests: HTTP keep-alive). Warden ended the bot's TLS with a certificate its own", 3)
+        say("CA made for the name the bot asked for (server name), which the bot trusted through", 3)
+        say("the bundle `warden run` gave it (SSL_CERT_FILE), and verified the provider itself.", 3)
+        if any(r[11] != "intercepted" for r in rows):
+            raise DemoFailed("the bot's TLS was not intercepted")
         if any(r[4] != f"127.0.0.1:{port}" or r[6] != "allow" for r in rows):
             raise DemoFailed("the audit shows connections other than the bot's allowed calls to the provider")
 
         heading(4, "Policy")
-        say("Without --policy, Warden uses its built-in policy: allow and record everything.", 3)
+        say("Without --policy, Warden uses its built-in policy: allow and record everything,", 3)
+        say("and mask card numbers, SSNs and secrets in database results.", 3)
         check_policy(ROOT / "policies" / "default.yaml")
         say()
         say("Now a policy that blocks the provider:", 3)
@@ -210,7 +223,7 @@ def demo(tmp: Path):
 
         heading(5, "The bot again, with the provider blocked")
         before = len(server.requests)
-        report, proc = warden_run(app_env(base_url, DEMO_EXPECT_DENY="1"), "--policy", str(policy))
+        report, proc = warden_run(app_env(base_url, DEMO_EXPECT_DENY="1"), "--policy", str(policy), *tls_args)
         if proc.returncode != 0 or not report.get("denied"):
             raise DemoFailed(f"the bot's calls were not refused as expected: {report}\n{proc.stderr}")
         say()

@@ -8,30 +8,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "peers"))
 from llm_server import start_server  # noqa: E402
+from pki import make_provider_pki  # noqa: E402
 
 from conftest import WARDEN, read_audit, warden_run  # noqa: E402
 from llm_fixtures import LLMServerHandle, app_env, run_app  # noqa: E402,F401
 
 
-def openssl(*args: str, cwd: Path):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture
 def upstream_pki(tmp_path):
-    """A CA of the test's own and a certificate for localhost signed by it:
-    the "real" provider's certificate, which only the agent is told to trust."""
-    d = tmp_path / "pki"
-    d.mkdir()
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-            "-subj", "/CN=Test Provider Root", "-keyout", "ca.key", "-out", "ca.pem",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign", cwd=d)
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=localhost",
-            "-keyout", "server.key", "-out", "server.csr", cwd=d)
-    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem", cwd=d)
-    return d
+    """The "real" provider's CA and certificate, which only the agent is told to trust."""
+    return make_provider_pki(tmp_path / "pki")
 
 
 @pytest.fixture
