@@ -132,26 +132,24 @@ impl Proxy {
         }
 
         // 3. connect
-        let upstream =
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(origin.destination))
+        let connected =
+            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(origin.destination))
                 .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    refuse(client);
-                    row.error = Some(format!("upstream connect: {e}"));
-                    self.finish(row);
-                    return;
-                }
-                Err(_) => {
-                    refuse(client);
-                    row.error = Some(format!(
-                        "upstream connect: no answer within {CONNECT_TIMEOUT:?}"
-                    ));
-                    self.finish(row);
-                    return;
-                }
-            };
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {CONNECT_TIMEOUT:?}"),
+                    ))
+                });
+        let upstream = match connected {
+            Ok(s) => s,
+            Err(e) => {
+                refuse(client);
+                row.error = Some(format!("upstream connect: {e}"));
+                self.finish(row);
+                return;
+            }
+        };
         let _ = upstream.set_nodelay(true);
         let _ = client.set_nodelay(true);
 
@@ -161,44 +159,41 @@ impl Proxy {
 
         // 5. relay: PostgreSQL through its decoder, TLS through the
         //    interceptor, everything else opaque
-        if protocol == Protocol::Postgres {
-            let session = postgres::Session {
-                session_id: row.session_id.clone(),
-                identity: row.identity.clone(),
-                workload: row.workload.clone(),
-                destination: row.destination,
-                rule: row.rule.clone(),
-                audit: self.audit.clone(),
-                policy: self.policy.clone(),
-            };
-            let (moved, result) = postgres::serve(client, upstream, &session).await;
-            row.bytes_up = moved.up;
-            row.bytes_down = moved.down;
-            row.error = result.err().map(|e| e.to_string());
-            self.finish(row);
-            return;
-        }
-        if let (Protocol::Tls, Some(interceptor)) = (protocol, &self.tls) {
-            let done = interceptor
-                .intercept(client, upstream, origin.destination)
-                .await;
-            row.server_name = done.server_name;
-            row.tls = Some(done.tls);
-            row.bytes_up = done.moved.up;
-            row.bytes_down = done.moved.down;
-            row.error = done.error;
-            self.finish(row);
-            return;
-        }
-        let (moved, result) = relay::relay(&client, &upstream).await;
+        let (moved, error) = match (protocol, &self.tls) {
+            (Protocol::Postgres, _) => {
+                let session = postgres::Session {
+                    session_id: row.session_id.clone(),
+                    identity: row.identity.clone(),
+                    workload: row.workload.clone(),
+                    destination: row.destination,
+                    rule: row.rule.clone(),
+                    audit: self.audit.clone(),
+                    policy: self.policy.clone(),
+                };
+                let (moved, result) = postgres::serve(client, upstream, &session).await;
+                (moved, result.err().map(|e| e.to_string()))
+            }
+            (Protocol::Tls, Some(interceptor)) => {
+                let done = interceptor
+                    .intercept(client, upstream, origin.destination)
+                    .await;
+                row.server_name = done.server_name;
+                row.tls = Some(done.tls);
+                (done.moved, done.error)
+            }
+            _ => {
+                let (moved, result) = relay::relay(&client, &upstream).await;
+                if result.is_err() {
+                    // Pass an abort on as an abort, not as a clean end.
+                    refuse(client);
+                    refuse(upstream);
+                }
+                (moved, result.err().map(|e| format!("relay: {e}")))
+            }
+        };
         row.bytes_up = moved.up;
         row.bytes_down = moved.down;
-        if let Err(e) = result {
-            row.error = Some(format!("relay: {e}"));
-            // Pass an abort on as an abort, not as a clean end.
-            refuse(client);
-            refuse(upstream);
-        }
+        row.error = error;
 
         // 6. log
         self.finish(row);
