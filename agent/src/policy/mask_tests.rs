@@ -4,28 +4,10 @@
 use std::net::SocketAddr;
 
 use super::*;
+use crate::policy::parse::tests::{assert_err, err};
 
 fn policy(src: &str) -> Policy {
     Policy::from_yaml(src, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The error `src` gives, as the user sees it.
-fn err(src: &str) -> String {
-    match Policy::from_yaml(src, "policy.yaml") {
-        Ok(_) => panic!("expected an error from:\n{src}"),
-        Err(e) => e.to_string(),
-    }
-}
-
-/// Asserts the error starts with `policy.yaml:LINE:COL: ` and mentions `words`.
-#[track_caller]
-fn assert_err(src: &str, line: usize, column: usize, words: &str) {
-    let got = err(src);
-    let prefix = format!("policy.yaml:{line}:{column}: ");
-    assert!(
-        got.starts_with(&prefix) && got.contains(words),
-        "expected {prefix}...{words}...\n     got {got}"
-    );
 }
 
 fn identity(uid: u32) -> Identity {

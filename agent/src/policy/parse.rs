@@ -2484,4 +2484,4 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 #[path = "parse_tests.rs"]
-mod tests;
+pub(super) mod tests;

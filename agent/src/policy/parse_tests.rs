@@ -5,7 +5,7 @@ use super::super::{AuditSettings, Policy, PolicyError, PortRange};
 use super::{parse_duration, parse_net, parse_port_range};
 
 /// The error `src` gives, as the user sees it.
-fn err(src: &str) -> String {
+pub(in crate::policy) fn err(src: &str) -> String {
     match Policy::from_yaml(src, "policy.yaml") {
         Ok(_) => panic!("expected an error from:\n{src}"),
         Err(e) => e.to_string(),
@@ -14,7 +14,7 @@ fn err(src: &str) -> String {
 
 /// Asserts the error starts with `policy.yaml:LINE:COL: ` and mentions `words`.
 #[track_caller]
-fn assert_err(src: &str, line: usize, column: usize, words: &str) {
+pub(in crate::policy) fn assert_err(src: &str, line: usize, column: usize, words: &str) {
     let got = err(src);
     let prefix = format!("policy.yaml:{line}:{column}: ");
     assert!(
