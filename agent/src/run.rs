@@ -87,6 +87,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
         ..defaults
     };
 
+    // The agent lifts its descriptor limit; the program keeps the one it was given.
+    let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
     let me = std::process::id();
     // The child trusts the agent's CA through a bundle of its own, beside
     // the system's roots; it goes when the run ends.
@@ -116,7 +118,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
 
     let outcome = async {
         agent.attach(cgroup.path())?;
-        let mut child = spawn(&opts.command, &cgroup, target.as_ref(), &child_env)?;
+        let mut child = spawn(
+            &opts.command,
+            &cgroup,
+            target.as_ref(),
+            &child_env,
+            fd_limit,
+        )?;
         supervise(&mut child).await
     }
     .await;
@@ -208,6 +216,7 @@ fn spawn(
     cgroup: &ManagedCgroup,
     user: Option<&TargetUser>,
     env: &[(&str, PathBuf)],
+    (fd_soft, fd_hard): (libc::rlim_t, libc::rlim_t),
 ) -> anyhow::Result<tokio::process::Child> {
     let Some((program, args)) = command.split_first() else {
         bail!("no program to run: put it after `--`, e.g. `warden run -- python3 app.py`");
@@ -230,12 +239,19 @@ fn spawn(
             .env("HOME", &u.home);
     }
     // SAFETY: only async-signal-safe calls between fork and exec: write,
-    // setgroups, setgid, setuid, on data prepared before the fork. The
+    // setrlimit, setgroups, setgid, setuid, on data prepared before the fork. The
     // cgroup is joined first, while the child is still root, and before
     // exec, so that the program's first connect is already redirected.
     unsafe {
         cmd.pre_exec(move || {
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let limit = libc::rlimit {
+                rlim_cur: fd_soft,
+                rlim_max: fd_hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             if let Some((uid, gid, groups)) = &ids

@@ -240,3 +240,21 @@ def test_ctrl_c_on_the_terminal_reaches_the_program_once(tmp_path, audit_dir):
     assert proc.wait(timeout=30) == 130
     os.close(master)
     assert counted.read_text() == "1"
+
+
+def test_the_program_keeps_its_descriptor_limit(audit_dir):
+    """The agent raises its own limit for thousands of connections; the
+    program must still see the limit it was started with."""
+    import resource
+
+    def lower_limit():
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1000, hard))
+
+    code = "import json, resource; print(json.dumps(dict(soft=resource.getrlimit(resource.RLIMIT_NOFILE)[0])))"
+    proc = subprocess.run(
+        [WARDEN, "run", "--audit-dir", str(audit_dir), "--", sys.executable, "-c", code],
+        capture_output=True, text=True, preexec_fn=lower_limit,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"soft": 1000}
