@@ -118,6 +118,45 @@ pub struct RequestRow {
     pub error: Option<String>,
     /// The SQLSTATE of an error, when the protocol has one.
     pub sqlstate: Option<String>,
+    /// For an HTTP request (LLM calls included): what was asked and answered.
+    pub http: Option<HttpFields>,
+    /// For a recognised LLM API call: the model, prompt and answer.
+    pub llm: Option<LlmFields>,
+}
+
+/// The HTTP columns of a `requests` row.
+#[derive(Clone, Debug, Default)]
+pub struct HttpFields {
+    pub method: String,
+    /// The host the client addressed (Host or :authority, else the TLS name).
+    pub host: Option<String>,
+    /// The path, without the query string (which may carry secrets).
+    pub path: String,
+    /// The status the client got: the server's, or the agent's own on a denial.
+    pub status: Option<u16>,
+}
+
+/// The LLM columns of a `requests` row.
+#[derive(Clone, Debug, Default)]
+pub struct LlmFields {
+    /// "openai" or "anthropic" (the API's shape, not who serves it).
+    pub provider: &'static str,
+    /// "chat", "responses", "embeddings", "completions" or "messages".
+    pub endpoint: &'static str,
+    pub model: Option<String>,
+    pub stream: bool,
+    /// The prompt after redaction, when the policy keeps prompts in full.
+    pub prompt: Option<String>,
+    /// SHA-256 (hex) of the prompt after redaction, unless the policy keeps nothing.
+    pub prompt_sha256: Option<String>,
+    /// The answer's text, after masking.
+    pub response: Option<String>,
+    /// Tool calls the answer asked for, each as JSON `{"name":..,"arguments":..}`.
+    pub tool_calls: Vec<String>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    /// Findings redacted from the request before it left the host.
+    pub redacted: u64,
 }
 
 #[derive(Clone, Debug)]

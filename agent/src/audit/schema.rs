@@ -10,7 +10,7 @@ use std::sync::{Arc, LazyLock};
 
 use arrow::{
     array::{
-        ArrayRef, Float64Array, Int16Array, Int32Array, Int64Array, ListBuilder, StringArray,
+        ArrayRef, BooleanArray, Float64Array, Int16Array, Int32Array, Int64Array, ListBuilder, StringArray,
         StringBuilder, TimestampMicrosecondArray,
     },
     datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit},
@@ -28,7 +28,7 @@ pub const SCHEMA_VERSION: i16 = 1;
 
 /// The version of the `requests` schema (see [`SCHEMA_VERSION`]); the two
 /// tables' versions move independently.
-pub const REQUESTS_SCHEMA_VERSION: i16 = 1;
+pub const REQUESTS_SCHEMA_VERSION: i16 = 2;
 
 /// The `connections` table's name: its directory under the audit directory
 /// and the file's `warden.table` key-value metadata.
@@ -144,6 +144,21 @@ static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("rule", DataType::Utf8, false),
         Field::new("error", DataType::Utf8, true),
         Field::new("sqlstate", DataType::Utf8, true),
+        Field::new("http_method", DataType::Utf8, true),
+        Field::new("http_host", DataType::Utf8, true),
+        Field::new("http_path", DataType::Utf8, true),
+        Field::new("http_status", DataType::Int32, true),
+        Field::new("llm_provider", DataType::Utf8, true),
+        Field::new("llm_endpoint", DataType::Utf8, true),
+        Field::new("llm_model", DataType::Utf8, true),
+        Field::new("llm_stream", DataType::Boolean, true),
+        Field::new("prompt", DataType::Utf8, true),
+        Field::new("prompt_sha256", DataType::Utf8, true),
+        Field::new("response", DataType::Utf8, true),
+        Field::new("tool_calls", string_list(), false),
+        Field::new("input_tokens", DataType::Int64, true),
+        Field::new("output_tokens", DataType::Int64, true),
+        Field::new("redacted", DataType::Int64, false),
     ]))
 });
 
@@ -294,7 +309,19 @@ impl Table for RequestRow {
             + opt_len(&self.sqlstate)
             + list(&self.tables_read)
             + list(&self.tables_written)
-            + list(&self.functions);
+            + list(&self.functions)
+            + self.http.as_ref().map_or(0, |h| {
+                h.method.len() + opt_len(&h.host) + h.path.len() + 3 * 4 + 4
+            })
+            + self.llm.as_ref().map_or(0, |l| {
+                opt_len(&l.model)
+                    + opt_len(&l.prompt)
+                    + opt_len(&l.prompt_sha256)
+                    + opt_len(&l.response)
+                    + list(&l.tool_calls)
+                    + 16
+                    + 8 * 4
+            });
         (FIXED + variable) as u64
     }
 
@@ -347,6 +374,76 @@ impl Table for RequestRow {
                 ("rule", strings(rows, |r| &r.rule)),
                 ("error", opt_strings(rows, |r| r.error.as_deref())),
                 ("sqlstate", opt_strings(rows, |r| r.sqlstate.as_deref())),
+                (
+                    "http_method",
+                    opt_strings(rows, |r| r.http.as_ref().map(|h| h.method.as_str())),
+                ),
+                (
+                    "http_host",
+                    opt_strings(rows, |r| r.http.as_ref().and_then(|h| h.host.as_deref())),
+                ),
+                (
+                    "http_path",
+                    opt_strings(rows, |r| r.http.as_ref().map(|h| h.path.as_str())),
+                ),
+                (
+                    "http_status",
+                    Arc::new(Int32Array::from_iter(rows.iter().map(|r| {
+                        r.http.as_ref().and_then(|h| h.status).map(i32::from)
+                    }))),
+                ),
+                (
+                    "llm_provider",
+                    opt_strings(rows, |r| r.llm.as_ref().map(|l| l.provider)),
+                ),
+                (
+                    "llm_endpoint",
+                    opt_strings(rows, |r| r.llm.as_ref().map(|l| l.endpoint)),
+                ),
+                (
+                    "llm_model",
+                    opt_strings(rows, |r| r.llm.as_ref().and_then(|l| l.model.as_deref())),
+                ),
+                (
+                    "llm_stream",
+                    Arc::new(BooleanArray::from_iter(
+                        rows.iter().map(|r| r.llm.as_ref().map(|l| l.stream)),
+                    )),
+                ),
+                (
+                    "prompt",
+                    opt_strings(rows, |r| r.llm.as_ref().and_then(|l| l.prompt.as_deref())),
+                ),
+                (
+                    "prompt_sha256",
+                    opt_strings(rows, |r| {
+                        r.llm.as_ref().and_then(|l| l.prompt_sha256.as_deref())
+                    }),
+                ),
+                (
+                    "response",
+                    opt_strings(rows, |r| r.llm.as_ref().and_then(|l| l.response.as_deref())),
+                ),
+                (
+                    "tool_calls",
+                    string_lists(rows, |r| r.llm.as_ref().map_or(&[][..], |l| &l.tool_calls)),
+                ),
+                (
+                    "input_tokens",
+                    opt_ints(rows, |r| {
+                        r.llm.as_ref().and_then(|l| l.input_tokens).map(saturating_i64)
+                    }),
+                ),
+                (
+                    "output_tokens",
+                    opt_ints(rows, |r| {
+                        r.llm.as_ref().and_then(|l| l.output_tokens).map(saturating_i64)
+                    }),
+                ),
+                (
+                    "redacted",
+                    ints(rows, |r| saturating_i64(r.llm.as_ref().map_or(0, |l| l.redacted))),
+                ),
             ],
         )
     }

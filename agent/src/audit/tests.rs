@@ -7,7 +7,7 @@ use std::{
 
 use arrow::{
     array::{
-        Array, Float64Array, Int16Array, Int32Array, Int64Array, ListArray, RecordBatch,
+        Array, BooleanArray, Float64Array, Int16Array, Int32Array, Int64Array, ListArray, RecordBatch,
         StringArray, TimestampMicrosecondArray,
     },
     compute::concat_batches,

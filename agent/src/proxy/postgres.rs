@@ -737,5 +737,7 @@ fn emit(
         rule: p.verdict.rule,
         error,
         sqlstate,
+        http: None,
+        llm: None,
     });
 }

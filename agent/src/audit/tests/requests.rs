@@ -24,6 +24,8 @@ fn request(session: u32, seq: u64, start: DateTime<Utc>) -> RequestRow {
         rule: "allow-crm".into(),
         error: None,
         sqlstate: None,
+        http: None,
+        llm: None,
     }
 }
 
@@ -152,7 +154,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
     // File metadata: zstd, key-value metadata, the documented schema.
     let kv = kv_metadata(&files[0]);
     assert!(
-        kv.contains(&("warden.schema_version".into(), s("1"))),
+        kv.contains(&("warden.schema_version".into(), s("2"))),
         "{kv:?}"
     );
     assert!(
@@ -213,12 +215,27 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
             "rule",
             "error",
             "sqlstate",
+            "http_method",
+            "http_host",
+            "http_path",
+            "http_status",
+            "llm_provider",
+            "llm_endpoint",
+            "llm_model",
+            "llm_stream",
+            "prompt",
+            "prompt_sha256",
+            "response",
+            "tool_calls",
+            "input_tokens",
+            "output_tokens",
+            "redacted",
         ]
     );
 
     let b = read(&files[0]);
     assert_eq!(b.num_rows(), 3);
-    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[1, 1, 1]);
+    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[2, 2, 2]);
     assert_eq!(strs(&b, "session_id"), [s("s-1"), s("s-2"), s("s-3")]);
     assert_eq!(col::<Int64Array>(&b, "seq").values(), &[1, 7, 2]);
     let starts = col::<TimestampMicrosecondArray>(&b, "start_time");
@@ -562,4 +579,75 @@ fn estimated_size_grows_with_the_lists() {
         ..base.clone()
     };
     assert!(more.estimated_size() > base.estimated_size());
+}
+
+#[tokio::test]
+async fn http_and_llm_columns_round_trip_and_are_null_for_statements() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, writer) = AuditWriter::start(config(tmp.path())).unwrap();
+    let start = at(2025, 6, 1, 12, 0, 0);
+    let call = RequestRow {
+        protocol: "llm",
+        database: None,
+        db_user: None,
+        statement: None,
+        statement_class: None,
+        tables_read: Vec::new(),
+        fingerprint: None,
+        rows: None,
+        masked: 2,
+        http: Some(HttpFields {
+            method: "POST".into(),
+            host: Some("api.openai.com".into()),
+            path: "/v1/chat/completions".into(),
+            status: Some(200),
+        }),
+        llm: Some(LlmFields {
+            provider: "openai",
+            endpoint: "chat",
+            model: Some("gpt-4.1-mini".into()),
+            stream: true,
+            prompt: Some("user: my card is **** **** **** 1111".into()),
+            prompt_sha256: Some("ab".repeat(32)),
+            response: Some("Noted.".into()),
+            tool_calls: vec![r#"{"name":"sql","arguments":"{}"}"#.into()],
+            input_tokens: Some(12),
+            output_tokens: Some(3),
+            redacted: 1,
+        }),
+        ..request(1, 1, start)
+    };
+    sink.record_request(call);
+    sink.record_request(request(2, 1, start));
+    assert_eq!(writer.shutdown().await.unwrap(), 2);
+
+    let files = requests_files(tmp.path());
+    let b = read(&files[0]);
+    assert_eq!(strs(&b, "protocol"), [s("llm"), s("postgres")]);
+    assert_eq!(strs(&b, "http_method"), [s("POST"), None]);
+    assert_eq!(strs(&b, "http_host"), [s("api.openai.com"), None]);
+    assert_eq!(strs(&b, "http_path"), [s("/v1/chat/completions"), None]);
+    let status = col::<Int32Array>(&b, "http_status");
+    assert_eq!((status.value(0), status.is_null(1)), (200, true));
+    assert_eq!(strs(&b, "llm_provider"), [s("openai"), None]);
+    assert_eq!(strs(&b, "llm_endpoint"), [s("chat"), None]);
+    assert_eq!(strs(&b, "llm_model"), [s("gpt-4.1-mini"), None]);
+    let stream = col::<BooleanArray>(&b, "llm_stream");
+    assert_eq!((stream.value(0), stream.is_null(1)), (true, true));
+    assert_eq!(
+        strs(&b, "prompt"),
+        [s("user: my card is **** **** **** 1111"), None]
+    );
+    assert_eq!(strs(&b, "prompt_sha256"), [Some("ab".repeat(32)), None]);
+    assert_eq!(strs(&b, "response"), [s("Noted."), None]);
+    assert_eq!(
+        lists(&b, "tool_calls"),
+        [vec![r#"{"name":"sql","arguments":"{}"}"#.to_string()], vec![]]
+    );
+    let input = col::<Int64Array>(&b, "input_tokens");
+    assert_eq!((input.value(0), input.is_null(1)), (12, true));
+    let output = col::<Int64Array>(&b, "output_tokens");
+    assert_eq!((output.value(0), output.is_null(1)), (3, true));
+    assert_eq!(col::<Int64Array>(&b, "redacted").values(), &[1, 0]);
+    assert_eq!(col::<Int64Array>(&b, "masked").values(), &[2, 0]);
 }
