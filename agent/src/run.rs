@@ -106,6 +106,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
     } else {
         None
     };
+    // The real keys stay with the agent: a variable that holds one (the
+    // policy's `api_key_env`, or any copy) is not passed on.
+    let hidden: Vec<OsString> = std::env::vars_os()
+        .filter(|(_, value)| policy.credential_secrets().any(|s| value.as_encoded_bytes() == s.as_bytes()))
+        .map(|(name, _)| name)
+        .collect();
     let agent = Agent::start(AgentOptions {
         listen_port: opts.listen_port,
         policy,
@@ -123,6 +129,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
             &cgroup,
             target.as_ref(),
             &child_env,
+            &hidden,
             fd_limit,
         )?;
         supervise(&mut child).await
@@ -216,6 +223,7 @@ fn spawn(
     cgroup: &ManagedCgroup,
     user: Option<&TargetUser>,
     env: &[(&str, PathBuf)],
+    hidden: &[OsString],
     (fd_soft, fd_hard): (libc::rlim_t, libc::rlim_t),
 ) -> anyhow::Result<tokio::process::Child> {
     let Some((program, args)) = command.split_first() else {
@@ -233,6 +241,9 @@ fn spawn(
     cmd.args(args)
         .kill_on_drop(false)
         .envs(env.iter().map(|(k, v)| (k, v)));
+    for name in hidden {
+        cmd.env_remove(name);
+    }
     if let Some(u) = user {
         cmd.env("USER", &u.name)
             .env("LOGNAME", &u.name)

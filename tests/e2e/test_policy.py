@@ -1,6 +1,7 @@
 """Connection rules: denied destinations fail at once and are audited; a bad
 policy is refused with its line."""
 import socket
+import os
 import subprocess
 import textwrap
 import time
@@ -79,10 +80,22 @@ def test_malformed_policy_names_the_line(tmp_path, audit_dir):
 def test_good_policy_checks_ok(tmp_path):
     import pathlib
 
+    # The LLM example reads its keys from the agent's environment, as an operator would set them.
+    env = {**os.environ, "OPENAI_REAL_KEY": "sk-example-openai", "ANTHROPIC_REAL_KEY": "sk-ant-example"}
     for example in sorted(pathlib.Path(__file__).resolve().parents[2].glob("policies/**/*.yaml")):
-        check = subprocess.run([WARDEN, "policy", "check", str(example)], capture_output=True, text=True)
+        check = subprocess.run([WARDEN, "policy", "check", str(example)], capture_output=True, text=True, env=env)
         assert check.returncode == 0, check.stderr
         assert "ok" in check.stdout
+        assert "sk-example" not in check.stdout + check.stderr
+
+
+def test_a_credential_from_an_unset_variable_names_the_line(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\ntargets:\n  llm: { address: 127.0.0.1, protocol: llm }\ncredentials:\n  llm: { api_key_env: WARDEN_TEST_UNSET_KEY }\n")
+    env = {k: v for k, v in os.environ.items() if k != "WARDEN_TEST_UNSET_KEY"}
+    check = subprocess.run([WARDEN, "policy", "check", str(policy)], capture_output=True, text=True, env=env)
+    assert check.returncode != 0
+    assert f"{policy}:5:" in check.stderr and "WARDEN_TEST_UNSET_KEY" in check.stderr, check.stderr
 
 
 def test_udp_dns_allowed_other_udp_refused_and_audited(audit_dir):

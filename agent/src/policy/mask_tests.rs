@@ -243,6 +243,8 @@ fn the_embedded_default_masks_what_the_builtin_detectors_find() {
     assert_eq!(
         p.summary(),
         "0 rules, 0 workloads, 0 targets; sql_mask masks detectors card, iban, ssn, aws_key, jwt, \
+         private_key, api_key; prompt_redact redacts detectors card, iban, ssn, aws_key, jwt, \
+         private_key, api_key; response_mask masks detectors card, iban, ssn, aws_key, jwt, \
          private_key, api_key"
     );
 }

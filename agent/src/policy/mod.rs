@@ -1,23 +1,35 @@
-//! Policy: decides per connection and, for PostgreSQL, per statement, from
-//! one YAML file (docs/policy.md).
+//! Policy: decides per connection, per PostgreSQL statement and per HTTP
+//! request (LLM API calls included), from one YAML file (docs/policy.md).
 //!
 //! Who (workloads, from the kernel's attribution), where (targets: addresses,
-//! ports and what they speak), and rules that allow or deny, first match
-//! wins. A rule without a protocol matcher is a *connection rule*: it decides
-//! connections. A rule with a `sql` matcher is a *statement rule*: it decides
-//! each statement of a PostgreSQL session, and never a connection; one that
-//! allows may also mask the rows the statement returns (`mask`, compiled at
-//! load into a [`crate::masking::Masker`] that the [`Decision`] carries), and
-//! `sql_mask` masks the rows of statements no rule decides. Later versions
-//! add more matchers, approvals and credentials to the same file.
+//! ports, HTTP hosts and what they speak), and rules that allow or deny,
+//! first match wins. Each rule is of one of three kinds:
+//!
+//! - a *connection rule* (no protocol matcher) decides connections;
+//! - a *statement rule* (a `sql` matcher) decides each statement of a
+//!   PostgreSQL session, never a connection; one that allows may also mask
+//!   the rows the statement returns (`mask`, compiled at load into a
+//!   [`crate::masking::Masker`] that the [`Decision`] carries), and
+//!   `sql_mask` masks the rows of statements no rule decides;
+//! - a *request rule* (an `http` or `llm` matcher, `limits`, `redact_prompt`,
+//!   `mask_response`, or a target with `host`) decides each HTTP request,
+//!   never a connection nor a statement; one that allows may bound the LLM
+//!   call (`limits`), redact its prompt and mask its response, and
+//!   `http_default`, `prompt_redact` and `response_mask` do the same for the
+//!   requests no rule decides ([`HttpDecision`]).
+//!
+//! `credentials` give targets the API key the agent puts in their requests;
+//! the secrets are read when the policy is loaded and never printed.
 //!
 //! The policy knows nothing of sockets or wire protocols: callers hand it
-//! plain values ([`ConnectionRequest`], [`StatementRequest`]).
+//! plain values ([`ConnectionRequest`], [`StatementRequest`],
+//! [`HttpRequest`]).
 //!
 //! - [`parse`] reads and checks a file, with errors that name line and column;
 //! - [`glob`] is the small glob language of selectors and SQL matchers;
 //! - this module holds the checked policy and decides.
 use std::{
+    fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -31,6 +43,8 @@ use crate::{identity::Identity, masking::Masker};
 pub mod glob;
 mod parse;
 
+#[cfg(test)]
+pub(crate) use parse::with_test_env;
 pub use parse::{MAX_UDP_PORTS, SUPPORTED_VERSION};
 
 use glob::Glob;
@@ -64,6 +78,15 @@ pub const STATEMENT_CLASSES: [&str; 9] = [
 /// [`STATEMENT_CLASSES`].
 const UNKNOWN_CLASS: &str = "unknown";
 
+/// The LLM API providers an `llm` matcher names: [`LlmInfo::provider`].
+pub const LLM_PROVIDERS: [&str; 2] = ["openai", "anthropic"];
+
+/// The LLM API endpoints an `llm` matcher names: [`LlmInfo::endpoint`].
+/// OpenAI's `/v1/chat/completions` is `chat`, `/v1/responses` `responses`,
+/// `/v1/embeddings` `embeddings`, `/v1/completions` `completions`;
+/// Anthropic's `/v1/messages` is `messages`.
+pub const LLM_ENDPOINTS: [&str; 5] = ["chat", "responses", "embeddings", "completions", "messages"];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     Tcp,
@@ -96,6 +119,127 @@ pub struct StatementRequest<'a> {
     pub tables_read: &'a [String],
     pub tables_written: &'a [String],
     pub functions: &'a [String],
+}
+
+/// What the policy is asked about one HTTP request (inside TLS or not) of a
+/// connection that was allowed.
+#[derive(Clone, Debug)]
+pub struct HttpRequest<'a> {
+    pub identity: &'a Identity,
+    /// The connection's original destination.
+    pub destination: SocketAddr,
+    /// The Host header (HTTP/1) or :authority (HTTP/2) without its port,
+    /// else the TLS server name; lowercase. None: the request named none.
+    pub host: Option<&'a str>,
+    /// As sent: `GET`, `POST`...; matched without regard to case.
+    pub method: &'a str,
+    /// The path, without the query string: `/v1/chat/completions`.
+    pub path: &'a str,
+    /// Some when the request is a call to an LLM API the proxy recognised.
+    pub llm: Option<LlmInfo<'a>>,
+}
+
+/// What the proxy learnt of an LLM API call.
+#[derive(Clone, Copy, Debug)]
+pub struct LlmInfo<'a> {
+    /// One of [`LLM_PROVIDERS`].
+    pub provider: &'a str,
+    /// One of [`LLM_ENDPOINTS`].
+    pub endpoint: &'a str,
+    /// The `model` of the request body, if it has one.
+    pub model: Option<&'a str>,
+    /// The most tokens the request asks for (`max_tokens`,
+    /// `max_completion_tokens`, `max_output_tokens`), if it says.
+    pub max_tokens: Option<u64>,
+    pub stream: bool,
+}
+
+/// What to do with a prompt in which a detector finds something.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnDetect {
+    /// Replace the findings and send the request on.
+    Redact,
+    /// Refuse the request.
+    Deny,
+}
+
+/// How to redact an LLM prompt: `redact_prompt` of a rule, or
+/// `prompt_redact`, compiled once at load.
+#[derive(Clone, Debug)]
+pub struct Redact {
+    pub masker: Arc<Masker>,
+    pub on_detect: OnDetect,
+}
+
+/// How much of an LLM prompt the audit keeps: `audit.prompts`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PromptAudit {
+    /// The prompt as sent upstream (after redaction).
+    #[default]
+    Full,
+    /// A digest of it only.
+    Digest,
+    /// Nothing of it.
+    None,
+}
+
+impl PromptAudit {
+    /// "full", "digest" or "none", as the policy writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromptAudit::Full => "full",
+            PromptAudit::Digest => "digest",
+            PromptAudit::None => "none",
+        }
+    }
+}
+
+/// The API key the agent puts into the requests to one target, in place
+/// of whatever the application sent. Its Debug never shows the secret.
+pub struct Credential {
+    /// The target's name.
+    pub target: String,
+    /// The key, read at load (trimmed of a trailing newline).
+    pub secret: String,
+    /// Which header carries it; None: the caller chooses per provider.
+    pub header: Option<CredentialHeader>,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("target", &self.target)
+            .field("secret", &"***")
+            .field("header", &self.header)
+            .finish()
+    }
+}
+
+/// The header a credential is sent in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialHeader {
+    /// `Authorization: Bearer <key>` (OpenAI and most APIs).
+    Authorization,
+    /// `x-api-key: <key>` (Anthropic).
+    XApiKey,
+}
+
+impl CredentialHeader {
+    /// The header's name, lowercase: "authorization" or "x-api-key".
+    pub fn name(self) -> &'static str {
+        match self {
+            CredentialHeader::Authorization => "authorization",
+            CredentialHeader::XApiKey => "x-api-key",
+        }
+    }
+
+    /// The header's value for `secret`: `Bearer <key>`, or the key.
+    pub fn value(self, secret: &str) -> String {
+        match self {
+            CredentialHeader::Authorization => format!("Bearer {secret}"),
+            CredentialHeader::XApiKey => secret.to_string(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +290,34 @@ impl PartialEq for Decision {
 
 impl Eq for Decision {}
 
+/// The decision on one HTTP request.
+#[derive(Clone, Debug)]
+pub struct HttpDecision {
+    pub action: Action,
+    /// The deciding request rule's name, or "default" ([`DEFAULT_RULE`])
+    /// when `http_default` decided.
+    pub rule: String,
+    /// The first workload the identity matches, if any.
+    pub workload: Option<String>,
+    /// For a deny: one sentence for the client, naming the rule: `denied by
+    /// rule "no-deletes"`, `model "gpt-5" is not allowed by rule "small"
+    /// (allowed: gpt-4.1-mini*)`, `denied by http_default`. None for an
+    /// allow.
+    pub reason: Option<String>,
+    /// For an allow: how to redact the prompt, from the rule's
+    /// `redact_prompt`, or `prompt_redact` when no rule decided.
+    pub redact: Option<Redact>,
+    /// For an allow: how to mask the response, from the rule's
+    /// `mask_response`, or `response_mask` when no rule decided.
+    pub mask_response: Option<Arc<Masker>>,
+    /// The credential of the first target, in file order, that has one and
+    /// holds for the request's destination and host, whichever rule
+    /// decided.
+    pub credential: Option<Arc<Credential>>,
+    /// How much of an LLM prompt the audit keeps (`audit.prompts`).
+    pub prompts: PromptAudit,
+}
+
 /// A rule's `mask`, or `sql_mask`, compiled: the masker, and what the file
 /// said, for summaries.
 #[derive(Clone, Debug)]
@@ -155,6 +327,37 @@ struct Mask {
     columns: Vec<String>,
     /// The detectors the names resolved to (presets expanded), in order.
     detectors: Vec<String>,
+}
+
+impl Mask {
+    /// "columns \"*email*\" and detectors card, iban", for summaries.
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.columns.is_empty() {
+            let columns: Vec<String> = self.columns.iter().map(|c| format!("{c:?}")).collect();
+            parts.push(format!("columns {}", columns.join(", ")));
+        }
+        if !self.detectors.is_empty() {
+            parts.push(format!("detectors {}", self.detectors.join(", ")));
+        }
+        parts.join(" and ")
+    }
+}
+
+/// A rule's `redact_prompt`, or `prompt_redact`, compiled.
+#[derive(Clone, Debug)]
+struct PromptRedact {
+    mask: Mask,
+    on_detect: OnDetect,
+}
+
+impl PromptRedact {
+    fn redact(&self) -> Redact {
+        Redact {
+            masker: Arc::clone(&self.mask.masker),
+            on_detect: self.on_detect,
+        }
+    }
 }
 
 /// What happens to connections no rule matches.
@@ -251,12 +454,7 @@ impl Selector {
     }
 
     fn matches(&self, id: &Identity) -> bool {
-        fn any_glob(globs: &Option<Vec<Glob>>, value: Option<&str>) -> bool {
-            match globs {
-                None => true,
-                Some(globs) => value.is_some_and(|v| globs.iter().any(|g| g.is_match(v))),
-            }
-        }
+        let any_glob = globs_match;
         self.uid.as_ref().is_none_or(|uids| uids.contains(&id.uid))
             && self
                 .user
@@ -279,6 +477,15 @@ impl Selector {
 struct Workload {
     name: String,
     selector: Selector,
+}
+
+/// Whether a key of globs holds for a value: no key holds for anything; a
+/// key holds for a value it was given (not None) that one glob matches.
+fn globs_match(globs: &Option<Vec<Glob>>, value: Option<&str>) -> bool {
+    match globs {
+        None => true,
+        Some(globs) => value.is_some_and(|v| globs.iter().any(|g| g.is_match(v))),
+    }
 }
 
 /// What a target speaks, as its `protocol:` says. It types the matchers a
@@ -319,21 +526,41 @@ impl Protocol {
     fn speaks_sql(protocol: Option<Protocol>) -> bool {
         matches!(protocol, None | Some(Protocol::Postgres | Protocol::Any))
     }
+
+    /// Whether a target of this protocol may have HTTP requests: an `http`
+    /// matcher, request options, a `host`, credentials.
+    fn speaks_http(protocol: Option<Protocol>) -> bool {
+        matches!(
+            protocol,
+            None | Some(Protocol::Http | Protocol::Llm | Protocol::Any)
+        )
+    }
+
+    /// Whether an `llm` matcher may go with a target of this protocol.
+    fn speaks_llm(protocol: Option<Protocol>) -> bool {
+        matches!(protocol, None | Some(Protocol::Llm | Protocol::Any))
+    }
 }
 
-/// Where: a destination's address and port. Every key given must hold.
+/// Where: a destination's address and port, and an HTTP request's host.
+/// Every key given must hold.
 #[derive(Clone, Debug, Default)]
 struct Target {
     name: String,
     address: Option<Vec<IpNet>>,
     port: Option<Vec<PortRange>>,
+    /// Caseless globs on an HTTP request's host: a target with a host holds
+    /// only for requests, never for a connection.
+    host: Option<Vec<Glob>>,
     protocol: Option<Protocol>,
 }
 
 impl Target {
-    fn matches(&self, destination: SocketAddr) -> bool {
+    /// `host`: the HTTP request's, or None for a connection or a statement.
+    fn matches(&self, destination: SocketAddr, host: Option<&str>) -> bool {
         address_matches(&self.address, destination.ip())
             && port_matches(&self.port, destination.port())
+            && globs_match(&self.host, host)
     }
 }
 
@@ -380,11 +607,7 @@ impl SqlMatcher {
                 .as_ref()
                 .is_none_or(|globs| names.any(|name| globs.iter().any(|g| name_matches(g, name))))
         }
-        let session = |globs: &Option<Vec<Glob>>, value: Option<&str>| {
-            globs
-                .as_ref()
-                .is_none_or(|globs| value.is_some_and(|v| globs.iter().any(|g| g.is_match(v))))
-        };
+        let session = globs_match;
         // PostgreSQL connects to the database named like the user when the
         // client names none.
         let database = req.database.or(req.db_user);
@@ -424,33 +647,159 @@ fn unquoted(name: &str) -> String {
     out
 }
 
+/// What: a rule's `http` matcher. Every key given must hold; a key with a
+/// list holds when any of its values does. No key: every request.
+#[derive(Clone, Debug, Default)]
+struct HttpMatcher {
+    /// Uppercase; compared without regard to case.
+    method: Option<Vec<String>>,
+    /// Globs on the path, without the query; case matters.
+    path: Option<Vec<Glob>>,
+    /// Caseless globs on the request's host.
+    host: Option<Vec<Glob>>,
+}
+
+impl HttpMatcher {
+    fn matches(&self, req: &HttpRequest) -> bool {
+        self.method
+            .as_ref()
+            .is_none_or(|methods| methods.iter().any(|m| m.eq_ignore_ascii_case(req.method)))
+            && globs_match(&self.path, Some(req.path))
+            && globs_match(&self.host, req.host)
+    }
+}
+
+/// What: a rule's `llm` matcher. It never holds for a request that is not
+/// an LLM API call. Every key given must hold.
+#[derive(Clone, Debug, Default)]
+struct LlmMatcher {
+    /// Names from [`LLM_PROVIDERS`].
+    provider: Option<Vec<&'static str>>,
+    /// Caseless globs on the model.
+    model: Option<Vec<Glob>>,
+    /// Names from [`LLM_ENDPOINTS`].
+    endpoint: Option<Vec<&'static str>>,
+}
+
+impl LlmMatcher {
+    fn matches(&self, llm: &LlmInfo) -> bool {
+        let one_of = |names: &Option<Vec<&'static str>>, value: &str| {
+            names
+                .as_ref()
+                .is_none_or(|names| names.iter().any(|n| n.eq_ignore_ascii_case(value)))
+        };
+        one_of(&self.provider, llm.provider)
+            && globs_match(&self.model, llm.model)
+            && one_of(&self.endpoint, llm.endpoint)
+    }
+}
+
+/// An allowing request rule's `limits`: a request outside them is denied by
+/// the rule.
+#[derive(Clone, Debug, Default)]
+struct Limits {
+    /// Caseless globs; a request whose model is unknown is outside them.
+    models: Option<Vec<Glob>>,
+    /// A request that does not say is within it.
+    max_tokens: Option<u64>,
+}
+
+impl Limits {
+    /// Why the request is outside the limits of rule `rule`, if it is.
+    fn violation(&self, rule: &str, llm: Option<&LlmInfo>) -> Option<String> {
+        if let Some(models) = &self.models {
+            let allowed: Vec<&str> = models.iter().map(Glob::as_str).collect();
+            let allowed = allowed.join(", ");
+            match llm.and_then(|l| l.model) {
+                None => {
+                    return Some(format!(
+                        "the request names no model, and rule {rule:?} allows only models \
+                         {allowed}"
+                    ));
+                }
+                Some(model) if !models.iter().any(|g| g.is_match(model)) => {
+                    return Some(format!(
+                        "model {model:?} is not allowed by rule {rule:?} (allowed: {allowed})"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if let (Some(limit), Some(asked)) = (self.max_tokens, llm.and_then(|l| l.max_tokens))
+            && asked > limit
+        {
+            return Some(format!(
+                "max_tokens {asked} is over the limit {limit} of rule {rule:?}"
+            ));
+        }
+        None
+    }
+}
+
+/// What a rule decides, from what it gives (checked at load: one kind
+/// each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RuleKind {
+    Connection,
+    /// It has a `sql` matcher.
+    Statement,
+    /// It has an `http` or `llm` matcher, `limits`, `redact_prompt` or
+    /// `mask_response`, or names a target with a `host`.
+    Request,
+}
+
 #[derive(Clone, Debug)]
 struct Rule {
     name: String,
-    /// Indexes into `Policy::workloads`; empty: any process.
-    workloads: Vec<usize>,
+    kind: RuleKind,
     /// Indexes into `Policy::targets`; empty: any destination.
     targets: Vec<usize>,
+    /// Indexes into `Policy::workloads`; empty: any process.
+    workloads: Vec<usize>,
     address: Option<Vec<IpNet>>,
     port: Option<Vec<PortRange>>,
-    /// Some: a statement rule, which never decides a connection.
+    /// Some on a statement rule only.
     sql: Option<SqlMatcher>,
+    /// Some on a request rule only, as the next four.
+    http: Option<HttpMatcher>,
+    llm: Option<LlmMatcher>,
     action: Action,
     /// Only on a statement rule that allows (checked at load).
     mask: Option<Mask>,
+    /// Only on a request rule that allows (checked at load), as the next two.
+    limits: Option<Limits>,
+    redact_prompt: Option<PromptRedact>,
+    mask_response: Option<Mask>,
 }
 
 impl Rule {
-    /// Whether who and where hold: workload, target, address and port.
-    fn holds_for(&self, policy: &Policy, hits: &[bool], destination: SocketAddr) -> bool {
+    /// Whether who and where hold: workload, target, address and port;
+    /// `host` is an HTTP request's, None for a connection or a statement.
+    fn holds_for(
+        &self,
+        policy: &Policy,
+        hits: &[bool],
+        destination: SocketAddr,
+        host: Option<&str>,
+    ) -> bool {
         (self.workloads.is_empty() || self.workloads.iter().any(|&w| hits[w]))
             && (self.targets.is_empty()
                 || self
                     .targets
                     .iter()
-                    .any(|&t| policy.targets[t].matches(destination)))
+                    .any(|&t| policy.targets[t].matches(destination, host)))
             && address_matches(&self.address, destination.ip())
             && port_matches(&self.port, destination.port())
+    }
+
+    /// Whether the whole `when` of a request rule holds for a request.
+    fn holds_for_request(&self, policy: &Policy, hits: &[bool], req: &HttpRequest) -> bool {
+        self.holds_for(policy, hits, req.destination, req.host)
+            && self.http.as_ref().is_none_or(|m| m.matches(req))
+            && self
+                .llm
+                .as_ref()
+                .is_none_or(|m| req.llm.as_ref().is_some_and(|llm| m.matches(llm)))
     }
 }
 
@@ -467,8 +816,18 @@ pub struct Policy {
     /// How the rows of statements no statement rule matches are masked
     /// (only with `sql_default: allow`, checked at load).
     sql_mask: Option<Mask>,
+    /// What happens to HTTP requests no request rule matches.
+    http_default: Action,
+    /// How the prompts and responses of requests no request rule matches
+    /// are masked (only with `http_default: allow`, checked at load).
+    prompt_redact: Option<PromptRedact>,
+    response_mask: Option<Mask>,
+    /// (index into `targets`, its credential), in file order of the
+    /// targets.
+    credentials: Vec<(usize, Arc<Credential>)>,
     udp_ports: Vec<u16>,
     audit: AuditSettings,
+    prompts: PromptAudit,
 }
 
 impl Policy {
@@ -513,8 +872,8 @@ impl Policy {
         let rule = self
             .rules
             .iter()
-            .filter(|rule| rule.sql.is_none())
-            .find(|rule| rule.holds_for(self, &hits, req.destination));
+            .filter(|rule| rule.kind == RuleKind::Connection)
+            .find(|rule| rule.holds_for(self, &hits, req.destination, None));
         match rule {
             Some(rule) => Decision {
                 action: rule.action,
@@ -536,14 +895,15 @@ impl Policy {
     /// holds (workload, target, address, port and the `sql` matcher)
     /// decides, with its `mask` if it has one; else `sql_default` (allow
     /// unless the file says deny), with the rule "default" and `sql_mask`.
-    /// Connection rules and `default` play no part.
+    /// Connection rules, request rules and `default` play no part.
     pub fn decide_statement(&self, req: &StatementRequest) -> Decision {
         let hits = self.workload_hits(req.identity);
         let workload = self.first_workload(&hits);
         let rule = self.rules.iter().find(|rule| {
-            rule.sql
-                .as_ref()
-                .is_some_and(|sql| rule.holds_for(self, &hits, req.destination) && sql.matches(req))
+            rule.kind == RuleKind::Statement
+                && rule.sql.as_ref().is_some_and(|sql| {
+                    rule.holds_for(self, &hits, req.destination, None) && sql.matches(req)
+                })
         });
         let masker = |mask: &Option<Mask>| mask.as_ref().map(|m| Arc::clone(&m.masker));
         match rule {
@@ -560,6 +920,126 @@ impl Policy {
                 mask: masker(&self.sql_mask),
             },
         }
+    }
+
+    /// Decides one HTTP request of a connection that was allowed: the first
+    /// request rule (in file order) whose whole `when` holds (workload,
+    /// target with its host, address, port, `http` and `llm` matchers)
+    /// decides. A rule that allows checks its `limits`: a request outside
+    /// them is denied by the rule, with the reason; else it is allowed with
+    /// the rule's `redact_prompt` and `mask_response` (none if the rule has
+    /// none). When no rule holds, `http_default` decides, with the rule
+    /// "default", `prompt_redact` and `response_mask`. Connection and
+    /// statement rules play no part. The credential is that of the first
+    /// target with one that holds for the request, whatever decided.
+    pub fn decide_http(&self, req: &HttpRequest) -> HttpDecision {
+        let hits = self.workload_hits(req.identity);
+        let mut decision = HttpDecision {
+            action: Action::Allow,
+            rule: DEFAULT_RULE.to_string(),
+            workload: self.first_workload(&hits),
+            reason: None,
+            redact: None,
+            mask_response: None,
+            credential: self.credential_for(req.destination, req.host).cloned(),
+            prompts: self.prompts,
+        };
+        let rule = self
+            .rules
+            .iter()
+            .filter(|rule| rule.kind == RuleKind::Request)
+            .find(|rule| rule.holds_for_request(self, &hits, req));
+        let Some(rule) = rule else {
+            if self.http_default == Action::Deny {
+                decision.action = Action::Deny;
+                decision.reason = Some("denied by http_default".to_string());
+            } else {
+                decision.redact = self.prompt_redact.as_ref().map(PromptRedact::redact);
+                decision.mask_response = self.response_mask.as_ref().map(|m| Arc::clone(&m.masker));
+            }
+            return decision;
+        };
+        decision.rule = rule.name.clone();
+        let violation = match rule.action {
+            Action::Deny => Some(format!("denied by rule {:?}", rule.name)),
+            Action::Allow => rule
+                .limits
+                .as_ref()
+                .and_then(|limits| limits.violation(&rule.name, req.llm.as_ref())),
+        };
+        match violation {
+            Some(reason) => {
+                decision.action = Action::Deny;
+                decision.reason = Some(reason);
+            }
+            None => {
+                decision.redact = rule.redact_prompt.as_ref().map(PromptRedact::redact);
+                decision.mask_response = rule.mask_response.as_ref().map(|m| Arc::clone(&m.masker));
+            }
+        }
+        decision
+    }
+
+    /// The credential of the first target (in file order) that has one and
+    /// holds for a request to `destination` with `host`.
+    fn credential_for(
+        &self,
+        destination: SocketAddr,
+        host: Option<&str>,
+    ) -> Option<&Arc<Credential>> {
+        self.credentials
+            .iter()
+            .find(|(t, _)| self.targets[*t].matches(destination, host))
+            .map(|(_, credential)| credential)
+    }
+
+    /// How many rules are request rules (decide HTTP requests).
+    pub fn request_rule_count(&self) -> usize {
+        self.rules
+            .iter()
+            .filter(|r| r.kind == RuleKind::Request)
+            .count()
+    }
+
+    /// What happens to HTTP requests no request rule matches: `http_default`.
+    pub fn http_default(&self) -> Action {
+        self.http_default
+    }
+
+    /// `prompt_redact`, compiled: how the prompts of requests no request
+    /// rule matches are redacted.
+    pub fn prompt_redact(&self) -> Option<Redact> {
+        self.prompt_redact.as_ref().map(PromptRedact::redact)
+    }
+
+    /// `response_mask`, compiled: how the responses of requests no request
+    /// rule matches are masked.
+    pub fn response_mask(&self) -> Option<&Arc<Masker>> {
+        self.response_mask.as_ref().map(|m| &m.masker)
+    }
+
+    /// How much of an LLM prompt the audit keeps: `audit.prompts`.
+    pub fn prompt_audit(&self) -> PromptAudit {
+        self.prompts
+    }
+
+    /// How many targets have a credential.
+    pub fn credential_count(&self) -> usize {
+        self.credentials.len()
+    }
+
+    /// Every credential's key: `warden run` keeps them out of the program's
+    /// environment, whatever variable holds them.
+    pub fn credential_secrets(&self) -> impl Iterator<Item = &str> {
+        self.credentials.iter().map(|(_, c)| c.secret.as_str())
+    }
+
+    /// The credential of the target named `target`, if it has one.
+    pub fn credential(&self, target: &str) -> Option<&Arc<Credential>> {
+        self.credentials
+            .iter()
+            .find(|(t, _)| self.targets[*t].name == target)
+            .map(|(_, credential)| credential)
     }
 
     /// Whether statements need deciding at all: true when the file has a
@@ -646,9 +1126,13 @@ impl Policy {
 
     /// "3 rules, 2 workloads, 2 targets", as `warden policy check` prints
     /// it; with statement rules, "3 rules, 2 of them for SQL statements, ...",
-    /// with masks "..., 2 of them for SQL statements, 1 with a mask, ...", and
-    /// with `sql_mask` "...; sql_mask masks columns \"*email*\" and
-    /// detectors card, iban" (presets expanded).
+    /// with masks "..., 2 of them for SQL statements, 1 with a mask, ...",
+    /// with request rules "..., 1 of them for HTTP requests, ...", with
+    /// credentials "..., 2 targets, 1 credential", and then what applies to
+    /// what no rule decides: "; sql_mask masks columns \"*email*\" and
+    /// detectors card, iban" (presets expanded), "; http_default: deny",
+    /// "; prompt_redact redacts detectors ...", "; response_mask masks ...".
+    /// Never a secret.
     pub fn summary(&self) -> String {
         fn count(n: usize, noun: &str) -> String {
             format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
@@ -661,23 +1145,36 @@ impl Policy {
             0 => String::new(),
             n => format!(", {n} of them for SQL statements{masks}"),
         };
-        let sql_mask = match &self.sql_mask {
-            None => String::new(),
-            Some(mask) => {
-                let mut parts = Vec::new();
-                if !mask.columns.is_empty() {
-                    let columns: Vec<String> =
-                        mask.columns.iter().map(|c| format!("{c:?}")).collect();
-                    parts.push(format!("columns {}", columns.join(", ")));
-                }
-                if !mask.detectors.is_empty() {
-                    parts.push(format!("detectors {}", mask.detectors.join(", ")));
-                }
-                format!("; sql_mask masks {}", parts.join(" and "))
-            }
+        let requests = match self.request_rule_count() {
+            0 => String::new(),
+            n => format!(", {n} of them for HTTP requests"),
         };
+        let credentials = match self.credential_count() {
+            0 => String::new(),
+            n => format!(", {}", count(n, "credential")),
+        };
+        let mut defaults = String::new();
+        if let Some(mask) = &self.sql_mask {
+            defaults.push_str(&format!("; sql_mask masks {}", mask.describe()));
+        }
+        if self.http_default == Action::Deny {
+            defaults.push_str("; http_default: deny");
+        }
+        if let Some(redact) = &self.prompt_redact {
+            defaults.push_str(&format!(
+                "; prompt_redact {} {}",
+                match redact.on_detect {
+                    OnDetect::Redact => "redacts",
+                    OnDetect::Deny => "denies requests with",
+                },
+                redact.mask.describe()
+            ));
+        }
+        if let Some(mask) = &self.response_mask {
+            defaults.push_str(&format!("; response_mask masks {}", mask.describe()));
+        }
         format!(
-            "{}{statements}, {}, {}{sql_mask}",
+            "{}{statements}{requests}, {}, {}{credentials}{defaults}",
             count(self.rule_count(), "rule"),
             count(self.workload_count(), "workload"),
             count(self.target_count(), "target")
@@ -695,3 +1192,7 @@ mod statement_tests;
 #[cfg(test)]
 #[path = "mask_tests.rs"]
 mod mask_tests;
+
+#[cfg(test)]
+#[path = "http_tests.rs"]
+mod http_tests;

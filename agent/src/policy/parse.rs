@@ -6,16 +6,21 @@
 //! references between rules and definitions) runs inside the visitor of the
 //! node it is about. serde_yaml then stamps the error with the position of
 //! that node, as libyaml saw it, so positions never come from guessing at the
-//! text, whatever the style (block or flow, quoted or not, anchors).
+//! text, whatever the style (block or flow, quoted or not, anchors). Each
+//! mapping of known keys is one [`Keys`] impl: its state, what each key's
+//! value does to it, and what it makes at the end.
 //!
 //! References (a rule naming a workload or a target, a mask or a preset
-//! naming detectors and presets) can point forwards in the file, so the file
-//! is read twice: the first reading learns the names (and what each target
-//! speaks, what each rule does, the custom detectors and the presets) and
-//! checks everything else; the second checks the references, with the names
-//! known, that a rule's `sql` matcher goes only with targets that speak
-//! PostgreSQL, that `mask` goes only on statement rules that allow, and
-//! compiles each mask into a [`Masker`].
+//! naming detectors and presets, a credential naming its target) can point
+//! forwards in the file, so the file is read twice: the first reading learns
+//! the names (and what each target speaks and whether it has a host, what
+//! each rule does, the custom detectors and the presets) and checks
+//! everything else; the second checks the references, with the names known,
+//! that a rule's protocol matchers go only with targets that speak their
+//! protocol, that `mask` goes only on statement rules that allow and
+//! `limits`, `redact_prompt` and `mask_response` only on request rules that
+//! allow, compiles each mask into a [`Masker`], and reads the credentials'
+//! secrets. The request rules' parts are in [`request`].
 
 use std::{
     cell::{Cell, RefCell},
@@ -30,10 +35,20 @@ use ipnet::IpNet;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::{
-    Action, AuditSettings, DefaultAction, Mask, Policy, PolicyError, PortRange, Protocol, Rule,
-    STATEMENT_CLASSES, Selector, SqlMatcher, Target, Workload, glob::Glob,
+    Action, AuditSettings, Credential, DefaultAction, HttpMatcher, Limits, LlmMatcher, Mask,
+    Policy, PolicyError, PortRange, PromptAudit, Protocol, Rule, RuleKind, STATEMENT_CLASSES,
+    Selector, SqlMatcher, Target, Workload, glob::Glob,
 };
 use crate::masking::{self, Checksum, DetectorSpec, MaskError, Masker};
+
+mod request;
+
+#[cfg(test)]
+pub(crate) use request::with_test_env;
+use request::{
+    CredentialDef, CredentialKeys, DetectorsDef, DetectorsSeed, HostP, HttpKeys, LimitsKeys,
+    LlmKeys,
+};
 
 /// The policy versions this build reads.
 pub const SUPPORTED_VERSION: u64 = 1;
@@ -47,7 +62,7 @@ pub(crate) struct Fields {
     /// Where the mapping is, for messages: "in a rule".
     pub what: &'static str,
     pub known: &'static [&'static str],
-    /// (key, what it belongs to): ("http", "protocol matchers").
+    /// (key, what it belongs to): ("ssh", "protocol matchers").
     pub later: &'static [(&'static str, &'static str)],
     /// (key, what to write instead): keys people write that are spelt, or
     /// belong, elsewhere.
@@ -61,20 +76,42 @@ pub(crate) const TOP: Fields = Fields {
         "default",
         "sql_default",
         "sql_mask",
+        "http_default",
+        "prompt_redact",
+        "response_mask",
         "workloads",
         "targets",
+        "credentials",
         "detectors",
         "presets",
         "udp",
         "rules",
         "audit",
     ],
-    later: &[("credentials", "credential injection")],
-    instead: &[(
-        "mask",
-        "write `sql_mask:` to mask the rows of statements no rule matches, or `mask:` in a \
-         statement rule",
-    )],
+    later: &[],
+    instead: &[
+        (
+            "mask",
+            "write `sql_mask:` to mask the rows of statements no rule matches, or `mask:` in a \
+             statement rule",
+        ),
+        (
+            "redact_prompt",
+            "write `prompt_redact:` to redact the prompts of requests no rule matches, or \
+             `redact_prompt:` in a request rule",
+        ),
+        (
+            "mask_response",
+            "write `response_mask:` to mask the responses of requests no rule matches, or \
+             `mask_response:` in a request rule",
+        ),
+        ("credential", "write `credentials:`, keyed by target name"),
+        (
+            "llm_default",
+            "write `http_default:`, which decides the HTTP requests, LLM calls included, no \
+             rule matches",
+        ),
+    ],
 };
 
 pub(crate) const WORKLOAD: Fields = Fields {
@@ -93,12 +130,25 @@ pub(crate) const MATCH: Fields = Fields {
 
 pub(crate) const TARGET: Fields = Fields {
     what: "in a target",
-    known: &["address", "port", "protocol"],
-    later: &[("host", "host names")],
-    instead: &[(
-        "database",
-        "a rule's sql matcher names databases: `when: { target: ..., sql: { database: crm } }`",
-    )],
+    known: &["address", "port", "host", "protocol"],
+    later: &[],
+    instead: &[
+        (
+            "database",
+            "a rule's sql matcher names databases: `when: { target: ..., sql: { database: crm } }`",
+        ),
+        ("hosts", "write `host:`, which takes one glob or a list"),
+        (
+            "url",
+            "write the host alone, `host: api.openai.com`, and match paths in a rule's http \
+             matcher",
+        ),
+        (
+            "api_key_env",
+            "keys go under credentials:, keyed by target name: `credentials: { openai: { \
+             api_key_env: OPENAI_API_KEY } }`",
+        ),
+    ],
 };
 
 pub(crate) const DETECTOR: Fields = Fields {
@@ -145,30 +195,68 @@ pub(crate) const UDP: Fields = Fields {
 
 pub(crate) const RULE: Fields = Fields {
     what: "in a rule",
-    known: &["name", "when", "action", "mask"],
-    later: &[
-        ("approve", "approvals"),
-        ("redact_prompt", "LLM prompt masking"),
-        ("mask_response", "LLM response masking"),
-        ("credential", "credential injection"),
-        ("credentials", "credential injection"),
-        ("llm", "protocol matchers"),
+    known: &[
+        "name",
+        "when",
+        "action",
+        "mask",
+        "limits",
+        "redact_prompt",
+        "mask_response",
     ],
-    instead: &[(
-        "sql",
-        "a rule's sql matcher goes under when: `when: { sql: { ... } }`",
-    )],
+    later: &[("approve", "approvals")],
+    instead: &[
+        (
+            "sql",
+            "a rule's sql matcher goes under when: `when: { sql: { ... } }`",
+        ),
+        (
+            "http",
+            "a rule's http matcher goes under when: `when: { http: { ... } }`",
+        ),
+        (
+            "llm",
+            "a rule's llm matcher goes under when: `when: { llm: { ... } }`",
+        ),
+        (
+            "credentials",
+            "credentials are given per target at the top level: `credentials: { openai: { \
+             api_key_env: OPENAI_API_KEY } }`",
+        ),
+        (
+            "credential",
+            "credentials are given per target at the top level: `credentials: { openai: { \
+             api_key_env: OPENAI_API_KEY } }`",
+        ),
+        (
+            "prompt_redact",
+            "in a rule write `redact_prompt:`; `prompt_redact:` is the top-level one, for \
+             requests no rule matches",
+        ),
+        (
+            "response_mask",
+            "in a rule write `mask_response:`; `response_mask:` is the top-level one, for \
+             requests no rule matches",
+        ),
+        (
+            "max_tokens",
+            "limits go together: `limits: { max_tokens: 4000 }`",
+        ),
+        (
+            "models",
+            "limits go together: `limits: { models: [\"gpt-4.1-mini*\"] }`",
+        ),
+    ],
 };
 
 pub(crate) const WHEN: Fields = Fields {
     what: "in a rule's when",
-    known: &["workload", "target", "address", "port", "sql"],
+    known: &[
+        "workload", "target", "address", "port", "sql", "http", "llm",
+    ],
     later: &[
-        ("http", "protocol matchers"),
-        ("llm", "protocol matchers"),
         ("ssh", "protocol matchers"),
         ("protocol", "protocol matchers"),
-        ("host", "host names"),
         ("from_llm", "protocol matchers"),
     ],
     instead: &[
@@ -191,6 +279,31 @@ pub(crate) const WHEN: Fields = Fields {
         (
             "mask",
             "mask goes in the rule, next to its action: `action: allow, mask: { ... }`",
+        ),
+        (
+            "host",
+            "host names go in a target, `targets: { openai: { host: api.openai.com } }`, or in \
+             the http matcher, `http: { host: \"*.internal\" }`",
+        ),
+        (
+            "method",
+            "methods go in the http matcher: `http: { method: DELETE }`",
+        ),
+        (
+            "path",
+            "paths go in the http matcher: `http: { path: \"/admin/*\" }`",
+        ),
+        (
+            "model",
+            "models go in the llm matcher: `llm: { model: \"gpt-4.1*\" }`",
+        ),
+        (
+            "provider",
+            "providers go in the llm matcher: `llm: { provider: openai }`",
+        ),
+        (
+            "limits",
+            "limits go in the rule, next to its action: `action: allow, limits: { ... }`",
         ),
     ],
 };
@@ -223,11 +336,8 @@ pub(crate) const SQL: Fields = Fields {
 
 pub(crate) const AUDIT: Fields = Fields {
     what: "under audit",
-    known: &["dir", "rotate"],
-    later: &[
-        ("prompts", "LLM request auditing"),
-        ("retention", "audit retention"),
-    ],
+    known: &["dir", "rotate", "prompts"],
+    later: &[("retention", "audit retention")],
     instead: &[],
 };
 
@@ -245,6 +355,12 @@ pub(crate) const SCHEMA_OBJECTS: &[(&str, &Fields)] = &[
     ("/$defs/when", &WHEN),
     ("/$defs/sql", &SQL),
     ("/$defs/audit", &AUDIT),
+    ("/$defs/http", &request::HTTP),
+    ("/$defs/llm", &request::LLM),
+    ("/$defs/limits", &request::LIMITS),
+    ("/$defs/redactMapping", &request::REDACT),
+    ("/$defs/responseMaskMapping", &request::RESPONSE_MASK),
+    ("/$defs/credential", &request::CREDENTIAL),
 ];
 
 // ---------------------------------------------------------------------------
@@ -254,23 +370,7 @@ pub(super) fn parse(src: &str, origin: &str) -> Result<Policy, PolicyError> {
     let learn = Ctx::default();
     let first = read(src, &learn).map_err(|e| convert(&e, src, origin))?;
     let check = Ctx {
-        names: Some(Names {
-            workloads: first.workloads.iter().map(|w| w.name.clone()).collect(),
-            targets: first.targets.iter().map(|t| t.name.clone()).collect(),
-            target_protocols: first.targets.iter().map(|t| t.protocol).collect(),
-            rules: first.rules.iter().map(|r| r.name.clone()).collect(),
-            rule_shapes: first
-                .rules
-                .iter()
-                .map(|r| RuleShape {
-                    action: r.action,
-                    statement: r.sql.is_some(),
-                })
-                .collect(),
-            sql_default: first.sql_default,
-            detectors: first.detectors,
-            presets: first.presets,
-        }),
+        names: Some(Names::learnt(first)),
         ..Ctx::default()
     };
     let file = read(src, &check).map_err(|e| convert(&e, src, origin))?;
@@ -278,9 +378,12 @@ pub(super) fn parse(src: &str, origin: &str) -> Result<Policy, PolicyError> {
 }
 
 fn read(src: &str, ctx: &Ctx) -> Result<FileDef, serde_yaml::Error> {
-    FileSeed { ctx }.deserialize(serde_yaml::Deserializer::from_str(src))
+    Mapping(FileKeys {
+        ctx,
+        file: FileDef::default(),
+    })
+    .deserialize(serde_yaml::Deserializer::from_str(src))
 }
-
 /// Marks the start of a message written here, so that the path serde_yaml
 /// puts in front ("rules[0].when: ") can be cut off exactly.
 const OURS: char = '\u{1f}';
@@ -347,10 +450,15 @@ struct Names {
     targets: Vec<String>,
     /// What each target of `targets` speaks, in the same order.
     target_protocols: Vec<Option<Protocol>>,
+    /// Whether each target of `targets` has a `host`, in the same order.
+    target_hosts: Vec<bool>,
+    /// Whether each target of `targets` has a `host` or an `address`.
+    target_located: Vec<bool>,
     rules: Vec<String>,
     /// What each rule of `rules` does, in the same order.
     rule_shapes: Vec<RuleShape>,
     sql_default: Action,
+    http_default: Action,
     /// The custom detectors: (name, pattern, checksum), as
     /// [`masking::resolve`] takes them.
     detectors: Vec<(String, String, Option<Checksum>)>,
@@ -358,15 +466,66 @@ struct Names {
     presets: Vec<(String, Vec<String>)>,
 }
 
-/// What the first reading learnt of a rule, for checking its `mask`.
-#[derive(Clone, Copy)]
+/// What the first reading learnt of a rule, for checking its `mask`,
+/// `limits`, `redact_prompt` and `mask_response`.
+#[derive(Clone)]
 struct RuleShape {
     action: Action,
-    /// It has a `sql` matcher.
-    statement: bool,
+    kind: RuleKind,
+    /// The first target it names that cannot have HTTP requests, and what
+    /// that target speaks.
+    not_http_target: Option<(String, Protocol)>,
 }
 
 impl Names {
+    /// What the second reading needs of the first.
+    fn learnt(first: FileDef) -> Names {
+        let protocol = |name: &str| {
+            first
+                .targets
+                .iter()
+                .find(|t| t.name == name)
+                .and_then(|t| t.protocol)
+        };
+        let rule_shapes = first
+            .rules
+            .iter()
+            .map(|r| RuleShape {
+                action: r.action,
+                kind: r.kind(&first.targets),
+                not_http_target: r.targets.iter().find_map(|t| {
+                    protocol(t)
+                        .filter(|&p| !Protocol::speaks_http(Some(p)))
+                        .map(|p| (t.clone(), p))
+                }),
+            })
+            .collect();
+        Names {
+            workloads: first.workloads.iter().map(|w| w.name.clone()).collect(),
+            targets: first.targets.iter().map(|t| t.name.clone()).collect(),
+            target_protocols: first.targets.iter().map(|t| t.protocol).collect(),
+            target_hosts: first.targets.iter().map(|t| t.host.is_some()).collect(),
+            target_located: first
+                .targets
+                .iter()
+                .map(|t| t.host.is_some() || t.address.is_some())
+                .collect(),
+            rules: first.rules.iter().map(|r| r.name.clone()).collect(),
+            rule_shapes,
+            sql_default: first.sql_default,
+            http_default: first.http_default,
+            detectors: first.detectors,
+            presets: first.presets,
+        }
+    }
+
+    fn target_has_host(&self, name: &str) -> bool {
+        self.targets
+            .iter()
+            .position(|n| n == name)
+            .is_some_and(|i| self.target_hosts[i])
+    }
+
     fn target_protocol(&self, name: &str) -> Option<Protocol> {
         let i = self.targets.iter().position(|n| n == name)?;
         self.target_protocols[i]
@@ -508,6 +667,34 @@ struct Ctx {
     rule_names: RefCell<Vec<String>>,
 }
 
+/// A protocol matcher of a rule's `when`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Matcher {
+    Sql,
+    Http,
+    Llm,
+}
+
+impl Matcher {
+    fn of_key(key: &str) -> Option<Matcher> {
+        match key {
+            "sql" => Some(Matcher::Sql),
+            "http" => Some(Matcher::Http),
+            "llm" => Some(Matcher::Llm),
+            _ => None,
+        }
+    }
+
+    /// "a sql matcher", for messages.
+    fn a(self) -> &'static str {
+        match self {
+            Matcher::Sql => "a sql matcher",
+            Matcher::Http => "an http matcher",
+            Matcher::Llm => "an llm matcher",
+        }
+    }
+}
+
 impl Ctx {
     fn current_rule(&self) -> String {
         let index = self.rules_started.get();
@@ -528,43 +715,157 @@ impl Ctx {
         }
     }
 
-    /// On the second reading: the error for a `sql` matcher on `target`, if
-    /// the target says it speaks something other than PostgreSQL.
-    fn sql_target_error(&self, target: &str) -> Option<String> {
-        let protocol = self.names.as_ref()?.target_protocol(target);
-        if Protocol::speaks_sql(protocol) {
-            return None;
+    /// On the second reading: what the first learnt of the current rule.
+    fn shape(&self) -> Option<&RuleShape> {
+        let names = self.names.as_ref()?;
+        names
+            .rule_shapes
+            .get(self.rules_started.get().wrapping_sub(1))
+    }
+
+    /// On the second reading: the error for `matcher` in a rule naming
+    /// `target`, if the target speaks another protocol (or, for `sql`, has
+    /// a host, which only HTTP requests have).
+    fn matcher_target_error(&self, matcher: Matcher, target: &str) -> Option<String> {
+        let names = self.names.as_ref()?;
+        let protocol = names.target_protocol(target);
+        let rule = self.current_rule();
+        let (matches, speaks, goes_with) = match matcher {
+            Matcher::Sql => (
+                "PostgreSQL statements",
+                Protocol::speaks_sql(protocol),
+                "`protocol: postgres`",
+            ),
+            Matcher::Http => (
+                "HTTP requests",
+                Protocol::speaks_http(protocol),
+                "`protocol: http` or `llm`",
+            ),
+            Matcher::Llm => (
+                "LLM API calls",
+                Protocol::speaks_llm(protocol),
+                "`protocol: llm`",
+            ),
+        };
+        if !speaks {
+            let hint = if matcher == Matcher::Llm && protocol == Some(Protocol::Http) {
+                format!(" (if `{target}` is an LLM API, say `protocol: llm` on it)")
+            } else {
+                String::new()
+            };
+            return Some(format!(
+                "rule `{rule}` has {}, which matches {matches}, but its target `{target}` says \
+                 `protocol: {}`; {} goes with targets of {goes_with} (or `any`, or none), so \
+                 name another target or split the rule{hint}",
+                matcher.a(),
+                protocol.map_or("", Protocol::as_str),
+                matcher.a(),
+            ));
         }
-        Some(format!(
-            "rule `{}` has a sql matcher, which matches PostgreSQL statements, but its target \
-             `{target}` says `protocol: {}`; a sql matcher goes with targets of `protocol: \
-             postgres` (or `any`, or none), so name another target or split the rule",
-            self.current_rule(),
-            protocol.map_or("", Protocol::as_str)
-        ))
+        if matcher == Matcher::Sql && names.target_has_host(target) {
+            return Some(format!(
+                "rule `{rule}` has a sql matcher, which matches PostgreSQL statements, but its \
+                 target `{target}` has a host, which only HTTP requests have; a sql matcher goes \
+                 with targets of address and port, so name another target or split the rule"
+            ));
+        }
+        None
     }
 
     /// On the second reading: the error for a `mask` on the current rule, if
     /// it is not a statement rule that allows.
     fn mask_rule_error(&self) -> Option<String> {
-        let names = self.names.as_ref()?;
-        let index = self.rules_started.get();
-        let shape = names.rule_shapes.get(index.wrapping_sub(1))?;
+        let shape = self.shape()?;
         let rule = self.current_rule();
-        if !shape.statement {
-            return Some(format!(
+        match shape.kind {
+            RuleKind::Connection => Some(format!(
                 "rule `{rule}` has a mask but no sql matcher, so it decides connections; mask \
                  applies to the rows a statement returns: add an sql matcher, e.g. `when: {{ \
                  ..., sql: {{ class: read }} }}`"
+            )),
+            RuleKind::Request => Some(format!(
+                "rule `{rule}` decides HTTP requests (it has an http or llm matcher, limits, \
+                 redact_prompt, mask_response, or a target with a host); mask applies to the \
+                 rows a PostgreSQL statement returns: to mask what an HTTP or LLM API returns, \
+                 write `mask_response:`"
+            )),
+            RuleKind::Statement if shape.action == Action::Deny => Some(format!(
+                "rule `{rule}` denies, and a denied statement returns no rows to mask; mask goes \
+                 with `action: allow`: make the rule allow, or remove its mask"
+            )),
+            RuleKind::Statement => None,
+        }
+    }
+
+    /// On the second reading: the error for `limits`, `redact_prompt` or
+    /// `mask_response` (`key`) on the current rule, if it is not a request
+    /// rule that allows, with targets that can have HTTP requests.
+    fn request_option_error(&self, key: &str) -> Option<String> {
+        let shape = self.shape()?;
+        let rule = self.current_rule();
+        if shape.kind == RuleKind::Statement {
+            let hint = if key == "mask_response" {
+                " (to mask the rows a statement returns, write `mask:`)"
+            } else {
+                ""
+            };
+            return Some(format!(
+                "rule `{rule}` has a sql matcher, so it decides PostgreSQL statements; {key} \
+                 applies to HTTP requests{hint}: put it on a rule with an http or llm matcher, \
+                 or split the rule"
             ));
         }
         if shape.action == Action::Deny {
             return Some(format!(
-                "rule `{rule}` denies, and a denied statement returns no rows to mask; mask goes \
-                 with `action: allow`: make the rule allow, or remove its mask"
+                "rule `{rule}` denies, and {key} applies to the requests a rule allows; {key} \
+                 goes with `action: allow`: make the rule allow, or remove its {key}"
+            ));
+        }
+        if let Some((target, protocol)) = &shape.not_http_target {
+            return Some(format!(
+                "rule `{rule}` has {key}, which applies to HTTP requests, but its target \
+                 `{target}` says `protocol: {}`; name targets of `protocol: http`, `llm` or \
+                 `any` (or none)",
+                protocol.as_str()
             ));
         }
         None
+    }
+
+    /// On the second reading: the error for a credential named `name`, if
+    /// no target of that name can have HTTP requests.
+    fn credential_target_error(&self, name: &str) -> Result<(), String> {
+        let Some(names) = &self.names else {
+            return Ok(());
+        };
+        let Some(index) = names.targets.iter().position(|t| t == name) else {
+            let list = if names.targets.is_empty() {
+                "none".to_string()
+            } else {
+                names.targets.join(", ")
+            };
+            return Err(format!(
+                "credentials name target `{name}`, which is not defined under targets:; defined: \
+                 {list}; a credential is keyed by the name of the target its key is sent to"
+            ));
+        };
+        let protocol = names.target_protocol(name);
+        if !Protocol::speaks_http(protocol) {
+            return Err(format!(
+                "credential `{name}` is for target `{name}`, which says `protocol: {}`; a \
+                 credential is an API key the agent puts in HTTP requests, so its target speaks \
+                 `http`, `llm` or `any` (or says no protocol)",
+                protocol.map_or("", Protocol::as_str)
+            ));
+        }
+        if !names.target_located[index] {
+            return Err(format!(
+                "credential `{name}` is for target `{name}`, which gives neither a host nor an \
+                 address, so its key would be sent to any server on its port; give the target a \
+                 `host` (or an `address`)"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -573,13 +874,42 @@ struct FileDef {
     default: DefaultAction,
     sql_default: Action,
     sql_mask: Option<MaskDef>,
+    http_default: Action,
+    prompt_redact: Option<DetectorsDef>,
+    response_mask: Option<DetectorsDef>,
     workloads: Vec<Workload>,
     targets: Vec<Target>,
+    credentials: Vec<(String, CredentialDef)>,
     detectors: Vec<(String, String, Option<Checksum>)>,
     presets: Vec<(String, Vec<String>)>,
     udp_ports: Vec<u16>,
     rules: Vec<RuleDef>,
     audit: AuditSettings,
+    prompts: PromptAudit,
+}
+
+impl Default for FileDef {
+    /// What a file that says only its version means.
+    fn default() -> FileDef {
+        FileDef {
+            version: None,
+            default: DefaultAction::Audit,
+            sql_default: Action::Allow,
+            sql_mask: None,
+            http_default: Action::Allow,
+            prompt_redact: None,
+            response_mask: None,
+            workloads: Vec::new(),
+            targets: Vec::new(),
+            credentials: Vec::new(),
+            detectors: Vec::new(),
+            presets: Vec::new(),
+            udp_ports: vec![53],
+            rules: Vec::new(),
+            audit: AuditSettings::default(),
+            prompts: PromptAudit::default(),
+        }
+    }
 }
 
 struct RuleDef {
@@ -589,8 +919,38 @@ struct RuleDef {
     address: Option<Vec<IpNet>>,
     port: Option<Vec<PortRange>>,
     sql: Option<SqlMatcher>,
+    http: Option<HttpMatcher>,
+    llm: Option<LlmMatcher>,
     action: Action,
     mask: Option<MaskDef>,
+    limits: Option<Limits>,
+    redact_prompt: Option<DetectorsDef>,
+    mask_response: Option<DetectorsDef>,
+}
+
+impl RuleDef {
+    /// What the rule decides: with `sql`, statements (giving it request
+    /// parts too is an error); with a request part or a target with a
+    /// host (`targets` are the file's), HTTP requests; else connections.
+    fn kind(&self, targets: &[Target]) -> RuleKind {
+        let host_target = self
+            .targets
+            .iter()
+            .any(|name| targets.iter().any(|t| &t.name == name && t.host.is_some()));
+        if self.sql.is_some() {
+            RuleKind::Statement
+        } else if self.http.is_some()
+            || self.llm.is_some()
+            || self.limits.is_some()
+            || self.redact_prompt.is_some()
+            || self.mask_response.is_some()
+            || host_target
+        {
+            RuleKind::Request
+        } else {
+            RuleKind::Connection
+        }
+    }
 }
 
 /// A `mask` or `sql_mask`: compiled on the second reading only, when the
@@ -604,11 +964,12 @@ impl FileDef {
         let index = |names: &[String], name: &str| names.iter().position(|n| n == name);
         let workload_names: Vec<String> = self.workloads.iter().map(|w| w.name.clone()).collect();
         let target_names: Vec<String> = self.targets.iter().map(|t| t.name.clone()).collect();
+        // The second reading has checked every name and compiled every mask.
         let rules = self
             .rules
             .into_iter()
             .map(|r| Rule {
-                // The second reading has checked that every name is defined.
+                kind: r.kind(&self.targets),
                 workloads: r
                     .workloads
                     .iter()
@@ -623,11 +984,30 @@ impl FileDef {
                 address: r.address,
                 port: r.port,
                 sql: r.sql,
+                http: r.http,
+                llm: r.llm,
                 action: r.action,
-                // The second reading has compiled every mask.
                 mask: r.mask.and_then(|m| m.compiled),
+                limits: r.limits,
+                redact_prompt: r.redact_prompt.and_then(DetectorsDef::redact),
+                mask_response: r.mask_response.and_then(|m| m.compiled),
             })
             .collect();
+        // The second reading has read every secret.
+        let mut credentials: Vec<(usize, Arc<Credential>)> = self
+            .credentials
+            .into_iter()
+            .filter_map(|(target, def)| {
+                let index = index(&target_names, &target)?;
+                let credential = Credential {
+                    target,
+                    secret: def.secret?,
+                    header: def.header,
+                };
+                Some((index, Arc::new(credential)))
+            })
+            .collect();
+        credentials.sort_by_key(|(index, _)| *index);
         Policy {
             version: self.version.unwrap_or(SUPPORTED_VERSION) as u32,
             default: self.default,
@@ -636,8 +1016,13 @@ impl FileDef {
             rules,
             sql_default: self.sql_default,
             sql_mask: self.sql_mask.and_then(|m| m.compiled),
+            http_default: self.http_default,
+            prompt_redact: self.prompt_redact.and_then(DetectorsDef::redact),
+            response_mask: self.response_mask.and_then(|m| m.compiled),
+            credentials,
             udp_ports: self.udp_ports,
             audit: self.audit,
+            prompts: self.prompts,
         }
     }
 }
@@ -645,33 +1030,69 @@ impl FileDef {
 // ---------------------------------------------------------------------------
 // Mappings
 
-/// Reads the keys of a mapping of `fields`, handing each known key to `each`,
-/// which must read its value.
-fn for_each_field<'de, A: MapAccess<'de>>(
-    map: &mut A,
-    fields: &'static Fields,
-    each: impl FnMut(&'static str, &mut A) -> Result<(), A::Error>,
-) -> Result<(), A::Error> {
-    for_each_checked_field(map, fields, &|_| Ok(()), each)
+/// One kind of mapping of known keys: its state while it is read, what each
+/// key's value does to it, and what it makes at the end. [`Mapping`] reads
+/// it, with the checks every mapping gets (unknown keys, keys given twice).
+trait Keys<'de>: Sized {
+    type Value;
+
+    /// The keys it takes.
+    fn fields(&self) -> &'static Fields;
+
+    /// What it is, for serde's "invalid type" messages: "a target: a
+    /// mapping with ...".
+    fn expecting(&self) -> String;
+
+    /// Called once, before the first key.
+    fn start(&mut self) {}
+
+    /// A check of a known key against what the mapping said before it (or
+    /// what the first reading learnt); an error is put at the key.
+    fn check(&self, _key: &'static str) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Reads the value of a known key.
+    fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error>;
+
+    /// What the mapping says; an error here is about the whole mapping, and
+    /// points at its first key.
+    fn finish<E: de::Error>(self) -> Result<Self::Value, E>;
 }
 
-/// [`for_each_field`], with a check of each known key (an error is put at
-/// the key).
-fn for_each_checked_field<'de, A: MapAccess<'de>>(
-    map: &mut A,
-    fields: &'static Fields,
-    check: &dyn Fn(&'static str) -> Result<(), String>,
-    mut each: impl FnMut(&'static str, &mut A) -> Result<(), A::Error>,
-) -> Result<(), A::Error> {
-    let mut seen = Vec::new();
-    while let Some(key) = map.next_key_seed(FieldKey {
-        fields,
-        seen: &mut seen,
-        check: Some(check),
-    })? {
-        each(key, map)?;
+/// Reads a mapping of [`Keys`].
+struct Mapping<K>(K);
+
+impl<'de, K: Keys<'de>> DeserializeSeed<'de> for Mapping<K> {
+    type Value = K::Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<K::Value, D::Error> {
+        d.deserialize_map(self)
     }
-    Ok(())
+}
+
+impl<'de, K: Keys<'de>> Visitor<'de> for Mapping<K> {
+    type Value = K::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(&self.0.expecting())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<K::Value, A::Error> {
+        let mut keys = self.0;
+        keys.start();
+        let mut seen = Vec::new();
+        loop {
+            let check = |key| keys.check(key);
+            let key = map.next_key_seed(FieldKey {
+                fields: keys.fields(),
+                seen: &mut seen,
+                check: &check,
+            })?;
+            let Some(key) = key else { break };
+            keys.value(key, &mut map)?;
+        }
+        keys.finish()
+    }
 }
 
 struct FieldKey<'a> {
@@ -679,7 +1100,7 @@ struct FieldKey<'a> {
     seen: &'a mut Vec<&'static str>,
     /// A check of a known key against what the mapping said before it; an
     /// error is put at the key.
-    check: Option<&'a dyn Fn(&'static str) -> Result<(), String>>,
+    check: &'a dyn Fn(&'static str) -> Result<(), String>,
 }
 
 impl<'de> DeserializeSeed<'de> for FieldKey<'_> {
@@ -709,9 +1130,7 @@ impl<'de> Visitor<'de> for FieldKey<'_> {
             if self.seen.contains(&k) {
                 return Err(fail(format!("`{key}` is given twice {what}; keep one")));
             }
-            if let Some(check) = self.check {
-                check(k).map_err(fail)?;
-            }
+            (self.check)(k).map_err(fail)?;
             self.seen.push(k);
             return Ok(k);
         }
@@ -733,124 +1152,143 @@ impl<'de> Visitor<'de> for FieldKey<'_> {
     }
 }
 
-struct FileSeed<'c> {
+struct FileKeys<'c> {
     ctx: &'c Ctx,
+    file: FileDef,
 }
 
-impl<'de> DeserializeSeed<'de> for FileSeed<'_> {
-    type Value = FileDef;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<FileDef, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for FileSeed<'_> {
+impl<'de> Keys<'de> for FileKeys<'_> {
     type Value = FileDef;
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str(
-            "a policy: a mapping with version, default, workloads, targets, udp, rules, audit",
-        )
+    fn fields(&self) -> &'static Fields {
+        &TOP
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FileDef, A::Error> {
-        let ctx = self.ctx;
-        let mut file = FileDef {
-            version: None,
-            default: DefaultAction::Audit,
-            sql_default: Action::Allow,
-            sql_mask: None,
-            workloads: Vec::new(),
-            targets: Vec::new(),
-            detectors: Vec::new(),
-            presets: Vec::new(),
-            udp_ports: vec![53],
-            rules: Vec::new(),
-            audit: AuditSettings::default(),
+    fn expecting(&self) -> String {
+        "a policy: a mapping with version, default, workloads, targets, udp, rules, audit".into()
+    }
+
+    /// `sql_mask` with `sql_default: deny`, `prompt_redact` or
+    /// `response_mask` with `http_default: deny`, wherever each is: at the
+    /// mask.
+    fn check(&self, key: &'static str) -> Result<(), String> {
+        let Some(names) = &self.ctx.names else {
+            return Ok(());
         };
-        // `sql_mask` with `sql_default: deny`, wherever each is: at `sql_mask`.
-        let check = |key: &'static str| match (key, &ctx.names) {
-            ("sql_mask", Some(names)) if names.sql_default == Action::Deny => Err(
+        match key {
+            "sql_mask" if names.sql_default == Action::Deny => Err(
                 "sql_mask masks the rows of statements no rule matches, but `sql_default: deny` \
                  refuses those statements; remove sql_mask, or write `sql_default: allow`"
                     .to_string(),
             ),
-            _ => Ok(()),
-        };
-        for_each_checked_field(&mut map, &TOP, &check, |key, map| {
-            match key {
-                "version" => file.version = Some(map.next_value_seed(One(VersionP))?),
-                "default" => file.default = map.next_value_seed(One(DefaultP))?,
-                "sql_default" => file.sql_default = map.next_value_seed(One(SqlDefaultP))?,
-                "sql_mask" => {
-                    file.sql_mask = Some(map.next_value_seed(MaskSeed {
-                        ctx,
-                        owner: "sql_mask",
-                    })?)
-                }
-                "workloads" => {
-                    file.workloads = map
-                        .next_value_seed(NamedMap {
-                            kind: "workload",
-                            section: "workloads",
-                            seed: |_: &str| WorkloadSeed,
-                            reserved: &|_| Ok(()),
-                        })?
-                        .into_iter()
-                        .map(|(name, selector)| Workload { name, selector })
-                        .collect()
-                }
-                "targets" => {
-                    file.targets = map
-                        .next_value_seed(NamedMap {
-                            kind: "target",
-                            section: "targets",
-                            seed: |_: &str| TargetSeed,
-                            reserved: &|_| Ok(()),
-                        })?
-                        .into_iter()
-                        .map(|(name, target)| Target { name, ..target })
-                        .collect()
-                }
-                "detectors" => {
-                    file.detectors = map
-                        .next_value_seed(NamedMap {
-                            kind: "detector",
-                            section: "detectors",
-                            seed: |name: &str| DetectorSeed {
-                                name: name.to_string(),
-                            },
-                            reserved: &reserved_detector_name,
-                        })?
-                        .into_iter()
-                        .map(|(name, (pattern, checksum))| (name, pattern, checksum))
-                        .collect()
-                }
-                "presets" => {
-                    let reserved = |name: &str| reserved_preset_name(ctx, name);
-                    file.presets = map.next_value_seed(NamedMap {
-                        kind: "preset",
-                        section: "presets",
-                        seed: |name: &str| PresetSeed {
-                            ctx,
-                            name: name.to_string(),
-                        },
-                        reserved: &reserved,
-                    })?
-                }
-                "udp" => file.udp_ports = map.next_value_seed(UdpSeed)?,
-                "rules" => file.rules = map.next_value_seed(RulesSeed { ctx: self.ctx })?,
-                "audit" => file.audit = map.next_value_seed(AuditSeed)?,
-                _ => unreachable!("{key} is in TOP.known"),
+            "prompt_redact" | "response_mask" if names.http_default == Action::Deny => {
+                Err(format!(
+                    "{key} applies to the HTTP requests no rule matches, but `http_default: \
+                     deny` refuses those requests; remove {key}, or write `http_default: allow`"
+                ))
             }
-            Ok(())
-        })?;
-        if file.version.is_none() {
+            _ => Ok(()),
+        }
+    }
+
+    fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
+        let (ctx, file) = (self.ctx, &mut self.file);
+        match key {
+            "version" => file.version = Some(map.next_value_seed(One(VersionP))?),
+            "default" => file.default = map.next_value_seed(One(DefaultP))?,
+            "sql_default" => file.sql_default = map.next_value_seed(One(SqlDefaultP))?,
+            "sql_mask" => {
+                file.sql_mask = Some(map.next_value_seed(Mapping(MaskKeys::new(ctx, "sql_mask")))?)
+            }
+            "http_default" => file.http_default = map.next_value_seed(One(HttpDefaultP))?,
+            "prompt_redact" => {
+                file.prompt_redact =
+                    Some(map.next_value_seed(DetectorsSeed::top(ctx, "prompt_redact"))?)
+            }
+            "response_mask" => {
+                file.response_mask =
+                    Some(map.next_value_seed(DetectorsSeed::top(ctx, "response_mask"))?)
+            }
+            "workloads" => {
+                file.workloads = map
+                    .next_value_seed(NamedMap {
+                        kind: "workload",
+                        section: "workloads",
+                        seed: |_: &str| Mapping(WorkloadKeys(None)),
+                        reserved: &|_| Ok(()),
+                    })?
+                    .into_iter()
+                    .map(|(name, selector)| Workload { name, selector })
+                    .collect()
+            }
+            "targets" => {
+                file.targets = map
+                    .next_value_seed(NamedMap {
+                        kind: "target",
+                        section: "targets",
+                        seed: |_: &str| Mapping(TargetKeys(Target::default())),
+                        reserved: &|_| Ok(()),
+                    })?
+                    .into_iter()
+                    .map(|(name, target)| Target { name, ..target })
+                    .collect()
+            }
+            "credentials" => {
+                file.credentials = map.next_value_seed(NamedMap {
+                    kind: "credential",
+                    section: "credentials",
+                    seed: |name: &str| Mapping(CredentialKeys::new(ctx, name)),
+                    reserved: &|name| ctx.credential_target_error(name),
+                })?
+            }
+            "detectors" => {
+                file.detectors = map
+                    .next_value_seed(NamedMap {
+                        kind: "detector",
+                        section: "detectors",
+                        seed: |name: &str| {
+                            Mapping(DetectorKeys {
+                                name: name.to_string(),
+                                pattern: None,
+                                checksum: None,
+                            })
+                        },
+                        reserved: &reserved_detector_name,
+                    })?
+                    .into_iter()
+                    .map(|(name, (pattern, checksum))| (name, pattern, checksum))
+                    .collect()
+            }
+            "presets" => {
+                let reserved = |name: &str| reserved_preset_name(ctx, name);
+                file.presets = map.next_value_seed(NamedMap {
+                    kind: "preset",
+                    section: "presets",
+                    seed: |name: &str| PresetSeed {
+                        ctx,
+                        name: name.to_string(),
+                    },
+                    reserved: &reserved,
+                })?
+            }
+            "udp" => file.udp_ports = map.next_value_seed(Mapping(UdpKeys(vec![53])))?,
+            "rules" => file.rules = map.next_value_seed(RulesSeed { ctx })?,
+            "audit" => {
+                (file.audit, file.prompts) =
+                    map.next_value_seed(Mapping(AuditKeys(Default::default())))?
+            }
+            _ => unreachable!("{key} is in TOP.known"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self) -> Result<FileDef, E> {
+        if self.file.version.is_none() {
             return Err(fail(format!(
                 "the policy does not say its version; write `version: {SUPPORTED_VERSION}` as its first line"
             )));
         }
-        Ok(file)
+        Ok(self.file)
     }
 }
 
@@ -963,33 +1401,30 @@ fn check_name(kind: &str, name: &str) -> Result<(), String> {
     }
 }
 
-#[derive(Clone, Copy)]
-struct WorkloadSeed;
+/// A workload: its `match`.
+struct WorkloadKeys(Option<Selector>);
 
-impl<'de> DeserializeSeed<'de> for WorkloadSeed {
-    type Value = Selector;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Selector, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for WorkloadSeed {
+impl<'de> Keys<'de> for WorkloadKeys {
     type Value = Selector;
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a workload: a mapping with match")
+    fn fields(&self) -> &'static Fields {
+        &WORKLOAD
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Selector, A::Error> {
-        let mut selector = None;
-        for_each_field(&mut map, &WORKLOAD, |key, map| {
-            match key {
-                "match" => selector = Some(map.next_value_seed(MatchSeed)?),
-                _ => unreachable!("{key} is in WORKLOAD.known"),
-            }
-            Ok(())
-        })?;
-        selector.ok_or_else(|| {
+    fn expecting(&self) -> String {
+        "a workload: a mapping with match".into()
+    }
+
+    fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
+        match key {
+            "match" => self.0 = Some(map.next_value_seed(Mapping(MatchKeys::default()))?),
+            _ => unreachable!("{key} is in WORKLOAD.known"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self) -> Result<Selector, E> {
+        self.0.ok_or_else(|| {
             fail(
                 "a workload needs a match; write e.g. `match: { unit: \"support-bot.service\" }` \
                  or `match: { uid: [1000] }`",
@@ -998,59 +1433,48 @@ impl<'de> Visitor<'de> for WorkloadSeed {
     }
 }
 
-#[derive(Clone, Copy)]
-struct MatchSeed;
+#[derive(Default)]
+struct MatchKeys(Selector);
 
-impl<'de> DeserializeSeed<'de> for MatchSeed {
-    type Value = Selector;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Selector, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for MatchSeed {
+impl<'de> Keys<'de> for MatchKeys {
     type Value = Selector;
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(
-            f,
-            "a match: a mapping with some of {}",
-            MATCH.known.join(", ")
-        )
+    fn fields(&self) -> &'static Fields {
+        &MATCH
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Selector, A::Error> {
-        let mut s = Selector::default();
-        for_each_field(&mut map, &MATCH, |key, map| {
-            match key {
-                "uid" => s.uid = Some(map.next_value_seed(Many::new(UidP, "uid"))?),
-                "user" => s.user = Some(map.next_value_seed(Many::new(UserP, "user name"))?),
-                "exe" => s.exe = Some(map.next_value_seed(Many::new(GlobP(EXE_EXAMPLE), "exe"))?),
-                "comm" => {
-                    s.comm = Some(map.next_value_seed(Many::new(GlobP(COMM_EXAMPLE), "comm"))?)
-                }
-                "unit" => {
-                    s.unit = Some(map.next_value_seed(Many::new(GlobP(UNIT_EXAMPLE), "unit"))?)
-                }
-                "cgroup" => {
-                    s.cgroup =
-                        Some(map.next_value_seed(Many::new(GlobP(CGROUP_EXAMPLE), "cgroup"))?)
-                }
-                "container" => {
-                    s.container = Some(map.next_value_seed(Many::new(ContainerP, "container id"))?)
-                }
-                _ => unreachable!("{key} is in MATCH.known"),
+    fn expecting(&self) -> String {
+        format!("a match: a mapping with some of {}", MATCH.known.join(", "))
+    }
+
+    fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
+        let s = &mut self.0;
+        match key {
+            "uid" => s.uid = Some(map.next_value_seed(Many::new(UidP, "uid"))?),
+            "user" => s.user = Some(map.next_value_seed(Many::new(UserP, "user name"))?),
+            "exe" => s.exe = Some(map.next_value_seed(Many::new(GlobP(EXE_EXAMPLE), "exe"))?),
+            "comm" => s.comm = Some(map.next_value_seed(Many::new(GlobP(COMM_EXAMPLE), "comm"))?),
+            "unit" => s.unit = Some(map.next_value_seed(Many::new(GlobP(UNIT_EXAMPLE), "unit"))?),
+            "cgroup" => {
+                s.cgroup = Some(map.next_value_seed(Many::new(GlobP(CGROUP_EXAMPLE), "cgroup"))?)
             }
-            Ok(())
-        })?;
-        if s.is_empty() {
+            "container" => {
+                s.container = Some(map.next_value_seed(Many::new(ContainerP, "container id"))?)
+            }
+            _ => unreachable!("{key} is in MATCH.known"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self) -> Result<Selector, E> {
+        if self.0.is_empty() {
             return Err(fail(format!(
                 "a workload's match is empty, which would match every process; give at least one \
                  of: {}",
                 MATCH.known.join(", ")
             )));
         }
-        Ok(s)
+        Ok(self.0)
     }
 }
 
@@ -1059,114 +1483,124 @@ const COMM_EXAMPLE: &str = "\"python3*\"";
 const UNIT_EXAMPLE: &str = "\"support-bot.service\"";
 const CGROUP_EXAMPLE: &str = "\"/system.slice/support-bot.service\"";
 
-#[derive(Clone, Copy)]
-struct TargetSeed;
+struct TargetKeys(Target);
 
-impl<'de> DeserializeSeed<'de> for TargetSeed {
-    type Value = Target;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Target, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for TargetSeed {
+impl<'de> Keys<'de> for TargetKeys {
     type Value = Target;
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a target: a mapping with address and/or port, and optionally protocol")
+    fn fields(&self) -> &'static Fields {
+        &TARGET
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Target, A::Error> {
-        let mut t = Target::default();
-        for_each_field(&mut map, &TARGET, |key, map| {
-            match key {
-                "address" => t.address = Some(map.next_value_seed(Many::new(AddressP, "address"))?),
-                "port" => t.port = Some(map.next_value_seed(Many::new(PortP, "port"))?),
-                "protocol" => t.protocol = Some(map.next_value_seed(One(ProtocolP))?),
-                _ => unreachable!("{key} is in TARGET.known"),
+    fn expecting(&self) -> String {
+        "a target: a mapping with address, port and/or host, and optionally protocol".into()
+    }
+
+    /// `host` after a `protocol` that has no HTTP requests: at `host`.
+    /// (`protocol` after `host`: at the protocol, by ProtocolP.)
+    fn check(&self, key: &'static str) -> Result<(), String> {
+        match (key, self.0.protocol) {
+            ("host", Some(protocol)) => ProtocolP { host: true }
+                .host_error(protocol)
+                .map_or(Ok(()), Err),
+            _ => Ok(()),
+        }
+    }
+
+    fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
+        let t = &mut self.0;
+        match key {
+            "address" => t.address = Some(map.next_value_seed(Many::new(AddressP, "address"))?),
+            "port" => t.port = Some(map.next_value_seed(Many::new(PortP, "port"))?),
+            "host" => t.host = Some(map.next_value_seed(Many::new(HostP, "host"))?),
+            "protocol" => {
+                let host = t.host.is_some();
+                t.protocol = Some(map.next_value_seed(One(ProtocolP { host }))?)
             }
-            Ok(())
-        })?;
-        if t.address.is_none() && t.port.is_none() {
+            _ => unreachable!("{key} is in TARGET.known"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self) -> Result<Target, E> {
+        let t = &self.0;
+        if t.address.is_none() && t.port.is_none() && t.host.is_none() {
             return Err(fail(
-                "a target needs an address, a port or both; write e.g. \
-                 `{ address: \"10.0.0.0/8\", port: 5432 }`",
+                "a target needs an address, a port or a host; write e.g. `{ address: \
+                 \"10.0.0.0/8\", port: 5432 }` or `{ host: api.openai.com }`",
             ));
         }
-        Ok(t)
+        Ok(self.0)
     }
 }
 
-struct UdpSeed;
+/// `udp`: the allowed ports, sorted.
+struct UdpKeys(Vec<u16>);
 
-impl<'de> DeserializeSeed<'de> for UdpSeed {
-    type Value = Vec<u16>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<u16>, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for UdpSeed {
+impl<'de> Keys<'de> for UdpKeys {
     type Value = Vec<u16>;
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a mapping with allow_ports")
+    fn fields(&self) -> &'static Fields {
+        &UDP
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<u16>, A::Error> {
-        let mut ports = vec![53];
-        for_each_field(&mut map, &UDP, |key, map| {
-            match key {
-                "allow_ports" => {
-                    let mut seed = Many::new(UdpPortP, "port");
-                    seed.allow_empty = true;
-                    let mut list = map.next_value_seed(seed)?;
-                    list.sort_unstable();
-                    list.dedup();
-                    if list.len() > MAX_UDP_PORTS {
-                        return Err(fail(format!(
-                            "udp allow_ports lists {} ports; the kernel's map holds at most \
-                             {MAX_UDP_PORTS}",
-                            list.len()
-                        )));
-                    }
-                    ports = list;
+    fn expecting(&self) -> String {
+        "a mapping with allow_ports".into()
+    }
+
+    fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
+        match key {
+            "allow_ports" => {
+                let mut seed = Many::new(UdpPortP, "port");
+                seed.allow_empty = true;
+                let mut list = map.next_value_seed(seed)?;
+                list.sort_unstable();
+                list.dedup();
+                if list.len() > MAX_UDP_PORTS {
+                    return Err(fail(format!(
+                        "udp allow_ports lists {} ports; the kernel's map holds at most \
+                         {MAX_UDP_PORTS}",
+                        list.len()
+                    )));
                 }
-                _ => unreachable!("{key} is in UDP.known"),
+                self.0 = list;
             }
-            Ok(())
-        })?;
-        Ok(ports)
+            _ => unreachable!("{key} is in UDP.known"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self) -> Result<Vec<u16>, E> {
+        Ok(self.0)
     }
 }
 
-struct AuditSeed;
+struct AuditKeys((AuditSettings, PromptAudit));
 
-impl<'de> DeserializeSeed<'de> for AuditSeed {
-    type Value = AuditSettings;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<AuditSettings, D::Error> {
-        d.deserialize_map(self)
-    }
-}
+impl<'de> Keys<'de> for AuditKeys {
+    type Value = (AuditSettings, PromptAudit);
 
-impl<'de> Visitor<'de> for AuditSeed {
-    type Value = AuditSettings;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a mapping with dir and/or rotate")
+    fn fields(&self) -> &'static Fields {
+        &AUDIT
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AuditSettings, A::Error> {
-        let mut audit = AuditSettings::default();
-        for_each_field(&mut map, &AUDIT, |key, map| {
-            match key {
-                "dir" => audit.dir = Some(map.next_value_seed(One(DirP))?),
-                "rotate" => audit.rotate = Some(map.next_value_seed(One(DurationP))?),
-                _ => unreachable!("{key} is in AUDIT.known"),
-            }
-            Ok(())
-        })?;
-        Ok(audit)
+    fn expecting(&self) -> String {
+        "a mapping with some of dir, rotate, prompts".into()
+    }
+
+    fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
+        let (audit, prompts) = &mut self.0;
+        match key {
+            "dir" => audit.dir = Some(map.next_value_seed(One(DirP))?),
+            "rotate" => audit.rotate = Some(map.next_value_seed(One(DurationP))?),
+            "prompts" => *prompts = map.next_value_seed(One(PromptsP))?,
+            _ => unreachable!("{key} is in AUDIT.known"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(self.0)
     }
 }
 
@@ -1190,69 +1624,102 @@ impl<'de> Visitor<'de> for RulesSeed<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<RuleDef>, A::Error> {
         let mut rules = Vec::new();
-        while let Some(rule) = seq.next_element_seed(RuleSeed { ctx: self.ctx })? {
+        while let Some(rule) = seq.next_element_seed(Mapping(RuleKeys::new(self.ctx)))? {
             rules.push(rule);
         }
         Ok(rules)
     }
 }
 
-#[derive(Clone, Copy)]
-struct RuleSeed<'c> {
+struct RuleKeys<'c> {
     ctx: &'c Ctx,
+    name: Option<String>,
+    when: Option<WhenDef>,
+    action: Option<Action>,
+    mask: Option<MaskDef>,
+    limits: Option<Limits>,
+    redact_prompt: Option<DetectorsDef>,
+    mask_response: Option<DetectorsDef>,
 }
 
-impl<'de> DeserializeSeed<'de> for RuleSeed<'_> {
-    type Value = RuleDef;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<RuleDef, D::Error> {
-        d.deserialize_map(self)
+impl<'c> RuleKeys<'c> {
+    fn new(ctx: &'c Ctx) -> RuleKeys<'c> {
+        RuleKeys {
+            ctx,
+            name: None,
+            when: None,
+            action: None,
+            mask: None,
+            limits: None,
+            redact_prompt: None,
+            mask_response: None,
+        }
     }
 }
 
-impl<'de> Visitor<'de> for RuleSeed<'_> {
+impl<'de> Keys<'de> for RuleKeys<'_> {
     type Value = RuleDef;
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a rule: a mapping with name, when and action")
+    fn fields(&self) -> &'static Fields {
+        &RULE
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RuleDef, A::Error> {
-        let ctx = self.ctx;
-        ctx.rules_started.set(ctx.rules_started.get() + 1);
-        let mut name = None;
-        let mut when = None;
-        let mut action = None;
-        let mut mask = None;
-        // `mask` on a rule that is not a statement rule, or that denies: at
-        // the `mask` key, wherever `when` and `action` are (the first reading
-        // learnt them).
-        let check = |key: &'static str| match key {
-            "mask" => ctx.mask_rule_error().map_or(Ok(()), Err),
-            _ => Ok(()),
+    fn expecting(&self) -> String {
+        "a rule: a mapping with name, when and action".into()
+    }
+
+    fn start(&mut self) {
+        self.ctx.rules_started.set(self.ctx.rules_started.get() + 1);
+    }
+
+    /// `mask` on a rule that is not a statement rule, or that denies, and
+    /// `limits`, `redact_prompt`, `mask_response` on a rule that is not a
+    /// request rule, or that denies: at the key, wherever `when` and
+    /// `action` are (the first reading learnt them).
+    fn check(&self, key: &'static str) -> Result<(), String> {
+        let error = match key {
+            "mask" => self.ctx.mask_rule_error(),
+            "limits" | "redact_prompt" | "mask_response" => self.ctx.request_option_error(key),
+            _ => None,
         };
-        for_each_checked_field(&mut map, &RULE, &check, |key, map| {
-            match key {
-                "name" => name = Some(map.next_value_seed(One(RuleNameP { ctx }))?),
-                "when" => when = Some(map.next_value_seed(WhenSeed { ctx })?),
-                "action" => action = Some(map.next_value_seed(One(ActionP))?),
-                "mask" => mask = Some(map.next_value_seed(MaskSeed { ctx, owner: "rule" })?),
-                _ => unreachable!("{key} is in RULE.known"),
+        error.map_or(Ok(()), Err)
+    }
+
+    fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
+        let ctx = self.ctx;
+        match key {
+            "name" => self.name = Some(map.next_value_seed(One(RuleNameP { ctx }))?),
+            "when" => self.when = Some(map.next_value_seed(Mapping(WhenKeys::new(ctx)))?),
+            "action" => self.action = Some(map.next_value_seed(One(ActionP))?),
+            "mask" => self.mask = Some(map.next_value_seed(Mapping(MaskKeys::new(ctx, "rule")))?),
+            "limits" => self.limits = Some(map.next_value_seed(Mapping(LimitsKeys::new(ctx)))?),
+            "redact_prompt" => {
+                self.redact_prompt =
+                    Some(map.next_value_seed(DetectorsSeed::rule(ctx, "redact_prompt"))?)
             }
-            Ok(())
-        })?;
-        let index = ctx.rules_started.get();
-        let Some(name) = name else {
+            "mask_response" => {
+                self.mask_response =
+                    Some(map.next_value_seed(DetectorsSeed::rule(ctx, "mask_response"))?)
+            }
+            _ => unreachable!("{key} is in RULE.known"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self) -> Result<RuleDef, E> {
+        let index = self.ctx.rules_started.get();
+        let Some(name) = self.name else {
             return Err(fail(format!(
                 "rule #{index} has no name; write e.g. `name: no-cloud-metadata` (the audit \
                  records which rule decided)"
             )));
         };
-        let Some(action) = action else {
+        let Some(action) = self.action else {
             return Err(fail(format!(
                 "rule `{name}` has no action; write `action: allow` or `action: deny`"
             )));
         };
-        let when = when.unwrap_or_default();
+        let when = self.when.unwrap_or_default();
         Ok(RuleDef {
             name,
             workloads: when.workloads,
@@ -1260,8 +1727,13 @@ impl<'de> Visitor<'de> for RuleSeed<'_> {
             address: when.address,
             port: when.port,
             sql: when.sql,
+            http: when.http,
+            llm: when.llm,
             action,
-            mask,
+            mask: self.mask,
+            limits: self.limits,
+            redact_prompt: self.redact_prompt,
+            mask_response: self.mask_response,
         })
     }
 }
@@ -1273,132 +1745,159 @@ struct WhenDef {
     address: Option<Vec<IpNet>>,
     port: Option<Vec<PortRange>>,
     sql: Option<SqlMatcher>,
+    http: Option<HttpMatcher>,
+    llm: Option<LlmMatcher>,
 }
 
-struct WhenSeed<'c> {
+impl WhenDef {
+    /// The protocol matchers read so far.
+    fn matchers(&self) -> Vec<Matcher> {
+        [
+            (self.sql.is_some(), Matcher::Sql),
+            (self.http.is_some(), Matcher::Http),
+            (self.llm.is_some(), Matcher::Llm),
+        ]
+        .into_iter()
+        .filter_map(|(given, m)| given.then_some(m))
+        .collect()
+    }
+}
+
+struct WhenKeys<'c> {
     ctx: &'c Ctx,
+    when: WhenDef,
 }
 
-impl<'de> DeserializeSeed<'de> for WhenSeed<'_> {
-    type Value = WhenDef;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<WhenDef, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for WhenSeed<'_> {
-    type Value = WhenDef;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(
-            f,
-            "a when: a mapping with some of {}",
-            WHEN.known.join(", ")
-        )
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<WhenDef, A::Error> {
-        let ctx = self.ctx;
-        let mut w = WhenDef::default();
-        let mut seen = Vec::new();
-        loop {
-            // `sql` after `target`: a target that does not speak PostgreSQL
-            // is reported at the `sql` key. (`target` after `sql`: at the
-            // target's name, by RefP.)
-            let targets = &w.targets;
-            let check = |key: &'static str| match key {
-                "sql" => targets
-                    .iter()
-                    .find_map(|t| ctx.sql_target_error(t))
-                    .map_or(Ok(()), Err),
-                _ => Ok(()),
-            };
-            let Some(key) = map.next_key_seed(FieldKey {
-                fields: &WHEN,
-                seen: &mut seen,
-                check: Some(&check),
-            })?
-            else {
-                break;
-            };
-            match key {
-                "workload" => {
-                    w.workloads = map.next_value_seed(Many::new(
-                        RefP {
-                            ctx,
-                            kind: RefKind::Workload,
-                            sql: false,
-                        },
-                        "workload name",
-                    ))?
-                }
-                "target" => {
-                    w.targets = map.next_value_seed(Many::new(
-                        RefP {
-                            ctx,
-                            kind: RefKind::Target,
-                            sql: w.sql.is_some(),
-                        },
-                        "target name",
-                    ))?
-                }
-                "address" => w.address = Some(map.next_value_seed(Many::new(AddressP, "address"))?),
-                "port" => w.port = Some(map.next_value_seed(Many::new(PortP, "port"))?),
-                "sql" => w.sql = Some(map.next_value_seed(SqlSeed)?),
-                _ => unreachable!("{key} is in WHEN.known"),
-            }
+impl<'c> WhenKeys<'c> {
+    fn new(ctx: &'c Ctx) -> WhenKeys<'c> {
+        WhenKeys {
+            ctx,
+            when: WhenDef::default(),
         }
-        Ok(w)
+    }
+}
+
+impl<'de> Keys<'de> for WhenKeys<'_> {
+    type Value = WhenDef;
+
+    fn fields(&self) -> &'static Fields {
+        &WHEN
+    }
+
+    fn expecting(&self) -> String {
+        format!("a when: a mapping with some of {}", WHEN.known.join(", "))
+    }
+
+    /// A protocol matcher after a target that does not speak its protocol,
+    /// and `sql` with `http` or `llm`: at the matcher's key. (`target`
+    /// after a matcher: at the target's name, by RefP.)
+    fn check(&self, key: &'static str) -> Result<(), String> {
+        let Some(matcher) = Matcher::of_key(key) else {
+            return Ok(());
+        };
+        let before = self.when.matchers();
+        let sql_and_http = |other: Matcher| (matcher == Matcher::Sql) != (other == Matcher::Sql);
+        if let Some(&other) = before.iter().find(|&&other| sql_and_http(other)) {
+            let (sql, http) = if matcher == Matcher::Sql {
+                (matcher, other)
+            } else {
+                (other, matcher)
+            };
+            return Err(format!(
+                "rule `{}` has {} and {} in one when; {} decides PostgreSQL statements and {} \
+                 HTTP requests, so no request or statement can meet both: split the rule in two",
+                self.ctx.current_rule(),
+                sql.a(),
+                http.a(),
+                sql.a(),
+                http.a(),
+            ));
+        }
+        self.when
+            .targets
+            .iter()
+            .find_map(|t| self.ctx.matcher_target_error(matcher, t))
+            .map_or(Ok(()), Err)
+    }
+
+    fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
+        let (ctx, w) = (self.ctx, &mut self.when);
+        match key {
+            "workload" => {
+                let workload = RefP {
+                    ctx,
+                    kind: RefKind::Workload,
+                    matchers: &[],
+                };
+                w.workloads = map.next_value_seed(Many::new(workload, "workload name"))?
+            }
+            "target" => {
+                let matchers = w.matchers();
+                let target = RefP {
+                    ctx,
+                    kind: RefKind::Target,
+                    matchers: &matchers,
+                };
+                w.targets = map.next_value_seed(Many::new(target, "target name"))?
+            }
+            "address" => w.address = Some(map.next_value_seed(Many::new(AddressP, "address"))?),
+            "port" => w.port = Some(map.next_value_seed(Many::new(PortP, "port"))?),
+            "sql" => w.sql = Some(map.next_value_seed(Mapping(SqlKeys::default()))?),
+            "http" => w.http = Some(map.next_value_seed(Mapping(HttpKeys::default()))?),
+            "llm" => w.llm = Some(map.next_value_seed(Mapping(LlmKeys::default()))?),
+            _ => unreachable!("{key} is in WHEN.known"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self) -> Result<WhenDef, E> {
+        Ok(self.when)
     }
 }
 
 /// A rule's `sql` matcher.
-struct SqlSeed;
+#[derive(Default)]
+struct SqlKeys(SqlMatcher);
 
-impl<'de> DeserializeSeed<'de> for SqlSeed {
+impl<'de> Keys<'de> for SqlKeys {
     type Value = SqlMatcher;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<SqlMatcher, D::Error> {
-        d.deserialize_map(self)
+
+    fn fields(&self) -> &'static Fields {
+        &SQL
     }
-}
 
-impl<'de> Visitor<'de> for SqlSeed {
-    type Value = SqlMatcher;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(
-            f,
+    fn expecting(&self) -> String {
+        format!(
             "a sql matcher: a mapping with some of {}",
             SQL.known.join(", ")
         )
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SqlMatcher, A::Error> {
-        let mut m = SqlMatcher::default();
-        for_each_field(&mut map, &SQL, |key, map| {
-            match key {
-                "class" => m.class = Some(map.next_value_seed(Many::new(ClassP, "class"))?),
-                "tables" => {
-                    m.tables =
-                        Some(map.next_value_seed(Many::new(NameGlobP(TABLES_EXAMPLE), "table"))?)
-                }
-                "functions" => {
-                    m.functions = Some(
-                        map.next_value_seed(Many::new(NameGlobP(FUNCTIONS_EXAMPLE), "function"))?,
-                    )
-                }
-                "database" => {
-                    m.database =
-                        Some(map.next_value_seed(Many::new(GlobP(DATABASE_EXAMPLE), "database"))?)
-                }
-                "user" => {
-                    m.user = Some(map.next_value_seed(Many::new(GlobP(DB_USER_EXAMPLE), "user"))?)
-                }
-                _ => unreachable!("{key} is in SQL.known"),
+    fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
+        let m = &mut self.0;
+        match key {
+            "class" => m.class = Some(map.next_value_seed(Many::new(ClassP, "class"))?),
+            "tables" => {
+                m.tables = Some(map.next_value_seed(Many::new(NameGlobP(TABLES_EXAMPLE), "table"))?)
             }
-            Ok(())
-        })?;
-        Ok(m)
+            "functions" => {
+                m.functions =
+                    Some(map.next_value_seed(Many::new(NameGlobP(FUNCTIONS_EXAMPLE), "function"))?)
+            }
+            "database" => {
+                m.database =
+                    Some(map.next_value_seed(Many::new(GlobP(DATABASE_EXAMPLE), "database"))?)
+            }
+            "user" => {
+                m.user = Some(map.next_value_seed(Many::new(GlobP(DB_USER_EXAMPLE), "user"))?)
+            }
+            _ => unreachable!("{key} is in SQL.known"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self) -> Result<SqlMatcher, E> {
+        Ok(self.0)
     }
 }
 
@@ -1468,37 +1967,36 @@ fn builtin_preset_members(name: &str) -> String {
 }
 
 /// A custom detector: (pattern, checksum).
-struct DetectorSeed {
+struct DetectorKeys {
     name: String,
+    pattern: Option<String>,
+    checksum: Option<Checksum>,
 }
 
-impl<'de> DeserializeSeed<'de> for DetectorSeed {
-    type Value = (String, Option<Checksum>);
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for DetectorSeed {
+impl<'de> Keys<'de> for DetectorKeys {
     type Value = (String, Option<Checksum>);
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a detector: a mapping with pattern, and optionally checksum")
+    fn fields(&self) -> &'static Fields {
+        &DETECTOR
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+    fn expecting(&self) -> String {
+        "a detector: a mapping with pattern, and optionally checksum".into()
+    }
+
+    fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
         let name = &self.name;
-        let mut pattern = None;
-        let mut checksum = None;
-        for_each_field(&mut map, &DETECTOR, |key, map| {
-            match key {
-                "pattern" => pattern = Some(map.next_value_seed(One(PatternP { name }))?),
-                "checksum" => checksum = Some(map.next_value_seed(One(ChecksumP))?),
-                _ => unreachable!("{key} is in DETECTOR.known"),
-            }
-            Ok(())
-        })?;
-        let Some(pattern) = pattern else {
+        match key {
+            "pattern" => self.pattern = Some(map.next_value_seed(One(PatternP { name }))?),
+            "checksum" => self.checksum = Some(map.next_value_seed(One(ChecksumP))?),
+            _ => unreachable!("{key} is in DETECTOR.known"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self) -> Result<Self::Value, E> {
+        let name = &self.name;
+        let Some(pattern) = self.pattern else {
             return Err(fail(format!(
                 "detector `{name}` has no pattern; write e.g. `{name}: {{ pattern: 'EMP-\\d{{6}}' }}` \
                  (a regular expression)"
@@ -1506,10 +2004,10 @@ impl<'de> Visitor<'de> for DetectorSeed {
         };
         // The pattern alone was checked at its place; with its checksum,
         // here.
-        if checksum.is_some() {
-            detector_masker(name, &pattern, checksum).map_err(fail)?;
+        if self.checksum.is_some() {
+            detector_masker(name, &pattern, self.checksum).map_err(fail)?;
         }
-        Ok((pattern, checksum))
+        Ok((pattern, self.checksum))
     }
 }
 
@@ -1595,84 +2093,109 @@ impl<'de> DeserializeSeed<'de> for PresetSeed<'_> {
 }
 
 /// A `mask` or `sql_mask`: `{ columns: [globs], detectors: [names] }`.
-struct MaskSeed<'c> {
+struct MaskKeys<'c> {
     ctx: &'c Ctx,
-    /// "rule" or "sql_mask".
-    owner: &'static str,
+    /// "rule `r`" or "sql_mask".
+    owner: String,
+    columns: Option<Vec<String>>,
+    detectors: Option<Vec<String>>,
 }
 
-impl<'de> DeserializeSeed<'de> for MaskSeed<'_> {
-    type Value = MaskDef;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<MaskDef, D::Error> {
-        d.deserialize_map(self)
+impl<'c> MaskKeys<'c> {
+    /// `owner`: "rule" (the current one) or "sql_mask".
+    fn new(ctx: &'c Ctx, owner: &str) -> MaskKeys<'c> {
+        MaskKeys {
+            ctx,
+            owner: match owner {
+                "rule" => format!("rule `{}`", ctx.current_rule()),
+                other => other.to_string(),
+            },
+            columns: None,
+            detectors: None,
+        }
     }
 }
 
-impl<'de> Visitor<'de> for MaskSeed<'_> {
+impl<'de> Keys<'de> for MaskKeys<'_> {
     type Value = MaskDef;
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a mask: a mapping with columns and/or detectors")
+    fn fields(&self) -> &'static Fields {
+        &MASK
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MaskDef, A::Error> {
-        let ctx = self.ctx;
-        let owner = match self.owner {
-            "rule" => format!("rule `{}`", ctx.current_rule()),
-            other => other.to_string(),
-        };
-        let mut columns = None;
-        let mut detectors = None;
-        for_each_field(&mut map, &MASK, |key, map| {
-            match key {
-                "columns" => columns = Some(map.next_value_seed(Many::new(ColumnP, "column"))?),
-                "detectors" => {
-                    detectors = Some(map.next_value_seed(Many::new(
-                        MaskNameP { ctx, owner: &owner },
-                        "detector or preset name",
-                    ))?)
-                }
-                _ => unreachable!("{key} is in MASK.known"),
+    fn expecting(&self) -> String {
+        "a mask: a mapping with columns and/or detectors".into()
+    }
+
+    fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
+        match key {
+            "columns" => self.columns = Some(map.next_value_seed(Many::new(ColumnP, "column"))?),
+            "detectors" => {
+                let names = MaskNameP {
+                    ctx: self.ctx,
+                    owner: &self.owner,
+                };
+                self.detectors =
+                    Some(map.next_value_seed(Many::new(names, "detector or preset name"))?)
             }
-            Ok(())
-        })?;
-        if columns.is_none() && detectors.is_none() {
+            _ => unreachable!("{key} is in MASK.known"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self) -> Result<MaskDef, E> {
+        let owner = &self.owner;
+        if self.columns.is_none() && self.detectors.is_none() {
             return Err(fail(format!(
                 "the mask of {owner} says nothing to mask; give columns, detectors or both, e.g. \
                  `{{ columns: [\"*email*\"], detectors: [payment] }}`"
             )));
         }
-        let (columns, detectors) = (columns.unwrap_or_default(), detectors.unwrap_or_default());
-        let Some(names) = ctx
-            .names
-            .as_ref()
-            .filter(|n| !n.preset_takes_a_detector_name())
-        else {
-            // On the second reading with such a clash, the reading fails at
-            // the preset's name, later in the file.
-            return Ok(MaskDef { compiled: None });
-        };
-        // Each name was checked at its place; what fails here is about the
-        // mask as a whole.
-        let specs = masking::resolve(&detectors, &names.detectors, &names.presets)
-            .map_err(|e| fail(format!("the mask of {owner}: {e}")))?;
-        let masker =
-            Masker::new(&columns, &specs).map_err(|e| fail(format!("the mask of {owner}: {e}")))?;
-        let resolved = specs
-            .iter()
-            .map(|spec| match spec {
-                DetectorSpec::Builtin(name) => name.clone(),
-                DetectorSpec::Custom { name, .. } => name.clone(),
-            })
-            .collect();
-        Ok(MaskDef {
-            compiled: Some(Mask {
-                masker: Arc::new(masker),
-                columns,
-                detectors: resolved,
-            }),
-        })
+        let compiled = compile_mask(
+            self.ctx,
+            &format!("the mask of {owner}"),
+            self.columns.unwrap_or_default(),
+            &self.detectors.unwrap_or_default(),
+        )
+        .map_err(fail)?;
+        Ok(MaskDef { compiled })
     }
+}
+
+/// Compiles a mask of `columns` and the detectors and presets `names` name,
+/// on the second reading (None on the first). `what` ("the mask of rule
+/// `r`") starts the messages; each name was checked at its place, so what
+/// fails here is about the mask as a whole.
+fn compile_mask(
+    ctx: &Ctx,
+    what: &str,
+    columns: Vec<String>,
+    names: &[String],
+) -> Result<Option<Mask>, String> {
+    let Some(known) = ctx
+        .names
+        .as_ref()
+        .filter(|n| !n.preset_takes_a_detector_name())
+    else {
+        // On the second reading with such a clash, the reading fails at the
+        // preset's name, later in the file.
+        return Ok(None);
+    };
+    let specs = masking::resolve(names, &known.detectors, &known.presets)
+        .map_err(|e| format!("{what}: {e}"))?;
+    let masker = Masker::new(&columns, &specs).map_err(|e| format!("{what}: {e}"))?;
+    let detectors = specs
+        .iter()
+        .map(|spec| match spec {
+            DetectorSpec::Builtin(name) => name.clone(),
+            DetectorSpec::Custom { name, .. } => name.clone(),
+        })
+        .collect();
+    Ok(Some(Mask {
+        masker: Arc::new(masker),
+        columns,
+        detectors,
+    }))
 }
 
 /// A column glob of a mask, checked as the masking module reads it.
@@ -2005,7 +2528,26 @@ impl Parse for SqlDefaultP {
 }
 
 #[derive(Clone, Copy)]
-struct ProtocolP;
+struct ProtocolP {
+    /// The target has a `host` (read before this): it must speak HTTP.
+    host: bool,
+}
+
+impl ProtocolP {
+    /// The error for a target with a host that says `protocol`, if that
+    /// protocol has no HTTP requests.
+    fn host_error(self, protocol: Protocol) -> Option<String> {
+        (self.host && !Protocol::speaks_http(Some(protocol))).then(|| {
+            format!(
+                "a target with a host says `protocol: {}`; a host is matched per HTTP request \
+                 (its Host header, else the TLS server name), so a target with one speaks \
+                 `http`, `llm` or `any`: fix the protocol, or name the destination by address \
+                 and port instead",
+                protocol.as_str()
+            )
+        })
+    }
+}
 
 impl Parse for ProtocolP {
     type Out = Protocol;
@@ -2015,7 +2557,7 @@ impl Parse for ProtocolP {
     }
     fn text(&self, s: &str) -> Result<Protocol, String> {
         if let Some(p) = Protocol::ALL.into_iter().find(|p| p.as_str() == s) {
-            return Ok(p);
+            return self.host_error(p).map_or(Ok(p), Err);
         }
         let names: Vec<&str> = Protocol::ALL.iter().map(|p| p.as_str()).collect();
         let hint = match s.to_ascii_lowercase().as_str() {
@@ -2030,6 +2572,50 @@ impl Parse for ProtocolP {
     }
 }
 
+#[derive(Clone, Copy)]
+struct HttpDefaultP;
+
+impl Parse for HttpDefaultP {
+    type Out = Action;
+    fn expecting(&self) -> String {
+        "allow or deny".into()
+    }
+    fn text(&self, s: &str) -> Result<Action, String> {
+        match s {
+            "allow" => Ok(Action::Allow),
+            "deny" => Ok(Action::Deny),
+            "audit" => Err(
+                "`http_default: audit` is not a choice; write `http_default: allow` (every \
+                 request is recorded in the audit anyway) or `http_default: deny`"
+                    .into(),
+            ),
+            _ => Err(format!(
+                "{s:?} is not an http_default; write `http_default: allow` or `http_default: deny`"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct PromptsP;
+
+impl Parse for PromptsP {
+    type Out = PromptAudit;
+    fn expecting(&self) -> String {
+        "full, digest or none".into()
+    }
+    fn text(&self, s: &str) -> Result<PromptAudit, String> {
+        [PromptAudit::Full, PromptAudit::Digest, PromptAudit::None]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "{s:?} is not a choice for audit prompts; write `prompts: full` (the prompt \
+                     as sent upstream), `prompts: digest` (a digest only) or `prompts: none`"
+                )
+            })
+    }
+}
 #[derive(Clone, Copy)]
 struct ClassP;
 
@@ -2106,15 +2692,15 @@ enum RefKind {
 }
 
 #[derive(Clone, Copy)]
-struct RefP<'c> {
+struct RefP<'c, 'm> {
     ctx: &'c Ctx,
     kind: RefKind,
-    /// The rule has a `sql` matcher (read before this): a target must speak
-    /// PostgreSQL.
-    sql: bool,
+    /// The protocol matchers of the rule read before this: a target must
+    /// speak their protocols.
+    matchers: &'m [Matcher],
 }
 
-impl Parse for RefP<'_> {
+impl Parse for RefP<'_, '_> {
     type Out = String;
     fn expecting(&self) -> String {
         match self.kind {
@@ -2143,13 +2729,14 @@ impl Parse for RefP<'_> {
             ),
         };
         if defined.iter().any(|n| n == s) {
-            if self.sql
-                && self.kind == RefKind::Target
-                && let Some(message) = self.ctx.sql_target_error(s)
+            return match self
+                .matchers
+                .iter()
+                .find_map(|&m| self.ctx.matcher_target_error(m, s))
             {
-                return Err(message);
-            }
-            return Ok(s.to_string());
+                Some(message) => Err(message),
+                None => Ok(s.to_string()),
+            };
         }
         let list = if defined.is_empty() {
             "none".to_string()
@@ -2323,8 +2910,9 @@ pub(crate) fn parse_net(s: &str) -> Result<IpNet, String> {
         ));
     } else if t.contains(|c: char| c.is_ascii_alphabetic()) && !t.contains(':') {
         return Err(format!(
-            "{s:?} is not an address or CIDR, and host names are not supported yet in policy \
-             v0; write e.g. 10.0.0.0/8 or 192.0.2.1"
+            "{s:?} is not an address or CIDR: an address is matched per connection, before \
+             any host name is known; to match a host name, give a target `host: {t}` (it holds \
+             for HTTP requests), or write an address such as 10.0.0.0/8 or 192.0.2.1"
         ));
     } else {
         return Err(format!(

@@ -35,7 +35,7 @@ rules:
     assert_eq!(
         err(src),
         "policy.yaml:5:5: unknown field `acton` in a rule; expected one of: name, when, action, \
-         mask"
+         mask, limits, redact_prompt, mask_response"
     );
 }
 
@@ -44,13 +44,14 @@ fn unknown_fields_everywhere_name_their_place() {
     assert_eq!(
         err("version: 1\nrule: []\n"),
         "policy.yaml:2:1: unknown field `rule` at the top level; expected one of: version, \
-         default, sql_default, sql_mask, workloads, targets, detectors, presets, udp, rules, audit"
+         default, sql_default, sql_mask, http_default, prompt_redact, response_mask, workloads, \
+         targets, credentials, detectors, presets, udp, rules, audit"
     );
     // In a flow mapping, the column is the key's.
     assert_eq!(
         err("version: 1\nrules:\n  - { name: a, when: { adress: 10.0.0.1 }, action: deny }\n"),
         "policy.yaml:3:24: unknown field `adress` in a rule's when; expected one of: workload, \
-         target, address, port, sql"
+         target, address, port, sql, http, llm"
     );
     assert_err(
         "version: 1\nworkloads:\n  w:\n    match: { pid: 1 }\n",
@@ -81,7 +82,7 @@ fn unknown_fields_everywhere_name_their_place() {
         "version: 1\naudit:\n  directory: /x\n",
         3,
         3,
-        "unknown field `directory` under audit; expected one of: dir, rotate",
+        "unknown field `directory` under audit; expected one of: dir, rotate, prompts",
     );
 }
 
@@ -141,7 +142,9 @@ targets:
         "version: 1\ntargets:\n  t: { address: api.openai.com }\n",
         3,
         17,
-        "host names are not supported yet in policy v0",
+        "\"api.openai.com\" is not an address or CIDR: an address is matched per connection, \
+         before any host name is known; to match a host name, give a target `host: \
+         api.openai.com` (it holds for HTTP requests)",
     );
     assert_err(
         "version: 1\nrules:\n  - name: r\n    when: { address: 1234 }\n    action: deny\n",
@@ -363,20 +366,16 @@ fn versions() {
 
 #[test]
 fn not_supported_yet() {
-    // `sql` is supported now (sql_tests below); the other matchers are not.
-    for matcher in ["http", "llm", "ssh"] {
-        let src = format!(
-            "version: 1\nrules:\n  - name: r\n    when:\n      target: db\n      {matcher}: {{ class: write }}\n    action: deny\ntargets:\n  db: {{ port: 5432 }}\n"
-        );
-        assert_eq!(
-            err(&src),
-            format!(
-                "policy.yaml:6:7: `{matcher}` in a rule's when is not supported yet in policy v0 \
-                 (a later version adds protocol matchers); expected one of: workload, target, \
-                 address, port, sql"
-            )
-        );
-    }
+    // `sql`, `http` and `llm` are supported now (statement_tests.rs,
+    // http_tests.rs); `ssh` is not.
+    assert_eq!(
+        err(
+            "version: 1\nrules:\n  - name: r\n    when:\n      target: db\n      ssh: { exec: ls }\n    action: deny\ntargets:\n  db: { port: 22 }\n"
+        ),
+        "policy.yaml:6:7: `ssh` in a rule's when is not supported yet in policy v0 (a later \
+         version adds protocol matchers); expected one of: workload, target, address, port, sql, \
+         http, llm"
+    );
     assert_eq!(
         err("version: 1\nrules:\n  - name: r\n    action: approve\n"),
         "policy.yaml:4:13: action `approve` is not supported yet in policy v0; write `action: \
@@ -391,35 +390,17 @@ fn not_supported_yet() {
          rule",
     );
     assert_err(
-        "version: 1\nrules:\n  - name: r\n    action: allow\n    redact_prompt: [payment]\n",
-        5,
-        5,
-        "`redact_prompt` in a rule is not supported yet in policy v0 (a later version adds LLM \
-         prompt masking)",
-    );
-    assert_err(
         "version: 1\nrules:\n  - name: r\n    action: allow\n    approve: { groups: [dba] }\n",
         5,
         5,
         "`approve` in a rule is not supported yet in policy v0 (a later version adds approvals)",
     );
     assert_err(
-        "version: 1\ncredentials:\n  db: { user: ro }\n",
-        2,
-        1,
-        "`credentials` at the top level is not supported yet in policy v0",
-    );
-    assert_err(
-        "version: 1\ntargets:\n  openai: { host: api.openai.com, protocol: llm }\n",
-        3,
-        13,
-        "`host` in a target is not supported yet in policy v0 (a later version adds host names)",
-    );
-    assert_err(
-        "version: 1\naudit:\n  prompts: digest\n",
+        "version: 1\naudit:\n  retention: 30d\n",
         3,
         3,
-        "`prompts` under audit is not supported yet in policy v0",
+        "`retention` under audit is not supported yet in policy v0 (a later version adds audit \
+         retention)",
     );
 }
 
@@ -545,7 +526,8 @@ fn load_reads_files_and_names_them() {
     assert_eq!(
         e,
         format!(
-            "{}:4:5: unknown field `acton` in a rule; expected one of: name, when, action, mask",
+            "{}:4:5: unknown field `acton` in a rule; expected one of: name, when, action, mask, \
+             limits, redact_prompt, mask_response",
             path.display()
         )
     );
@@ -823,7 +805,7 @@ fn bad_sql_values() {
         "version: 1\ntargets:\n  db: { protocol: postgres }\n",
         3,
         7,
-        "a target needs an address, a port or both",
+        "a target needs an address, a port or a host",
     );
     // Actions other than allow and deny stay refused on statement rules.
     assert_err(
