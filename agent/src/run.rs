@@ -109,7 +109,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
     // The real keys stay with the agent: a variable that holds one (the
     // policy's `api_key_env`, or any copy) is not passed on.
     let hidden: Vec<OsString> = std::env::vars_os()
-        .filter(|(_, value)| policy.credential_secrets().any(|s| value.as_encoded_bytes() == s.as_bytes()))
+        .filter(|(_, value)| {
+            policy
+                .credential_secrets()
+                .any(|s| value.as_encoded_bytes() == s.as_bytes())
+        })
         .map(|(name, _)| name)
         .collect();
     let agent = Agent::start(AgentOptions {

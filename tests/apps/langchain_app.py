@@ -9,9 +9,8 @@ It answers one support ticket, as such a bot does:
 3. a plain `openai.OpenAI` client files a one-line summary for the CRM, and
    embeds the ticket to look up similar past tickets.
 
-The ticket holds a (fake, Luhn-valid test) card number, 4111 1111 1111 1111:
-today it reaches the LLM provider as the customer typed it; redacting it in
-flight is later work.
+The ticket holds a (fake, Luhn-valid test) card number, 4111 1111 1111 1111,
+as customers' tickets do; under Warden it never reaches the provider.
 
 Configuration, as for any OpenAI app: OPENAI_BASE_URL (here
 http://127.0.0.1:PORT/v1, the test LLM server) and OPENAI_API_KEY (a
@@ -21,10 +20,11 @@ The last line on stdout is a JSON summary:
     {"answers": [...], "streamed_chunks": N, "pid": ..., ...}
 It exits 1 if anything failed.
 
-With DEMO_EXPECT_DENY=1 the bot expects its provider to be blocked by
-policy: it makes one call through LangChain and one through the OpenAI
-client, and exits 0 if (and only if) both failed with
-openai.APIConnectionError; it reports the errors and how long they took.
+With DEMO_EXPECT_DENY=1 the bot expects its calls to be refused by policy:
+it makes one call through LangChain and one through the OpenAI client, and
+exits 0 if (and only if) both were refused, with openai.APIConnectionError
+(the connection was refused) or openai.PermissionDeniedError (the request
+was); it reports the errors and how long they took.
 """
 import json
 import os
@@ -110,9 +110,10 @@ def run_bot(base_url: str, api_key: str, model: str) -> dict:
 
 
 def expect_deny(base_url: str, api_key: str, model: str) -> dict:
-    """The bot's first calls, with its provider blocked by policy: through
-    LangChain, then through the plain OpenAI client. Each must fail at once
-    with openai.APIConnectionError (LangChain raises a subclass of it)."""
+    """The bot's first calls, refused by policy: through LangChain, then
+    through the plain OpenAI client. Each must fail at once, with
+    openai.APIConnectionError (LangChain raises a subclass of it) when the
+    connection is refused, or openai.PermissionDeniedError when the request is."""
     # One retry each, as a production bot would have; the point is that the
     # error comes at once, not after the 30 s timeout.
     chain = build_chain(base_url, api_key, model, max_retries=1)
@@ -130,19 +131,29 @@ def expect_deny(base_url: str, api_key: str, model: str) -> dict:
         try:
             outcome["answer"] = call()
             outcome["api_connection_error"] = False
+            outcome["permission_denied"] = False
+        except openai.PermissionDeniedError as e:
+            outcome.update(
+                api_connection_error=False,
+                permission_denied=True,
+                error_type=f"{type(e).__module__}.{type(e).__name__}",
+                error=e.message,
+            )
         except openai.APIConnectionError as e:
             root = e
             while root.__cause__ is not None or root.__context__ is not None:
                 root = root.__cause__ or root.__context__
             outcome.update(
                 api_connection_error=True,
+                permission_denied=False,
                 error_type=f"{type(e).__module__}.{type(e).__name__}",
                 error=str(e),
                 root_cause=f"{type(root).__module__}.{type(root).__name__}: {root}",
             )
         outcome["elapsed_s"] = round(time.monotonic() - t0, 3)
         outcomes.append(outcome)
-    return {"denied": all(o["api_connection_error"] for o in outcomes), "calls": outcomes}
+    refused = all(o["api_connection_error"] or o["permission_denied"] for o in outcomes)
+    return {"denied": refused, "calls": outcomes}
 
 
 def main() -> int:

@@ -5,10 +5,11 @@ virtual environment's Python and WARDEN_BIN set. By hand, as root:
 
     WARDEN_BIN=target/release/warden <venv>/bin/python tests/demo/run_demo.py
 
-It starts a stand-in LLM provider on loopback (tests/peers/llm_server.py),
-runs the bot (tests/apps/langchain_app.py) under Warden, shows the audit
-with DuckDB, then runs the bot again under a policy that blocks the
-provider. All traffic stays on 127.0.0.1. The audit is left in
+It starts a stand-in LLM provider on loopback (tests/peers/llm_server.py)
+that takes one API key, runs the bot (tests/apps/langchain_app.py) under
+Warden with a placeholder key (Warden injects the real one) and a ticket
+whose card number Warden redacts, shows the audit with DuckDB, then runs
+the bot again under a policy that allows another model only. All traffic stays on 127.0.0.1. The audit is left in
 target/demo-audit for you to query. Exits non-zero, saying why, if any step
 does not go as shown.
 """
@@ -32,7 +33,9 @@ WARDEN = os.environ.get("WARDEN_BIN", str(ROOT / "target" / "release" / "warden"
 APP = ROOT / "tests" / "apps" / "langchain_app.py"
 AUDIT = ROOT / "target" / "demo-audit"
 PLACEHOLDER_KEY = "sk-placeholder-not-a-real-key"
-RULE = "block-llm-provider"
+RULE = "one-model-only"
+REAL_KEY = "sk-demo-real-7f3a9c1e5b2d"
+CARD = "4111 1111 1111 1111"
 
 
 class DemoFailed(Exception):
@@ -103,8 +106,9 @@ def query(sql: str):
 
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")  # times are shown in UTC, whatever the host's zone
-    glob = AUDIT / "connections" / "**" / "*.parquet"
-    con.execute(f"CREATE VIEW connections AS SELECT * FROM read_parquet('{glob}', hive_partitioning = true)")
+    for table in ("connections", "requests"):
+        glob = AUDIT / table / "**" / "*.parquet"
+        con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{glob}', hive_partitioning = true)")
     return con.execute(sql).fetchall()
 
 
@@ -119,14 +123,31 @@ COLUMNS = ["time (UTC)", "pid", "exe", "user", "destination", "protocol", "decis
 
 def show_audit(where: str) -> list[tuple]:
     rows = query(AUDIT_SQL.format(where=where))
-    cells = [COLUMNS] + [["" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
-    numeric = {1, 8, 9}
+    table(COLUMNS, rows, numeric={1, 8, 9})
+    return rows
+
+
+REQUESTS_SQL = """\
+SELECT strftime(start_time, '%H:%M:%S.%g') AS time, http_method || ' ' || http_path AS request,
+       llm_model, llm_stream, http_status, input_tokens, redacted, masked, output_tokens, decision, rule
+FROM requests WHERE {where} ORDER BY start_time, seq"""
+REQUEST_COLUMNS = ["time (UTC)", "request", "model", "stream", "status", "tokens in", "redacted", "masked", "tokens out",
+                   "decision", "rule"]
+
+
+def show_requests(where: str) -> list[tuple]:
+    rows = query(REQUESTS_SQL.format(where=where))
+    table(REQUEST_COLUMNS, rows, numeric={4, 5, 6, 7, 8})
+    return rows
+
+
+def table(columns: list[str], rows: list[tuple], numeric: set[int]):
+    cells = [columns] + [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     for n, row in enumerate(cells):
         say("  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip(), 3)
         if n == 0:
             say("  ".join("-" * w for w in widths), 3)
-    return rows
 
 
 def check_policy(path: Path) -> str:
@@ -147,9 +168,14 @@ def demo(tmp: Path):
     AUDIT.mkdir(parents=True)
 
     # The provider speaks HTTPS with a certificate from its own CA; only the
-    # agent is told to trust that CA, the bot trusts the agent's.
+    # agent is told to trust that CA, the bot trusts the agent's. It takes
+    # one API key, which only Warden holds.
     pki = make_provider_pki(tmp / "provider-pki")
-    server, port = start_server("127.0.0.1", 0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
+    key_file = tmp / "provider.key"
+    key_file.write_text(REAL_KEY + "\n")
+    key_file.chmod(0o600)
+    server, port = start_server("127.0.0.1", 0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
+                                api_key=REAL_KEY)
     base_url = f"https://localhost:{port}/v1"
     tls_args = ("--state-dir", str(tmp / "state"), "--upstream-ca", str(pki / "ca.pem"))
     try:
@@ -157,18 +183,41 @@ def demo(tmp: Path):
         say(f"An OpenAI-compatible server listens on {base_url}. It plays the part of the", 3)
         say("provider (which this machine cannot reach) and echoes what it is asked. Its", 3)
         say("certificate comes from a CA of its own, which only Warden's agent is told to trust", 3)
-        say("(--upstream-ca); the bot is given no certificate settings at all.", 3)
+        say("(--upstream-ca); the bot is given no certificate settings at all. It accepts one", 3)
+        say(f"API key, {REAL_KEY[:12]}..., kept in a root-only file that only Warden reads.", 3)
 
-        heading(2, "The support bot, under Warden")
+        heading(2, "The policy")
+        policy = tmp / "support-bot.yaml"
+        policy.write_text(
+            textwrap.dedent(
+                f"""\
+                version: 1
+                targets:
+                  llm-provider: {{ address: "127.0.0.1", port: {port}, protocol: llm }}
+                # The bot holds a placeholder; Warden sends the real key.
+                credentials:
+                  llm-provider: {{ api_key_file: {key_file} }}
+                # As Warden's built-in policy: card numbers, SSNs and secrets are
+                # redacted in prompts and masked in answers, streams included.
+                prompt_redact: {{ detectors: [payment, ssn, secrets] }}
+                response_mask: {{ detectors: [payment, ssn, secrets] }}
+                """
+            )
+        )
+        say(policy.read_text().rstrip(), 5)
+        check_policy(policy)
+
+        heading(3, "The support bot, under Warden")
         say(f"The bot ({rel(APP)}) answers a customer ticket with a LangChain chain,", 3)
-        say("streams the answer, and files a summary with the plain OpenAI SDK. Warden starts", 3)
-        say("its agent, puts the bot in a fresh cgroup, and sends each of the bot's outbound", 3)
-        say("TCP connections through the agent's proxy.", 3)
+        say("streams the answer, and files a summary with the plain OpenAI SDK. The ticket holds", 3)
+        say(f"the customer's card number, {CARD}. The bot's API key is a placeholder,", 3)
+        say(f"{PLACEHOLDER_KEY!r}. Warden starts its agent, puts the bot in a fresh cgroup,", 3)
+        say("and sends each of the bot's outbound TCP connections through the agent's proxy.", 3)
         say("Here the bot runs as root, because its Python environment lives under /root;", 3)
         say("in production, run it as its service user: `warden run --user bot-svc -- ...`.", 3)
         say()
         t0 = time.monotonic()
-        report, proc = warden_run(app_env(base_url), *tls_args)
+        report, proc = warden_run(app_env(base_url), "--policy", rel(policy), *tls_args)
         if proc.returncode != 0 or not report.get("ok"):
             raise DemoFailed(f"the bot failed (exit code {proc.returncode}): {report}\n{proc.stderr}")
         say()
@@ -180,75 +229,78 @@ def demo(tmp: Path):
         streamed = sum(r["stream"] for r in received)
         say(f"The provider received {len(received)} requests ({streamed} streamed): "
             + ", ".join(f"{k} x{n}" for k, n in kinds.items()) + ".", 3)
-        say("(The ticket's card number 4111 1111 1111 1111 reached it as typed: redaction comes later.)", 3)
+        sent = received[0]["body"]["messages"][-1]["content"]
+        if CARD in json.dumps([r["body"] for r in received]):
+            raise DemoFailed("the card number reached the provider")
+        say("What the provider got of the ticket:", 3)
+        say(textwrap.fill(sent, 84, initial_indent='"', subsequent_indent=" ") + '"', 5)
+        keys = {r["auth"].get("authorization", {}).get("prefix") for r in received}
+        if keys != {REAL_KEY[:8]}:
+            raise DemoFailed(f"the provider did not get the real key on every request: {keys}")
+        say(f"and on every request the real key ({REAL_KEY[:8]}...), which the bot never held.", 3)
 
-        heading(3, "The audit, read with DuckDB")
+        heading(4, "The audit, read with DuckDB")
         rows = show_audit(f"pid = {report['pid']}")
         if not rows:
             raise DemoFailed(f"the audit in {AUDIT} has no rows for the bot")
         say()
-        say(f"{len(rows)} connections captured, each attributed to the bot's process, with the", 3)
-        say("protocol Warden recognised and the bytes each way (one connection carries several", 3)
-        say("requests: HTTP keep-alive). Warden ended the bot's TLS with a certificate its own", 3)
-        say("CA made for the name the bot asked for (server name), which the bot trusted through", 3)
-        say("the bundle `warden run` gave it (SSL_CERT_FILE), and verified the provider itself.", 3)
+        say(f"{len(rows)} connections captured, each attributed to the bot's process. Warden ended", 3)
+        say("the bot's TLS with a certificate its own CA made for the name the bot asked for,", 3)
+        say("which the bot trusted through the bundle `warden run` gave it (SSL_CERT_FILE), and", 3)
+        say("verified the provider itself. Inside, it decoded HTTP: one row per request.", 3)
         if any(r[11] != "intercepted" for r in rows):
             raise DemoFailed("the bot's TLS was not intercepted")
         if any(r[4] != f"127.0.0.1:{port}" or r[6] != "allow" for r in rows):
             raise DemoFailed("the audit shows connections other than the bot's allowed calls to the provider")
-
-        heading(4, "Policy")
-        say("Without --policy, Warden uses its built-in policy: allow and record everything,", 3)
-        say("and mask card numbers, SSNs and secrets in database results.", 3)
-        check_policy(ROOT / "policies" / "default.yaml")
         say()
-        say("Now a policy that blocks the provider:", 3)
-        policy = tmp / "block-llm.yaml"
-        policy.write_text(
-            textwrap.dedent(
+        calls = show_requests(f"pid = {report['pid']}")
+        if len(calls) != len(received) or sum(c[6] for c in calls) < 3:
+            raise DemoFailed(f"the requests table does not show the redacted calls: {calls}")
+        say()
+        say("Each LLM call, with its model, whether it streamed, what was redacted from the", 3)
+        say("prompt before it left the host, what was masked in the answer, and token usage.", 3)
+        say("The prompt and answer themselves are in the `prompt` and `response` columns.", 3)
+
+        heading(5, "A policy that allows one model only")
+        say("The bot asks for gpt-4o-mini; this policy lets it use gpt-4.1-mini only:", 3)
+        limited = tmp / "one-model.yaml"
+        limited.write_text(
+            policy.read_text()
+            + textwrap.dedent(
                 f"""\
-                version: 1
-                default: audit
-                targets:
-                  llm-provider: {{ address: "127.0.0.1/32", port: {port} }}
                 rules:
                   - name: {RULE}
-                    when: {{ target: llm-provider }}
-                    action: deny
+                    when: {{ target: llm-provider, llm: {{ endpoint: [chat] }} }}
+                    action: allow
+                    limits: {{ models: ["gpt-4.1-mini"] }}
                 """
             )
         )
-        say(policy.read_text().rstrip(), 5)
-        check_policy(policy)
-
-        heading(5, "The bot again, with the provider blocked")
+        say("rules:" + limited.read_text().split("rules:", 1)[1].rstrip(), 5)
+        check_policy(limited)
         before = len(server.requests)
-        report, proc = warden_run(app_env(base_url, DEMO_EXPECT_DENY="1"), "--policy", str(policy), *tls_args)
+        say()
+        report, proc = warden_run(app_env(base_url, DEMO_EXPECT_DENY="1"), "--policy", rel(limited), *tls_args)
         if proc.returncode != 0 or not report.get("denied"):
             raise DemoFailed(f"the bot's calls were not refused as expected: {report}\n{proc.stderr}")
         say()
         for call in report["calls"]:
             kind = call["error_type"].rsplit(".", 1)[1]
-            if call["error_type"] != "openai.APIConnectionError":
-                kind += " (LangChain's subclass of openai.APIConnectionError)"
             say(f"{call['via']:>9} call: {kind}: {call['error']!r} after {call['elapsed_s']:.2f} s", 3)
-        say("The bot failed at once with a clear error (one retry included), instead of", 3)
-        say("hanging until its 30 s timeout.", 3)
+        say("The bot's SDK raised the provider's own kind of error, with the reason, at once.", 3)
         if len(server.requests) != before:
             raise DemoFailed("a request reached the provider although the policy denies it")
-        say("The provider received nothing. The audit records each refused attempt:", 3)
+        say("The provider received nothing. The audit records each refused call:", 3)
         say()
-        denied = show_audit(f"pid = {report['pid']}")
-        if not denied or any(r[6] != "deny" or r[7] != RULE for r in denied):
+        denied = show_requests(f"pid = {report['pid']}")
+        if not denied or any(r[9] != "deny" or r[10] != RULE for r in denied):
             raise DemoFailed(f"the audit does not show the denies with rule {RULE}")
-        say()
-        say(f"{len(denied)} connections refused by rule `{RULE}`, before any byte left.", 3)
     finally:
         server.close()
 
     say()
     say(f"Done. The audit stays in {rel(AUDIT)}; query it with DuckDB, e.g.:")
-    say(f"SELECT * FROM read_parquet('{rel(AUDIT)}/connections/**/*.parquet', hive_partitioning = true);", 3)
+    say(f"SELECT * FROM read_parquet('{rel(AUDIT)}/requests/**/*.parquet', hive_partitioning = true);", 3)
 
 
 def main() -> int:

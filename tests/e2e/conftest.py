@@ -77,3 +77,15 @@ def duckdb_query(audit_dir: Path, sql: str):
     glob = str(audit_dir / "connections" / "**" / "*.parquet")
     con.execute(f"CREATE VIEW connections AS SELECT * FROM read_parquet('{glob}', hive_partitioning=true)")
     return con.execute(sql).fetchall()
+
+
+def read_requests(audit_dir: Path, where: str = "true"):
+    """The requests table, read with DuckDB, as dicts in session and request order."""
+    import duckdb
+
+    con = duckdb.connect()
+    glob = str(audit_dir / "requests" / "**" / "*.parquet")
+    # Timestamps stay in DuckDB (as Python values they would need pytz).
+    cur = con.execute(f"SELECT * EXCLUDE (start_time, end_time) FROM read_parquet('{glob}', hive_partitioning=true) WHERE {where} ORDER BY start_time, session_id, seq")
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r)) for r in cur.fetchall()]

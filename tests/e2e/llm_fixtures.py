@@ -14,6 +14,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS / "peers"))
 from llm_server import read_log, start_server  # noqa: E402
+from pki import make_provider_pki  # noqa: E402
 
 from conftest import warden_run  # noqa: E402
 
@@ -46,6 +47,24 @@ def llm_server(tmp_path):
     log = tmp_path / "llm-requests.jsonl"
     server, port = start_server("127.0.0.1", 0, log=log)
     yield LLMServerHandle(server, port, log)
+    server.close()
+
+
+@pytest.fixture
+def upstream_pki(tmp_path):
+    """The "real" provider's CA and certificate, which only the agent is told to trust."""
+    return make_provider_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def https_llm(tmp_path, upstream_pki):
+    """The test LLM server over TLS, as `https://localhost:PORT/v1`."""
+    log = tmp_path / "llm-requests.jsonl"
+    server, port = start_server("127.0.0.1", 0, log=log, tls_cert=str(upstream_pki / "server.pem"),
+                                tls_key=str(upstream_pki / "server.key"))
+    handle = LLMServerHandle(server, port, log)
+    handle.base_url = f"https://localhost:{port}/v1"
+    yield handle
     server.close()
 
 

@@ -1,34 +1,9 @@
 """TLS interception: the agent ends the app's TLS with its own CA, verifies
 the real server itself, and says in the audit when either side refuses."""
 import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "peers"))
-from llm_server import start_server  # noqa: E402
-from pki import make_provider_pki  # noqa: E402
-
-from conftest import WARDEN, read_audit, warden_run  # noqa: E402
-from llm_fixtures import LLMServerHandle, app_env, run_app  # noqa: E402,F401
-
-
-@pytest.fixture
-def upstream_pki(tmp_path):
-    """The "real" provider's CA and certificate, which only the agent is told to trust."""
-    return make_provider_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-def https_llm(tmp_path, upstream_pki):
-    log = tmp_path / "llm-requests.jsonl"
-    server, port = start_server("127.0.0.1", 0, log=log, tls_cert=str(upstream_pki / "server.pem"),
-                                tls_key=str(upstream_pki / "server.key"))
-    handle = LLMServerHandle(server, port, log)
-    handle.base_url = f"https://localhost:{port}/v1"
-    yield handle
-    server.close()
+from conftest import WARDEN, read_audit, warden_run
+from llm_fixtures import app_env, https_llm, run_app, upstream_pki  # noqa: F401 - fixtures
 
 
 def test_langchain_over_https_is_intercepted(https_llm, upstream_pki, tmp_path, audit_dir, run_app):  # noqa: F811
@@ -40,7 +15,7 @@ def test_langchain_over_https_is_intercepted(https_llm, upstream_pki, tmp_path, 
     rows = read_audit(audit_dir)
     assert rows and all(r["dst_port"] == https_llm.port for r in rows)
     for r in rows:
-        assert (r["protocol"], r["tls"], r["server_name"], r["error"]) == ("tls", "intercepted", "localhost", None), r
+        assert (r["protocol"], r["tls"], r["server_name"], r["error"]) == ("https", "intercepted", "localhost", None), r
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
     # The CA's key stays root's.
     assert oct((state / "ca" / "ca.key").stat().st_mode & 0o777) == "0o600"

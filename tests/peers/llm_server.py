@@ -23,12 +23,14 @@ replies instead, taken in order:
       {"tool_calls": [{"name": "run_sql", "arguments": {"query": "SELECT 1"}}]},
       {"content": "only when asked about refunds", "match": "refund", "repeat": true},
       {"error": {"status": 429, "message": "slow down"}},
-      {"content": "late answer", "delay": 2.5}
+      {"content": "late answer", "delay": 2.5},
+      {"pieces": ["card 4111 11", "11 1111 1111", " ok"]}
     ]
 
 Each chat-like request (chat completions, responses, messages) takes the
 first entry whose `match` (a substring of the last user text, optional)
-holds; the entry is used up unless `repeat` is true. When no entry applies
+holds; the entry is used up unless `repeat` is true. `pieces` gives the
+exact deltas of a streamed answer (its text is their concatenation). When no entry applies
 the echo answer is given. Tool calls become OpenAI `tool_calls`, Responses
 `function_call` items or Anthropic `tool_use` blocks.
 
@@ -42,6 +44,7 @@ Command line:
 
     python llm_server.py --host 127.0.0.1 --port 0 --port-file FILE \
         [--log FILE] [--script FILE] [--chunk-delay S] [--tls-cert CERT --tls-key KEY]
+        [--api-key KEY]
 
 (the script may also come from the environment variable LLM_SERVER_SCRIPT).
 From Python: `server, port = start_server(...)`, then `server.close()`.
@@ -82,8 +85,10 @@ CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
 class Reply:
     """One answer: text, tool calls, or an HTTP error."""
 
-    def __init__(self, content: str | None = None, tool_calls=None, error=None, delay: float = 0.0):
-        self.content = content
+    def __init__(self, content: str | None = None, tool_calls=None, error=None, delay: float = 0.0, pieces=None):
+        # `pieces`: the exact stream deltas, when a test needs a value cut at chosen places.
+        self.pieces = list(pieces) if pieces else None
+        self.content = "".join(self.pieces) if self.pieces else content
         # [(call id, name, arguments as a JSON string)]
         self.tool_calls = tool_calls or []
         self.error = error  # {"status": int, "type": str, "message": str}
@@ -102,7 +107,8 @@ class Reply:
         error = entry.get("error")
         if error is not None:
             error = {"status": 500, "type": "server_error", "message": "scripted error", **error}
-        return cls(content=entry.get("content"), tool_calls=calls, error=error, delay=float(entry.get("delay", 0)))
+        return cls(content=entry.get("content"), tool_calls=calls, error=error, delay=float(entry.get("delay", 0)),
+                   pieces=entry.get("pieces"))
 
     def summary(self):
         """What the log records about the answer."""
@@ -255,6 +261,9 @@ class HttpError(Exception):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
+    # Replies go out as written: without this each small write waits on a
+    # delayed ACK (about 40 ms) and hides everything else in a benchmark.
+    disable_nagle_algorithm = True
     server_version = "warden-test-llm/1"
     sys_version = ""
     # An idle keep-alive connection is closed after this many seconds.
@@ -414,6 +423,8 @@ class Handler(BaseHTTPRequestHandler):
         if route is None and self.command == "GET" and path.startswith("/v1/models/"):
             route = "model_get"
         try:
+            if self.server.api_key is not None and self._presented_key() != self.server.api_key:
+                raise HttpError(401, "Incorrect API key provided.", "authentication_error")
             if route is None:
                 raise HttpError(404, f"Unknown request URL: {self.command} {self.path}", "not_found_error")
             if self.command == "POST" and not isinstance(body_json, dict):
@@ -421,6 +432,12 @@ class Handler(BaseHTTPRequestHandler):
             getattr(self, "_" + route)(body_json)
         except HttpError as e:
             self._send_error_json(e.status, e.message, e.kind)
+
+    def _presented_key(self) -> str | None:
+        auth = self.headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            return auth[7:].strip()
+        return self.headers.get("X-Api-Key")
 
     def _reply_for(self, messages) -> tuple[Reply, str]:
         last_user, last_tool, all_text = _conversation(messages)
@@ -474,7 +491,7 @@ class Handler(BaseHTTPRequestHandler):
         self._start_stream()
         self._send_event(chunk({"role": "assistant", "content": "", "refusal": None}))
         if reply.content:
-            for piece in _pieces(reply.content):
+            for piece in reply.pieces or _pieces(reply.content):
                 self._send_event(chunk({"content": piece}))
         for index, (call_id, name, args) in enumerate(reply.tool_calls):
             self._send_event(chunk({"tool_calls": [{"index": index, "id": call_id, "type": "function",
@@ -538,7 +555,7 @@ class Handler(BaseHTTPRequestHandler):
                       item={**item, "status": "in_progress", "content": []})
                 part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
                 event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0, part=part)
-                for piece in _pieces(text):
+                for piece in reply.pieces or _pieces(text):
                     event("response.output_text.delta", item_id=item["id"], output_index=index, content_index=0,
                           delta=piece, logprobs=[])
                 event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
@@ -633,7 +650,7 @@ class Handler(BaseHTTPRequestHandler):
                 event("content_block_start", index=index, content_block={"type": "text", "text": ""})
                 if index == 0:
                     event("ping")
-                for piece in _pieces(block["text"]):
+                for piece in reply.pieces or _pieces(block["text"]):
                     event("content_block_delta", index=index, delta={"type": "text_delta", "text": piece})
             else:
                 event("content_block_start", index=index, content_block={**block, "input": {}})
@@ -668,12 +685,15 @@ class LLMServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, host: str, port: int, *, script: Script | None = None, log: str | os.PathLike | None = None,
-                 tls_cert=None, tls_key=None, chunk_delay: float = 0.0, verbose: bool = False):
+                 tls_cert=None, tls_key=None, chunk_delay: float = 0.0, verbose: bool = False,
+                 api_key: str | None = None):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), Handler)
         self.script = script or Script()
         self.chunk_delay = chunk_delay
         self.verbose = verbose
+        # When set, a request without this key (Bearer or X-Api-Key) gets 401, as a provider answers.
+        self.api_key = api_key
         self.requests: list[dict] = []  # every record, as also written to the log
         self._lock = threading.Lock()
         self.connections = 0  # connections that got as far as HTTP (past TLS, if any)
@@ -738,14 +758,14 @@ class LLMServer(ThreadingHTTPServer):
 
 
 def start_server(host: str = "127.0.0.1", port: int = 0, *, log=None, script=None, tls_cert=None, tls_key=None,
-                 chunk_delay: float = 0.0, verbose: bool = False) -> tuple[LLMServer, int]:
+                 chunk_delay: float = 0.0, verbose: bool = False, api_key: str | None = None) -> tuple[LLMServer, int]:
     """Start a server in a background thread; returns (server, port).
 
     `script` is a Script, a list of entries, or a path to a JSON script."""
     if script is not None and not isinstance(script, Script):
         script = Script.load(script) if isinstance(script, (str, os.PathLike)) else Script(script)
     server = LLMServer(host, port, script=script, log=log, tls_cert=tls_cert, tls_key=tls_key,
-                       chunk_delay=chunk_delay, verbose=verbose)
+                       chunk_delay=chunk_delay, verbose=verbose, api_key=api_key)
     server._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                       name="llm-server", daemon=True)
     server._thread.start()
@@ -772,13 +792,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tls-cert")
     ap.add_argument("--tls-key")
     ap.add_argument("--verbose", action="store_true", help="log each request on stderr")
+    ap.add_argument("--api-key", default=os.environ.get("LLM_SERVER_API_KEY"),
+                    help="refuse requests without this key (default: $LLM_SERVER_API_KEY, else accept any)")
     args = ap.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         ap.error("--tls-cert and --tls-key go together")
 
     script = Script.load(args.script) if args.script else Script()
     server = LLMServer(args.host, args.port, script=script, log=args.log, tls_cert=args.tls_cert,
-                       tls_key=args.tls_key, chunk_delay=args.chunk_delay, verbose=args.verbose)
+                       tls_key=args.tls_key, chunk_delay=args.chunk_delay, verbose=args.verbose,
+                       api_key=args.api_key)
     if args.port_file:
         # Written whole (rename), so a reader never sees a partial number.
         tmp = Path(args.port_file + ".tmp")

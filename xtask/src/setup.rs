@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use crate::{root, step};
 
 /// Debian packages the tests use as real peers.
-const DEB_PACKAGES: &[&str] = &["curl", "openssl", "postgresql"];
+const DEB_PACKAGES: &[&str] = &["curl", "openssl", "postgresql", "nginx"];
 
 pub struct PythonEnv {
     dir: PathBuf,

@@ -61,7 +61,7 @@ pub struct ConnectionRow {
     /// The policy workload the process matched, if any.
     pub workload: Option<String>,
     pub destination: SocketAddr,
-    /// "tls", "http", "postgres", "ssh", "unknown" (client sent bytes we do
+    /// "tls", "https" (intercepted, HTTP inside), "http", "postgres", "ssh", "unknown" (client sent bytes we do
     /// not recognise), "server-first" (the server spoke first), "none" (no byte).
     pub protocol: &'static str,
     /// The name the client asked for in its TLS hello (SNI), if any.
@@ -198,10 +198,11 @@ pub const CHANNEL_CAPACITY: usize = 65_536;
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// What goes through the channel: a row of one of the tables.
+/// What goes through the channel: a row of one of the tables (boxed: the
+/// channel holds many, and the two differ in size).
 enum AuditRow {
-    Connection(ConnectionRow),
-    Request(RequestRow),
+    Connection(Box<ConnectionRow>),
+    Request(Box<RequestRow>),
 }
 
 /// Cheap to clone; never blocks the data path.
@@ -216,13 +217,13 @@ impl AuditSink {
     /// is behind (the channel is full) or gone, the row is dropped and
     /// counted.
     pub fn record(&self, row: ConnectionRow) {
-        self.send(AuditRow::Connection(row));
+        self.send(AuditRow::Connection(Box::new(row)));
     }
 
     /// Queues a `requests` row for writing, like [`AuditSink::record`]:
     /// never blocks, and a row that does not fit is dropped and counted.
     pub fn record_request(&self, row: RequestRow) {
-        self.send(AuditRow::Request(row));
+        self.send(AuditRow::Request(Box::new(row)));
     }
 
     fn send(&self, row: AuditRow) {
@@ -346,13 +347,13 @@ impl WriterState {
     async fn accept(&mut self, row: AuditRow) {
         match row {
             AuditRow::Connection(row) => {
-                if self.connections.push(row) {
+                if self.connections.push(*row) {
                     self.report_drops();
                     self.connections.flush().await;
                 }
             }
             AuditRow::Request(row) => {
-                if self.requests.push(row) {
+                if self.requests.push(*row) {
                     self.report_drops();
                     self.requests.flush().await;
                 }

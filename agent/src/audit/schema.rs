@@ -10,8 +10,8 @@ use std::sync::{Arc, LazyLock};
 
 use arrow::{
     array::{
-        ArrayRef, BooleanArray, Float64Array, Int16Array, Int32Array, Int64Array, ListBuilder, StringArray,
-        StringBuilder, TimestampMicrosecondArray,
+        ArrayRef, BooleanArray, Float64Array, Int16Array, Int32Array, Int64Array, ListBuilder,
+        StringArray, StringBuilder, TimestampMicrosecondArray,
     },
     datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit},
     error::ArrowError,
@@ -388,9 +388,10 @@ impl Table for RequestRow {
                 ),
                 (
                     "http_status",
-                    Arc::new(Int32Array::from_iter(rows.iter().map(|r| {
-                        r.http.as_ref().and_then(|h| h.status).map(i32::from)
-                    }))),
+                    Arc::new(Int32Array::from_iter(
+                        rows.iter()
+                            .map(|r| r.http.as_ref().and_then(|h| h.status).map(i32::from)),
+                    )),
                 ),
                 (
                     "llm_provider",
@@ -431,18 +432,26 @@ impl Table for RequestRow {
                 (
                     "input_tokens",
                     opt_ints(rows, |r| {
-                        r.llm.as_ref().and_then(|l| l.input_tokens).map(saturating_i64)
+                        r.llm
+                            .as_ref()
+                            .and_then(|l| l.input_tokens)
+                            .map(saturating_i64)
                     }),
                 ),
                 (
                     "output_tokens",
                     opt_ints(rows, |r| {
-                        r.llm.as_ref().and_then(|l| l.output_tokens).map(saturating_i64)
+                        r.llm
+                            .as_ref()
+                            .and_then(|l| l.output_tokens)
+                            .map(saturating_i64)
                     }),
                 ),
                 (
                     "redacted",
-                    ints(rows, |r| saturating_i64(r.llm.as_ref().map_or(0, |l| l.redacted))),
+                    ints(rows, |r| {
+                        saturating_i64(r.llm.as_ref().map_or(0, |l| l.redacted))
+                    }),
                 ),
             ],
         )

@@ -7,8 +7,8 @@ use std::{
 
 use arrow::{
     array::{
-        Array, BooleanArray, Float64Array, Int16Array, Int32Array, Int64Array, ListArray, RecordBatch,
-        StringArray, TimestampMicrosecondArray,
+        Array, BooleanArray, Float64Array, Int16Array, Int32Array, Int64Array, ListArray,
+        RecordBatch, StringArray, TimestampMicrosecondArray,
     },
     compute::concat_batches,
 };

@@ -1,7 +1,7 @@
 //! TLS interception: the agent ends the client's TLS with a certificate its
 //! own CA makes for the name the client asked for, and opens its own TLS to
-//! the original destination, verified against the real roots. Decoders see
-//! plaintext in between; for now it is relayed as it is.
+//! the original destination, verified against the real roots. What comes
+//! out is a [`Tunnel`]: plaintext on both sides, for a decoder or the relay.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use rustls::{
@@ -10,9 +10,8 @@ use rustls::{
     server::Acceptor,
 };
 use tokio::net::TcpStream;
-use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector, client, server};
 
-use super::relay::{self, Transferred};
 use crate::tls::Authority;
 
 /// How long a client may take to send its ClientHello.
@@ -24,14 +23,21 @@ pub struct Interceptor {
     upstream: Arc<ClientConfig>,
 }
 
-/// What an intercepted connection did, for its audit row.
-pub struct Intercepted {
+/// Both handshakes done: the client's TLS ended by the agent, the agent's
+/// own TLS to the server.
+pub struct Tunnel {
+    pub client: server::TlsStream<TcpStream>,
+    pub upstream: client::TlsStream<TcpStream>,
     /// The name the client asked for (SNI), if it sent one.
     pub server_name: Option<String>,
-    /// "intercepted" when both handshakes completed, "failed" otherwise.
-    pub tls: &'static str,
-    pub moved: Transferred,
-    pub error: Option<String>,
+    /// The application protocol the server chose (ALPN), if any.
+    pub alpn: Option<Vec<u8>>,
+}
+
+/// A handshake that failed, for the connection's audit row.
+pub struct Failed {
+    pub server_name: Option<String>,
+    pub error: String,
 }
 
 impl Interceptor {
@@ -42,17 +48,15 @@ impl Interceptor {
         }
     }
 
-    pub async fn intercept(
+    pub async fn handshake(
         &self,
         client: TcpStream,
         upstream: TcpStream,
         destination: SocketAddr,
-    ) -> Intercepted {
-        let mut outcome = Intercepted {
+    ) -> Result<Tunnel, Failed> {
+        let mut outcome = Failed {
             server_name: None,
-            tls: "failed",
-            moved: Transferred::default(),
-            error: None,
+            error: String::new(),
         };
 
         // 1. The client's hello: which name, which application protocols.
@@ -63,8 +67,10 @@ impl Interceptor {
         .await
         {
             Ok(Ok(start)) => start,
-            Ok(Err(e)) => return outcome.failed(format!("reading the client's TLS hello: {e}")),
-            Err(_) => return outcome.failed("the client sent no TLS hello in time".into()),
+            Ok(Err(e)) => {
+                return Err(outcome.failed(format!("reading the client's TLS hello: {e}")));
+            }
+            Err(_) => return Err(outcome.failed("the client sent no TLS hello in time".into())),
         };
         let hello = start.client_hello();
         outcome.server_name = hello.server_name().map(str::to_string);
@@ -86,46 +92,44 @@ impl Interceptor {
             .await
         {
             Ok(s) => s,
-            Err(e) => return outcome.failed(format!("upstream TLS to {}: {e}", display(&name))),
+            Err(e) => {
+                return Err(outcome.failed(format!("upstream TLS to {}: {e}", display(&name))));
+            }
         };
-        let chosen: Vec<Vec<u8>> = upstream
-            .get_ref()
-            .1
-            .alpn_protocol()
-            .map(|p| vec![p.to_vec()])
-            .unwrap_or_default();
+        let alpn = upstream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let chosen: Vec<Vec<u8>> = alpn.iter().cloned().collect();
 
         // 3. The client's side, with a certificate for the same name.
         let server_config = match self.authority.server_config(&name, &chosen) {
             Ok(c) => c,
             Err(e) => {
-                return outcome.failed(format!("making a certificate for {}: {e}", display(&name)));
+                return Err(
+                    outcome.failed(format!("making a certificate for {}: {e}", display(&name)))
+                );
             }
         };
         let client = match start.into_stream(server_config).await {
             Ok(s) => s,
             Err(e) => {
-                return outcome.failed(format!(
+                return Err(outcome.failed(format!(
                     "the client refused the agent's certificate for {} ({e}): it may pin certificates or not trust the Warden CA",
                     display(&name)
-                ));
+                )));
             }
         };
 
-        // 4. Plaintext both ways.
-        outcome.tls = "intercepted";
-        let (moved, result) = relay::relay_streams(client, upstream).await;
-        outcome.moved = moved;
-        if let Err(e) = result {
-            outcome.error = Some(format!("relay: {e}"));
-        }
-        outcome
+        Ok(Tunnel {
+            client,
+            upstream,
+            server_name: outcome.server_name,
+            alpn,
+        })
     }
 }
 
-impl Intercepted {
+impl Failed {
     fn failed(mut self, error: String) -> Self {
-        self.error = Some(error);
+        self.error = error;
         self
     }
 }

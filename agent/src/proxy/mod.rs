@@ -4,10 +4,13 @@
 //! 2. decide: the policy allows or denies the connection;
 //! 3. connect: the agent opens its own connection to the original destination;
 //! 4. detect: the first bytes name the protocol (decoders plug in here);
-//! 5. relay: bytes both ways;
-//! 6. log: one audit row when the connection ends.
+//! 5. relay: PostgreSQL and HTTP through their decoders (HTTP inside TLS
+//!    once [`intercept`] has ended the client's TLS), anything else as bytes;
+//! 6. log: one audit row when the connection ends (decoders add one per request).
 pub mod detect;
+pub mod http;
 pub mod intercept;
+mod io;
 pub mod postgres;
 pub mod relay;
 
@@ -23,8 +26,10 @@ use crate::{
     identity::{Identity, Origin},
     policy::{Action, ConnectionRequest, Policy, Transport},
 };
+use bytes::Bytes;
 use detect::Protocol;
-use intercept::Interceptor;
+use intercept::{Interceptor, Tunnel};
+use tokio::io::AsyncReadExt;
 
 /// How long the agent waits for the original destination to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -174,12 +179,33 @@ impl Proxy {
                 (moved, result.err().map(|e| e.to_string()))
             }
             (Protocol::Tls, Some(interceptor)) => {
-                let done = interceptor
-                    .intercept(client, upstream, origin.destination)
-                    .await;
-                row.server_name = done.server_name;
-                row.tls = Some(done.tls);
-                (done.moved, done.error)
+                match interceptor
+                    .handshake(client, upstream, origin.destination)
+                    .await
+                {
+                    Ok(tunnel) => {
+                        row.server_name.clone_from(&tunnel.server_name);
+                        row.tls = Some("intercepted");
+                        let (moved, error, https) = self.inside_tls(tunnel, &row).await;
+                        if https {
+                            row.protocol = "https";
+                        }
+                        (moved, error)
+                    }
+                    Err(failed) => {
+                        row.server_name = failed.server_name;
+                        row.tls = Some("failed");
+                        (relay::Transferred::default(), Some(failed.error))
+                    }
+                }
+            }
+            (Protocol::Http, _) => {
+                // h2c with prior knowledge starts with the HTTP/2 preface.
+                let mut first = [0u8; 3];
+                let h2 = matches!(client.peek(&mut first).await, Ok(3) if &first == b"PRI");
+                let (moved, result) =
+                    http::serve(client, upstream, h2, self.http_session(&row, None)).await;
+                (moved, result.err().map(|e| e.to_string()))
             }
             _ => {
                 let (moved, result) = relay::relay(&client, &upstream).await;
@@ -197,6 +223,62 @@ impl Proxy {
 
         // 6. log
         self.finish(row);
+    }
+
+    /// What runs inside intercepted TLS: HTTP through its decoder when the
+    /// server chose h2 or http/1.1, or when the client's first bytes are
+    /// HTTP; anything else as bytes. The flag says whether it was HTTP.
+    async fn inside_tls(
+        &self,
+        tunnel: Tunnel,
+        row: &ConnectionRow,
+    ) -> (relay::Transferred, Option<String>, bool) {
+        let Tunnel {
+            mut client,
+            upstream,
+            server_name,
+            alpn,
+        } = tunnel;
+        let session = self.http_session(row, server_name);
+        let h2 = alpn.as_deref() == Some(b"h2");
+        if h2 || alpn.as_deref() == Some(b"http/1.1") {
+            let (moved, result) = http::serve(client, upstream, h2, session).await;
+            return (moved, result.err().map(|e| e.to_string()), true);
+        }
+        // No ALPN: look at the first bytes, then hand them on.
+        let mut first = Vec::with_capacity(16);
+        let mut buf = [0u8; 16];
+        let protocol = loop {
+            match client.read(&mut buf[..16 - first.len()]).await {
+                Ok(0) | Err(_) => break None,
+                Ok(n) => first.extend_from_slice(&buf[..n]),
+            }
+            if let Some(p) = detect::classify(&first) {
+                break Some(p);
+            }
+            if first.len() >= 16 {
+                break Some(Protocol::Unknown);
+            }
+        };
+        let client = io::Rewind::new(Bytes::from(first), client);
+        if protocol == Some(Protocol::Http) {
+            let (moved, result) = http::serve(client, upstream, false, session).await;
+            return (moved, result.err().map(|e| e.to_string()), true);
+        }
+        let (moved, result) = relay::relay_streams(client, upstream).await;
+        (moved, result.err().map(|e| format!("relay: {e}")), false)
+    }
+
+    fn http_session(&self, row: &ConnectionRow, server_name: Option<String>) -> http::HttpSession {
+        http::HttpSession {
+            session_id: row.session_id.clone(),
+            identity: row.identity.clone(),
+            workload: row.workload.clone(),
+            destination: row.destination,
+            server_name,
+            audit: self.audit.clone(),
+            policy: self.policy.clone(),
+        }
     }
 
     async fn attribute(&self, peer: SocketAddr, local: SocketAddr) -> Option<Origin> {

@@ -642,7 +642,10 @@ async fn http_and_llm_columns_round_trip_and_are_null_for_statements() {
     assert_eq!(strs(&b, "response"), [s("Noted."), None]);
     assert_eq!(
         lists(&b, "tool_calls"),
-        [vec![r#"{"name":"sql","arguments":"{}"}"#.to_string()], vec![]]
+        [
+            vec![r#"{"name":"sql","arguments":"{}"}"#.to_string()],
+            vec![]
+        ]
     );
     let input = col::<Int64Array>(&b, "input_tokens");
     assert_eq!((input.value(0), input.is_null(1)), (12, true));
