@@ -4,6 +4,8 @@
 //! A loopback server runs in this process; the client runs as a separate
 //! process, once directly and once under `warden run`, and reports what it
 //! measured on its own clock, so that the agent's start-up is not counted.
+//! First raw TCP (connect-to-first-byte, bulk), then HTTPS and LLM API calls
+//! (`bench_http`), each as its own table.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -14,7 +16,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::{target_dir, warden_bin};
+use crate::{bench_http, target_dir, warden_bin};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -27,6 +29,22 @@ pub struct BenchArgs {
     /// Rounds of each measurement; the best round is reported.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// HTTPS: sequential non-streaming chat completions, for latency and requests/s.
+    #[arg(long, default_value_t = 2000)]
+    http_requests: u32,
+    /// HTTPS: sequential 1 MiB uploads, for throughput.
+    #[arg(long, default_value_t = 256)]
+    http_mib: u32,
+    /// HTTPS: sequential streamed chat completions (50 chunks each), for latency.
+    #[arg(long, default_value_t = 200)]
+    http_streams: u32,
+    /// Only the HTTPS benchmark: skip the TCP one.
+    #[arg(long)]
+    http_only: bool,
+    /// Only the direct path, not through the agent (to check the bench
+    /// itself without a working `warden`).
+    #[arg(long)]
+    direct_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -42,6 +60,18 @@ pub struct ClientArgs {
 const CHUNK: usize = 1 << 20;
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if !args.http_only {
+        tcp(args)?;
+    }
+    let load = bench_http::HttpLoad {
+        requests: args.http_requests,
+        mib: args.http_mib,
+        streams: args.http_streams,
+    };
+    bench_http::run(&load, args.rounds, args.direct_only)
+}
+
+fn tcp(args: &BenchArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     thread::spawn(move || serve(listener));
@@ -51,7 +81,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     for round in 0..args.rounds {
         eprintln!("round {} of {}", round + 1, args.rounds);
         direct.push(measure(false, addr, args)?);
-        agent.push(measure(true, addr, args)?);
+        if !args.direct_only {
+            agent.push(measure(true, addr, args)?);
+        }
     }
     println!(
         "\nloopback, {} connections, {} MiB bulk, best of {} rounds",
@@ -81,7 +113,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         ),
     ];
     for (name, d, a) in figures {
-        println!("{name:<34} {d:>12.1} {a:>14.1} {:>8.2}", a / d);
+        if args.direct_only {
+            println!("{name:<34} {d:>12.1} {:>14} {:>8}", "-", "-");
+        } else {
+            println!("{name:<34} {d:>12.1} {a:>14.1} {:>8.2}", a / d);
+        }
     }
     println!(
         "(latency ratio: agent/direct, lower is better; throughput ratio: agent/direct, higher is better)"

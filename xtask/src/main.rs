@@ -3,6 +3,7 @@
 //! Every task installs what it needs first (idempotently), so that each one
 //! works on a fresh machine; a failing step says which step and what to do.
 mod bench;
+mod bench_http;
 mod setup;
 
 use std::{
@@ -39,6 +40,9 @@ enum Task {
     /// Internal: the benchmark's client, run inside the managed cgroup.
     #[command(hide = true)]
     BenchClient(bench::ClientArgs),
+    /// Internal: the HTTPS benchmark's client, run inside the managed cgroup.
+    #[command(hide = true)]
+    BenchHttpClient(bench_http::ClientArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Demo => demo(),
         Task::BenchClient(args) => bench::client(&args),
+        Task::BenchHttpClient(args) => bench_http::client(&args),
     }
 }
 
