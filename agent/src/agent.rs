@@ -73,6 +73,7 @@ impl Agent {
             policy: policy.clone(),
             audit: sink.clone(),
             tls: options.tls,
+            lineage: Arc::default(),
         });
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();

@@ -8,7 +8,8 @@
 //! - [`proxy`]: accept redirected connections, detect the protocol, relay;
 //! - [`tls`]: the agent's CA and its TLS towards servers, for interception;
 //! - [`protocols`]: decoders that turn a protocol's bytes into typed messages;
-//! - [`policy`]: decide per connection (and later per request);
+//! - [`policy`]: decide per connection and per request;
+//! - [`lineage`]: link statements to the LLM answers that proposed them;
 //! - [`audit`]: write every connection and decision to Parquet;
 //! - [`agent`]: wire the stages together;
 //! - [`run`]: `warden run`, one program in a fresh cgroup.
@@ -17,6 +18,7 @@ pub mod audit;
 pub mod capture;
 pub mod cgroup;
 pub mod identity;
+pub mod lineage;
 pub mod masking;
 pub mod policy;
 pub mod preflight;

@@ -71,12 +71,85 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// The audit tables: SQL over them, follow them, replay a session.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Release cgroups left failing closed by agents that died.
     Cleanup {
         /// Also kill the processes still in those cgroups.
         #[arg(long)]
         kill: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Run SQL (DataFusion) over the audit's `connections` and `requests` tables (docs/audit.md), e.g.
+    /// "SELECT protocol, decision, count(*) FROM connections GROUP BY ALL".
+    Sql {
+        #[command(flatten)]
+        dir: AuditDirArg,
+        /// How to print the rows: aligned text, CSV with a header, or one JSON object per line.
+        #[arg(long, value_enum, default_value = "table")]
+        format: SqlFormat,
+        /// One SQL statement; `DESCRIBE requests` lists a table's columns.
+        sql: String,
+    },
+    /// Print the rows of the audit files that appear from now on (all of them with --from-start),
+    /// until Ctrl-C.
+    Tail {
+        #[command(flatten)]
+        dir: AuditDirArg,
+        #[arg(long, value_enum, default_value = "requests")]
+        table: TableArg,
+        /// One JSON object per row and line, or a text table per file.
+        #[arg(long, value_enum, default_value = "json")]
+        format: TailFormat,
+        /// Print the files already there first.
+        #[arg(long)]
+        from_start: bool,
+    },
+    /// Write to Parquet the rows that agents which died left in their journals (an agent
+    /// starting on the directory does it too).
+    Recover {
+        #[command(flatten)]
+        dir: AuditDirArg,
+    },
+    /// Replay a session: its connection, then its requests in order, with timings and decisions.
+    Replay {
+        #[command(flatten)]
+        dir: AuditDirArg,
+        /// The session id (`session_id`), or a prefix of it that names one session.
+        session_id: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct AuditDirArg {
+    /// The audit directory (the one the agent or `warden run --audit-dir` writes to).
+    #[arg(long, env = "WARDEN_AUDIT_DIR", default_value_os_t = warden::audit::AuditConfig::default().dir)]
+    audit_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SqlFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TailFormat {
+    Json,
+    Table,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TableArg {
+    Requests,
+    Connections,
 }
 
 #[derive(Subcommand)]
@@ -159,6 +232,7 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e.into()),
         },
+        Command::Audit { command } => audit(command),
         Command::Cleanup { kill } => match cleanup(kill) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
@@ -169,6 +243,109 @@ fn main() -> ExitCode {
 fn fail(e: &anyhow::Error) -> ExitCode {
     eprintln!("warden: {e:#}");
     ExitCode::from(run::EXIT_WARDEN_FAILED as u8)
+}
+
+/// `warden audit ...`: exit code 1 on any error (bad SQL included), with
+/// the reason on stderr; a reader that goes away (`| head`) is no error.
+fn audit(command: AuditCommand) -> ExitCode {
+    use warden::audit::{
+        query::{AuditQuery, AuditTable, Format, TailOptions, tail},
+        replay::replay,
+    };
+    if let AuditCommand::Recover { dir } = &command {
+        return match warden::audit::recover(&dir.audit_dir) {
+            Ok(done) => {
+                println!(
+                    "recovered {} rows from {} journals under {}",
+                    done.rows,
+                    done.journals,
+                    dir.audit_dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("warden: audit recover: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warden: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let (what, result) = runtime.block_on(async {
+        match command {
+            AuditCommand::Sql { dir, format, sql } => {
+                let format = match format {
+                    SqlFormat::Table => Format::Table,
+                    SqlFormat::Csv => Format::Csv,
+                    SqlFormat::Json => Format::Json,
+                };
+                let result = match AuditQuery::open(&dir.audit_dir) {
+                    Ok(query) => query.print(&sql, format, &mut stdout).await.map(drop),
+                    Err(e) => Err(e),
+                };
+                ("sql", result)
+            }
+            AuditCommand::Tail {
+                dir,
+                table,
+                format,
+                from_start,
+            } => {
+                let options = TailOptions {
+                    table: match table {
+                        TableArg::Requests => AuditTable::Requests,
+                        TableArg::Connections => AuditTable::Connections,
+                    },
+                    format: match format {
+                        TailFormat::Json => Format::Json,
+                        TailFormat::Table => Format::Table,
+                    },
+                    from_start,
+                    poll: TailOptions::DEFAULT_POLL,
+                };
+                let result = tail(&dir.audit_dir, &options, &mut stdout, stop_signal()).await;
+                ("tail", result)
+            }
+            AuditCommand::Recover { .. } => unreachable!("handled before the runtime starts"),
+            AuditCommand::Replay { dir, session_id } => {
+                let result = match AuditQuery::open(&dir.audit_dir) {
+                    Ok(query) => replay(&query, &session_id, &mut stdout).await,
+                    Err(e) => Err(e),
+                };
+                ("replay", result)
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warden: audit {what}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Completes at Ctrl-C (SIGINT) or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// A dead `warden run` agent left its programs pinned (so its cgroup fails

@@ -84,6 +84,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
     let audit = AuditConfig {
         dir: opts.audit_dir.or(from_policy.dir).unwrap_or(defaults.dir),
         rotate_every: from_policy.rotate.unwrap_or(defaults.rotate_every),
+        retention: from_policy.retention,
         ..defaults
     };
 

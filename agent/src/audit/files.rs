@@ -7,6 +7,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use arrow::array::RecordBatch;
 use chrono::{DateTime, Utc};
 use parquet::{
     arrow::ArrowWriter,
@@ -71,7 +72,6 @@ pub(crate) struct TableWriter<T> {
     table_dir: PathBuf,
     host: String,
     pid: u32,
-    seq: AtomicU64,
     // Holds no row: Send and Sync whatever `T` is.
     rows: PhantomData<fn(&[T])>,
 }
@@ -82,7 +82,6 @@ impl<T: Table> TableWriter<T> {
             table_dir: dir.join(T::NAME),
             host,
             pid: std::process::id(),
-            seq: AtomicU64::new(0),
             rows: PhantomData,
         }
     }
@@ -92,24 +91,39 @@ impl<T: Table> TableWriter<T> {
     }
 
     /// Writes the rows of one partition to a new file that appears
-    /// atomically: `.<name>.tmp` in the same directory, fsync, rename,
-    /// fsync of the directory. Returns the final path.
+    /// atomically (see [`TableWriter::write_batch`]). Returns the final path.
     pub(crate) fn write_partition(
         &self,
         partition: &str,
         rows: &[T],
     ) -> Result<PathBuf, AuditError> {
+        let batch = T::to_record_batch(rows, &self.host).map_err(|source| AuditError::Arrow {
+            path: self.table_dir.join(partition),
+            source,
+        })?;
+        self.write_batch(partition, &batch)
+    }
+
+    /// Writes a batch of one partition's rows to a new file that appears
+    /// atomically: `.<name>.tmp` in the same directory, fsync, rename,
+    /// fsync of the directory. Returns the final path.
+    pub(crate) fn write_batch(
+        &self,
+        partition: &str,
+        batch: &RecordBatch,
+    ) -> Result<PathBuf, AuditError> {
         let dir = self.table_dir.join(partition);
         create_dir_synced(&dir)?;
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let name = format!(
-            "part-{}-{}-{seq:06}.parquet",
+            "part-{}-{}-{}-{:06}.parquet",
             Utc::now().format("%Y%m%dT%H%M%S"),
-            self.pid
+            name_safe(&self.host),
+            self.pid,
+            next_seq()
         );
         let path = dir.join(&name);
         let tmp = dir.join(format!(".{name}.tmp"));
-        let result = self.write_file(&tmp, rows).and_then(|()| {
+        let result = write_file::<T>(&tmp, batch).and_then(|()| {
             fs::rename(&tmp, &path).map_err(|source| AuditError::Io {
                 path: path.clone(),
                 source,
@@ -123,34 +137,34 @@ impl<T: Table> TableWriter<T> {
         result.map(|()| path)
     }
 
-    fn write_file(&self, tmp: &Path, rows: &[T]) -> Result<(), AuditError> {
-        let io_err = |source| AuditError::Io {
-            path: tmp.to_path_buf(),
-            source,
-        };
-        let encode_err = |source| AuditError::Encode {
-            path: tmp.to_path_buf(),
-            source,
-        };
-        let batch = T::to_record_batch(rows, &self.host).map_err(|source| AuditError::Arrow {
-            path: tmp.to_path_buf(),
-            source,
-        })?;
-        let file = File::create(tmp).map_err(io_err)?;
-        let mut writer = ArrowWriter::try_new(
-            BufWriter::new(file),
-            batch.schema(),
-            Some(writer_props::<T>()),
-        )
-        .map_err(encode_err)?;
-        writer.write(&batch).map_err(encode_err)?;
-        let file = writer
-            .into_inner()
-            .map_err(encode_err)?
-            .into_inner()
-            .map_err(|e| io_err(e.into_error()))?;
-        file.sync_all().map_err(io_err)
+    pub(crate) fn host(&self) -> &str {
+        &self.host
     }
+}
+
+fn write_file<T: Table>(tmp: &Path, batch: &RecordBatch) -> Result<(), AuditError> {
+    let io_err = |source| AuditError::Io {
+        path: tmp.to_path_buf(),
+        source,
+    };
+    let encode_err = |source| AuditError::Encode {
+        path: tmp.to_path_buf(),
+        source,
+    };
+    let file = File::create(tmp).map_err(io_err)?;
+    let mut writer = ArrowWriter::try_new(
+        BufWriter::new(file),
+        batch.schema(),
+        Some(writer_props::<T>()),
+    )
+    .map_err(encode_err)?;
+    writer.write(batch).map_err(encode_err)?;
+    let file = writer
+        .into_inner()
+        .map_err(encode_err)?
+        .into_inner()
+        .map_err(|e| io_err(e.into_error()))?;
+    file.sync_all().map_err(io_err)
 }
 
 fn writer_props<T: Table>() -> WriterProperties {
@@ -193,7 +207,9 @@ fn sync_dir(dir: &Path) -> Result<(), AuditError> {
 }
 
 /// Removes `.*.tmp` files under `dir` (recursively): files a crash left
-/// before their rename. Returns how many it removed.
+/// before their rename. Those of a writer that still runs on this host (a
+/// second agent sharing the directory) are left alone. Returns how many it
+/// removed.
 pub(crate) fn remove_stale_tmp(dir: &Path) -> io::Result<usize> {
     let mut removed = 0;
     let entries = match fs::read_dir(dir) {
@@ -207,7 +223,10 @@ pub(crate) fn remove_stale_tmp(dir: &Path) -> io::Result<usize> {
         let path = entry.path();
         if kind.is_dir() {
             removed += remove_stale_tmp(&path)?;
-        } else if kind.is_file() && is_tmp_name(&entry.file_name().to_string_lossy()) {
+        } else if kind.is_file()
+            && is_tmp_name(&entry.file_name().to_string_lossy())
+            && !writer_alive(&entry.file_name().to_string_lossy())
+        {
             fs::remove_file(&path)?;
             removed += 1;
         }
@@ -217,6 +236,43 @@ pub(crate) fn remove_stale_tmp(dir: &Path) -> io::Result<usize> {
 
 fn is_tmp_name(name: &str) -> bool {
     name.starts_with('.') && name.ends_with(".tmp")
+}
+
+/// Whether the process that names itself in a temporary file
+/// (`.part-<time>-<host>-<pid>-<seq>.parquet.tmp`,
+/// `.journal-<host>-<pid>-<n>.arrows.tmp`) runs on this host.
+fn writer_alive(name: &str) -> bool {
+    let stem = name.trim_start_matches('.').trim_end_matches(".tmp");
+    let stem = stem.rsplit_once('.').map_or(stem, |(s, _)| s);
+    let mut parts = stem.rsplitn(3, '-');
+    let (_seq, pid, rest) = (parts.next(), parts.next(), parts.next());
+    let (Some(pid), Some(rest)) = (pid.and_then(|p| p.parse::<i32>().ok()), rest) else {
+        return false;
+    };
+    pid > 0
+        && rest.ends_with(&format!("-{}", name_safe(&hostname())))
+        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Numbers the files (and journals) of this process: one counter for every
+/// writer in it, so that two writers of one process never pick one name.
+pub(crate) fn next_seq() -> u64 {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The host name as it goes into file names: what is not a letter, digit,
+/// `-` or `_` becomes `_`.
+pub(crate) fn name_safe(host: &str) -> String {
+    host.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// This machine's hostname.

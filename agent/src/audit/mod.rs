@@ -7,7 +7,7 @@
 //! (and counts it) rather than slow the data path. The [`AuditWriter`]'s task
 //! buffers the rows per table and, at each of a table's rotations, writes
 //! them as zstd Parquet files, Hive-partitioned by the rows' start time:
-//! `<dir>/<table>/date=YYYY-MM-DD/hour=HH/part-<yyyymmddThhmmss>-<pid>-<seq>.parquet`
+//! `<dir>/<table>/date=YYYY-MM-DD/hour=HH/part-<yyyymmddThhmmss>-<host>-<pid>-<seq>.parquet`
 //! where `<table>` is `connections` or `requests`.
 //!
 //! Both row types implement the private `schema::Table` trait; everything
@@ -15,6 +15,10 @@
 //! new table is a row type, its schema, and a variant of `AuditRow`.
 //! docs/audit.md describes the layout and the columns for analysts.
 mod files;
+mod journal;
+pub mod query;
+pub mod replay;
+pub mod retention;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -46,8 +50,8 @@ pub use self::{
         REQUESTS_TABLE, SCHEMA_VERSION, connections_schema, requests_schema,
     },
 };
-use self::{files::TableWriter, schema::Table};
-use crate::identity::Identity;
+use self::{files::TableWriter, journal::Journal, schema::Table};
+use crate::{identity::Identity, lineage::Link};
 
 /// One row of the `connections` table.
 #[derive(Clone, Debug)]
@@ -122,6 +126,9 @@ pub struct RequestRow {
     pub http: Option<HttpFields>,
     /// For a recognised LLM API call: the model, prompt and answer.
     pub llm: Option<LlmFields>,
+    /// The LLM exchange whose answer proposed this request, and how the two
+    /// matched ([`crate::lineage`]).
+    pub caused_by: Option<Link>,
 }
 
 /// The HTTP columns of a `requests` row.
@@ -170,6 +177,13 @@ pub struct AuditConfig {
     /// Write a table's file as soon as its buffered rows' estimated size
     /// reaches this.
     pub rotate_bytes: u64,
+    /// Append the rows received since the last append to the table's
+    /// journal this often: a crash of the agent loses at most the rows of
+    /// this interval (see [`journal`]).
+    pub journal_every: Duration,
+    /// Remove partitions whose hour ended longer ago than this (see
+    /// [`retention`]); `None` keeps everything.
+    pub retention: Option<Duration>,
 }
 
 impl AuditConfig {
@@ -177,6 +191,8 @@ impl AuditConfig {
     pub const DEFAULT_ROTATE_EVERY: Duration = Duration::from_secs(60);
     /// Default `rotate_bytes`: 64 MiB.
     pub const DEFAULT_ROTATE_BYTES: u64 = 64 << 20;
+    /// Default `journal_every`: 200 ms.
+    pub const DEFAULT_JOURNAL_EVERY: Duration = Duration::from_millis(200);
 }
 
 impl Default for AuditConfig {
@@ -185,6 +201,8 @@ impl Default for AuditConfig {
             dir: PathBuf::from("/var/lib/warden/audit"),
             rotate_every: Self::DEFAULT_ROTATE_EVERY,
             rotate_bytes: Self::DEFAULT_ROTATE_BYTES,
+            journal_every: Self::DEFAULT_JOURNAL_EVERY,
+            retention: None,
         }
     }
 }
@@ -245,6 +263,7 @@ pub struct AuditWriter {
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<u64>>,
     dropped: Arc<AtomicU64>,
+    retention: Option<JoinHandle<()>>,
 }
 
 impl AuditWriter {
@@ -268,11 +287,16 @@ impl AuditWriter {
             requests: TableState::open(&config, host, dropped.clone())?,
             dropped: dropped.clone(),
             dropped_reported: 0,
+            journal_every: config.journal_every,
+            journal_at: None,
         };
 
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = runtime.spawn(state.run(rx, stop_rx));
+        let retention = config
+            .retention
+            .map(|keep| runtime.spawn(sweep_forever(config.dir.clone(), keep)));
         Ok((
             AuditSink {
                 tx,
@@ -282,6 +306,7 @@ impl AuditWriter {
                 stop: stop_tx,
                 task,
                 dropped,
+                retention,
             },
         ))
     }
@@ -295,6 +320,9 @@ impl AuditWriter {
     /// Rows recorded afterwards are dropped. Returns how many rows the writer
     /// wrote in total, both tables together.
     pub async fn shutdown(self) -> anyhow::Result<u64> {
+        if let Some(retention) = &self.retention {
+            retention.abort();
+        }
         // The task may have ended already (every sink dropped): fine.
         let _ = self.stop.send(());
         match self.task.await {
@@ -312,6 +340,10 @@ struct WriterState {
     requests: TableState<RequestRow>,
     dropped: Arc<AtomicU64>,
     dropped_reported: u64,
+    journal_every: Duration,
+    /// When the rows received since the last journal append are due in the
+    /// journals; none while every row is there.
+    journal_at: Option<Instant>,
 }
 
 impl WriterState {
@@ -330,7 +362,7 @@ impl WriterState {
                     Some(row) => self.accept(row).await,
                     None => break, // every sink is gone
                 },
-                _ = sleep_until(deadline), if deadline.is_some() => self.flush_due().await,
+                _ = sleep_until(deadline), if deadline.is_some() => self.on_deadline().await,
             }
         }
         // Everything recorded before the stop is in the channel: close it so
@@ -345,6 +377,8 @@ impl WriterState {
     /// Buffers the row in its table, and writes that table if its buffer
     /// reached `rotate_bytes`.
     async fn accept(&mut self, row: AuditRow) {
+        self.journal_at
+            .get_or_insert_with(|| Instant::now() + self.journal_every);
         match row {
             AuditRow::Connection(row) => {
                 if self.connections.push(*row) {
@@ -361,18 +395,28 @@ impl WriterState {
         }
     }
 
-    /// The earliest of the tables' deadlines.
+    /// The earliest of the journal's and the tables' deadlines.
     fn deadline(&self) -> Option<Instant> {
-        match (self.connections.deadline(), self.requests.deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.journal_at,
+            self.connections.deadline(),
+            self.requests.deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
-    /// Writes the tables whose deadline has passed.
-    async fn flush_due(&mut self) {
-        self.report_drops();
+    /// Journals the new rows if that is due, then writes the tables whose
+    /// rotation is due.
+    async fn on_deadline(&mut self) {
         let now = Instant::now();
+        if self.journal_at.is_some_and(|at| at <= now) {
+            self.journal_at = None;
+            self.connections.journal();
+            self.requests.journal();
+        }
+        self.report_drops();
         if self.connections.is_due(now) {
             self.connections.flush().await;
         }
@@ -383,22 +427,41 @@ impl WriterState {
 
     /// The final flush of both tables: one last attempt; what fails is lost
     /// and counted.
+    /// The final flush of both tables: one last attempt. Rows that fail
+    /// stay in their table's journal for the next agent to write; only
+    /// those that cannot be kept there either are lost (and counted).
     async fn finish(mut self) -> anyhow::Result<u64> {
         self.report_drops();
         let mut failed = self.connections.write_buffer().await;
         failed.extend(self.requests.write_buffer().await);
         let written = self.connections.written + self.requests.written;
-        let lost: usize = failed.iter().map(|(_, n, _)| n).sum();
+        let kept = [
+            self.connections.close_journal(),
+            self.requests.close_journal(),
+        ];
+        let lost: usize = kept.iter().filter_map(|k| k.as_ref().err()).sum();
         self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
-        match failed.into_iter().next() {
-            None => Ok(written),
-            Some((path, _, err)) => {
-                let advice = err.advice();
-                Err(anyhow::Error::new(err).context(format!(
-                    "audit: {lost} rows were lost at shutdown (first failure at {path}; {advice}); {written} rows were written"
-                )))
-            }
-        }
+        let Some((path, rows, err)) = failed.into_iter().next() else {
+            return Ok(written);
+        };
+        let advice = err.advice();
+        let kept: Vec<String> = kept
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|p| p.display().to_string())
+            .collect();
+        let fate = if lost == 0 {
+            format!(
+                "they are kept in {} for the next agent on this audit directory, or `warden audit recover`, to write",
+                kept.join(" and ")
+            )
+        } else {
+            format!("{lost} of them are lost")
+        };
+        Err(anyhow::Error::new(err).context(format!(
+            "audit: rows could not be written at shutdown (first failure: {rows} rows at {path}; {advice}); {fate}; {written} rows were written"
+        )))
     }
 
     /// Logs the rows dropped since the last report, at most once per rotation.
@@ -418,6 +481,12 @@ impl WriterState {
 /// One table's buffer, rotation and retry state.
 struct TableState<T> {
     writer: Arc<TableWriter<T>>,
+    journal: Journal,
+    /// The first `journaled` rows of `buffer` are in the journal.
+    journaled: usize,
+    /// A journal write failed: the journal may end in a partial batch, so
+    /// the next attempt rewrites it whole.
+    journal_broken: bool,
     rotate_every: Duration,
     rotate_bytes: u64,
     /// Rows retained across failed writes are bounded by this.
@@ -435,13 +504,23 @@ struct TableState<T> {
 }
 
 impl<T: Table> TableState<T> {
-    /// Creates the table's directory and removes the temporary files a
-    /// crash left in it.
+    /// Creates the table's directory, removes the temporary files a crash
+    /// left in it, writes the rows of dead agents' journals, and starts
+    /// this agent's journal.
     fn open(config: &AuditConfig, host: String, dropped: Arc<AtomicU64>) -> anyhow::Result<Self> {
         let writer = TableWriter::<T>::new(&config.dir, host);
         prepare_dir(writer.table_dir())?;
+        recover_table(&writer)?;
+        let journal =
+            Journal::create(writer.table_dir(), writer.host(), T::schema()).map_err(|e| {
+                let advice = e.advice();
+                anyhow::Error::new(e).context(format!("cannot start the audit journal; {advice}"))
+            })?;
         Ok(TableState {
             writer: Arc::new(writer),
+            journal,
+            journaled: 0,
+            journal_broken: false,
             rotate_every: config.rotate_every,
             rotate_bytes: config.rotate_bytes,
             max_pending_bytes: config.rotate_bytes.saturating_mul(2).max(1 << 20),
@@ -480,10 +559,92 @@ impl<T: Table> TableState<T> {
         self.deadline().is_some_and(|at| at <= now)
     }
 
+    /// Appends the rows received since the last append to the journal
+    /// (inline: a write of a few kilobytes to the page cache, no fsync), or
+    /// rewrites it whole after a failure.
+    fn journal(&mut self) {
+        let result = if self.journal_broken {
+            self.rejournal()
+        } else if self.journaled < self.buffer.len() {
+            T::to_record_batch(&self.buffer[self.journaled..], self.writer.host())
+                .map_err(|source| AuditError::Arrow {
+                    path: self.journal.path().to_path_buf(),
+                    source,
+                })
+                .and_then(|batch| self.journal.append(&batch))
+                .map(|()| self.journaled = self.buffer.len())
+        } else {
+            Ok(())
+        };
+        self.journal_result(result);
+    }
+
+    /// Replaces the journal with one holding exactly the buffered rows.
+    fn rejournal(&mut self) -> Result<(), AuditError> {
+        let pending = if self.buffer.is_empty() {
+            Vec::new()
+        } else {
+            vec![
+                T::to_record_batch(&self.buffer, self.writer.host()).map_err(|source| {
+                    AuditError::Arrow {
+                        path: self.journal.path().to_path_buf(),
+                        source,
+                    }
+                })?,
+            ]
+        };
+        self.journal.reset(&pending)?;
+        self.journaled = self.buffer.len();
+        Ok(())
+    }
+
+    fn journal_result(&mut self, result: Result<(), AuditError>) {
+        match result {
+            Ok(()) if self.journal_broken => {
+                self.journal_broken = false;
+                tracing::info!(table = T::NAME, "audit: the journal is written again");
+            }
+            Ok(()) => {}
+            Err(err) => {
+                if !self.journal_broken {
+                    tracing::error!(
+                        table = T::NAME,
+                        error = %err,
+                        "audit: cannot write the journal; rows are kept in memory only until it works again: {}",
+                        err.advice()
+                    );
+                }
+                self.journal_broken = true;
+            }
+        }
+    }
+
+    /// At shutdown, after the last write: removes the journal when every
+    /// row is in Parquet; else keeps the rows left in it and returns its
+    /// path, or the number of rows it could not keep.
+    fn close_journal(mut self) -> Result<Option<PathBuf>, usize> {
+        if self.buffer.is_empty() {
+            if let Err(err) = self.journal.remove() {
+                tracing::warn!(error = %err, "audit: cannot remove the journal; the next start removes it");
+            }
+            return Ok(None);
+        }
+        if (self.journal_broken || self.journaled < self.buffer.len())
+            && let Err(err) = self.rejournal()
+        {
+            tracing::error!(table = T::NAME, error = %err, "audit: cannot keep the rows left in the journal");
+            return Err(self.buffer.len());
+        }
+        Ok(Some(self.journal.path().to_path_buf()))
+    }
+
     /// Writes the buffer, one file per partition; rows of a file that could
     /// not be written stay buffered and are retried later.
     async fn flush(&mut self) {
         let failed = self.write_buffer().await;
+        // The journal now needs only the rows still waiting.
+        let rejournaled = self.rejournal();
+        self.journal_result(rejournaled);
         if failed.is_empty() {
             self.failures = 0;
             self.retry_at = None;
@@ -511,6 +672,7 @@ impl<T: Table> TableState<T> {
     /// thread. Returns the failures; their rows are back in the buffer.
     async fn write_buffer(&mut self) -> Vec<Failure> {
         let rows = mem::take(&mut self.buffer);
+        self.journaled = 0;
         self.buffered_bytes = 0;
         self.first_row_at = None;
         if rows.is_empty() {
@@ -569,6 +731,73 @@ impl<T: Table> TableState<T> {
     }
 }
 
+/// Rows written to Parquet from the journals of agents that died.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    pub journals: usize,
+    pub rows: usize,
+}
+
+/// Writes the journals that agents which died left under `dir` to Parquet
+/// (`warden audit recover`; an agent starting on `dir` does it too).
+/// Journals of running agents are left alone.
+pub fn recover(dir: &Path) -> anyhow::Result<Recovery> {
+    let host = files::hostname();
+    let mut total = recover_table(&TableWriter::<ConnectionRow>::new(dir, host.clone()))?;
+    let requests = recover_table(&TableWriter::<RequestRow>::new(dir, host))?;
+    total.journals += requests.journals;
+    total.rows += requests.rows;
+    Ok(total)
+}
+
+/// Writes each orphan journal of the table to Parquet and removes it. A
+/// journal is all or nothing: if one of its files cannot be written, the
+/// ones already written are removed and the journal stays for next time.
+fn recover_table<T: Table>(writer: &TableWriter<T>) -> anyhow::Result<Recovery> {
+    let dir = writer.table_dir();
+    let orphans = journal::orphans(dir)
+        .with_context(|| format!("cannot look for audit journals in {}", dir.display()))?;
+    let mut done = Recovery::default();
+    for orphan in orphans {
+        let recovered = orphan.read().map_err(|e| {
+            let advice = e.advice();
+            anyhow::Error::new(e).context(format!("cannot read the audit journal; {advice}"))
+        })?;
+        let mut written = Vec::new();
+        for (partition, batch) in &recovered.partitions {
+            match writer.write_batch(partition, batch) {
+                Ok(path) => written.push(path),
+                Err(e) => {
+                    for path in written {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    let advice = e.advice();
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "cannot write the rows of the audit journal {} to Parquet; {advice}; it is kept for the next attempt",
+                        orphan.path.display()
+                    )));
+                }
+            }
+        }
+        let path = orphan.path.clone();
+        orphan.remove().with_context(|| {
+            format!(
+                "wrote the rows of the audit journal {} but cannot remove it; remove it by hand, or its rows will be written twice",
+                path.display()
+            )
+        })?;
+        tracing::info!(
+            path = %path.display(),
+            rows = recovered.rows,
+            cut_short = recovered.truncated.as_deref().unwrap_or("no"),
+            "audit: wrote the rows an agent that died left in its journal"
+        );
+        done.journals += 1;
+        done.rows += recovered.rows;
+    }
+    Ok(done)
+}
+
 /// Creates a table's directory and removes the `.*.tmp` files a crash left
 /// under it.
 fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
@@ -592,6 +821,29 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Applies the retention now and then every [`retention::SWEEP_EVERY`].
+async fn sweep_forever(dir: PathBuf, keep: Duration) {
+    let mut every = tokio::time::interval(retention::SWEEP_EVERY);
+    loop {
+        every.tick().await;
+        let dir = dir.clone();
+        match tokio::task::spawn_blocking(move || retention::sweep(&dir, keep, Utc::now())).await {
+            Ok(Ok(swept)) if swept.partitions > 0 => tracing::info!(
+                partitions = swept.partitions,
+                files = swept.files,
+                retention = ?keep,
+                "audit: removed partitions older than the retention"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(
+                error = %e,
+                "audit: cannot apply the retention; check the audit directory's permissions"
+            ),
+            Err(e) => tracing::warn!(error = %e, "audit: the retention sweep failed"),
+        }
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -28,7 +28,7 @@ pub const SCHEMA_VERSION: i16 = 1;
 
 /// The version of the `requests` schema (see [`SCHEMA_VERSION`]); the two
 /// tables' versions move independently.
-pub const REQUESTS_SCHEMA_VERSION: i16 = 2;
+pub const REQUESTS_SCHEMA_VERSION: i16 = 3;
 
 /// The `connections` table's name: its directory under the audit directory
 /// and the file's `warden.table` key-value metadata.
@@ -159,6 +159,9 @@ static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("input_tokens", DataType::Int64, true),
         Field::new("output_tokens", DataType::Int64, true),
         Field::new("redacted", DataType::Int64, false),
+        Field::new("caused_by_session_id", DataType::Utf8, true),
+        Field::new("caused_by_seq", DataType::Int64, true),
+        Field::new("caused_by_match", DataType::Utf8, true),
     ]))
 });
 
@@ -452,6 +455,22 @@ impl Table for RequestRow {
                     ints(rows, |r| {
                         saturating_i64(r.llm.as_ref().map_or(0, |l| l.redacted))
                     }),
+                ),
+                (
+                    "caused_by_session_id",
+                    opt_strings(rows, |r| {
+                        r.caused_by.as_ref().map(|c| c.exchange.session_id.as_str())
+                    }),
+                ),
+                (
+                    "caused_by_seq",
+                    opt_ints(rows, |r| {
+                        r.caused_by.as_ref().map(|c| saturating_i64(c.exchange.seq))
+                    }),
+                ),
+                (
+                    "caused_by_match",
+                    opt_strings(rows, |r| r.caused_by.as_ref().map(|c| c.kind.as_str())),
                 ),
             ],
         )

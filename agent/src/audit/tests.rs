@@ -17,6 +17,8 @@ use parquet::{arrow::arrow_reader::ParquetRecordBatchReaderBuilder, basic::Compr
 
 use super::*;
 
+/// The journal: rows on disk before their rotation, recovered after a crash.
+mod journal;
 /// The `requests` table, and both tables together.
 mod requests;
 
@@ -25,6 +27,8 @@ fn config(dir: &Path) -> AuditConfig {
         dir: dir.to_path_buf(),
         rotate_every: Duration::from_secs(3600),
         rotate_bytes: 64 << 20,
+        journal_every: AuditConfig::DEFAULT_JOURNAL_EVERY,
+        retention: None,
     }
 }
 
@@ -495,20 +499,50 @@ async fn keeps_rows_after_a_failed_write_and_writes_them_later() {
 }
 
 #[tokio::test]
-async fn a_write_failing_at_shutdown_is_an_error_and_counts_drops() {
+async fn rows_failing_at_shutdown_stay_in_the_journal_for_the_next_start() {
     let tmp = tempfile::tempdir().unwrap();
     let blocker = tmp.path().join("connections/date=2025-02-02");
     fs::create_dir_all(blocker.parent().unwrap()).unwrap();
     fs::write(&blocker, b"in the way").unwrap();
     let (sink, writer) = AuditWriter::start(config(tmp.path())).unwrap();
     sink.record(row(1, at(2025, 2, 2, 2, 2, 2)));
-    let err = writer.shutdown().await.unwrap_err();
-    assert!(format!("{err:#}").contains("1 rows were lost"), "{err:#}");
-    assert_eq!(sink.dropped(), 1);
+    let err = format!("{:#}", writer.shutdown().await.unwrap_err());
+    assert!(
+        err.contains("1 rows at") && err.contains("they are kept in") && err.contains(".journal-"),
+        "{err}"
+    );
+    assert_eq!(sink.dropped(), 0);
+    assert!(parquet_files(tmp.path()).is_empty());
+    // Space is back: the next agent on the directory writes them.
+    fs::remove_file(&blocker).unwrap();
+    let (_sink, writer) = AuditWriter::start(config(tmp.path())).unwrap();
+    assert_eq!(total_rows(tmp.path()), 1);
+    writer.shutdown().await.unwrap();
 }
 
 #[test]
 fn start_outside_a_runtime_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     assert!(AuditWriter::start(config(tmp.path())).is_err());
+}
+
+#[tokio::test]
+async fn a_running_writers_temporary_files_are_not_stale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let part = tmp.path().join("connections/date=2025-01-01/hour=03");
+    fs::create_dir_all(&part).unwrap();
+    let host = files::name_safe(&files::hostname());
+    let me = std::process::id();
+    let live = format!(".part-20250101T030000-{host}-{me}-000007.parquet.tmp");
+    // Above any pid_max: no such process.
+    let dead = format!(".part-20250101T030000-{host}-999999999-000001.parquet.tmp");
+    let elsewhere = format!(".part-20250101T030000-otherhost-{me}-000001.parquet.tmp");
+    for name in [&live, &dead, &elsewhere] {
+        fs::write(part.join(name), b"half").unwrap();
+    }
+    let (_sink, writer) = AuditWriter::start(config(tmp.path())).unwrap();
+    assert!(part.join(&live).exists());
+    assert!(!part.join(&dead).exists());
+    assert!(!part.join(&elsewhere).exists());
+    writer.shutdown().await.unwrap();
 }

@@ -521,6 +521,7 @@ rules:
         tables_read: &[],
         tables_written: &[],
         functions: &[],
+        from_llm: false,
     });
     assert_eq!(
         (statement.action, statement.rule.as_str()),

@@ -32,6 +32,7 @@ fn statement(p: &Policy, class: &str, tables: &[&str]) -> Decision {
         tables_read: &tables,
         tables_written: &[],
         functions: &[],
+        from_llm: false,
     })
 }
 

@@ -119,6 +119,9 @@ pub struct StatementRequest<'a> {
     pub tables_read: &'a [String],
     pub tables_written: &'a [String],
     pub functions: &'a [String],
+    /// Whether an LLM answer to the same workload proposed this statement
+    /// (see [`crate::lineage`]).
+    pub from_llm: bool,
 }
 
 /// What the policy is asked about one HTTP request (inside TLS or not) of a
@@ -382,6 +385,8 @@ impl DefaultAction {
 pub struct AuditSettings {
     pub dir: Option<PathBuf>,
     pub rotate: Option<Duration>,
+    /// Remove audit files older than this.
+    pub retention: Option<Duration>,
 }
 
 /// A policy that could not be read. Its message names the file, the line and
@@ -590,6 +595,8 @@ struct SqlMatcher {
     database: Option<Vec<Glob>>,
     /// Globs on the session's user.
     user: Option<Vec<Glob>>,
+    /// Holds when whether an LLM answer proposed the statement is this.
+    from_llm: Option<bool>,
 }
 
 impl SqlMatcher {
@@ -619,6 +626,7 @@ impl SqlMatcher {
             && any_name(&self.functions, req.functions.iter())
             && session(&self.database, database)
             && session(&self.user, req.db_user)
+            && self.from_llm.is_none_or(|f| f == req.from_llm)
     }
 }
 

@@ -310,7 +310,14 @@ pub(crate) const WHEN: Fields = Fields {
 
 pub(crate) const SQL: Fields = Fields {
     what: "in a rule's sql",
-    known: &["class", "tables", "functions", "database", "user"],
+    known: &[
+        "class",
+        "tables",
+        "functions",
+        "database",
+        "user",
+        "from_llm",
+    ],
     later: &[],
     instead: &[
         (
@@ -336,8 +343,8 @@ pub(crate) const SQL: Fields = Fields {
 
 pub(crate) const AUDIT: Fields = Fields {
     what: "under audit",
-    known: &["dir", "rotate", "prompts"],
-    later: &[("retention", "audit retention")],
+    known: &["dir", "rotate", "retention", "prompts"],
+    later: &[],
     instead: &[],
 };
 
@@ -1585,7 +1592,7 @@ impl<'de> Keys<'de> for AuditKeys {
     }
 
     fn expecting(&self) -> String {
-        "a mapping with some of dir, rotate, prompts".into()
+        "a mapping with some of dir, rotate, retention, prompts".into()
     }
 
     fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
@@ -1593,6 +1600,7 @@ impl<'de> Keys<'de> for AuditKeys {
         match key {
             "dir" => audit.dir = Some(map.next_value_seed(One(DirP))?),
             "rotate" => audit.rotate = Some(map.next_value_seed(One(DurationP))?),
+            "retention" => audit.retention = Some(map.next_value_seed(One(DurationP))?),
             "prompts" => *prompts = map.next_value_seed(One(PromptsP))?,
             _ => unreachable!("{key} is in AUDIT.known"),
         }
@@ -1891,6 +1899,7 @@ impl<'de> Keys<'de> for SqlKeys {
             "user" => {
                 m.user = Some(map.next_value_seed(Many::new(GlobP(DB_USER_EXAMPLE), "user"))?)
             }
+            "from_llm" => m.from_llm = Some(map.next_value_seed(Flag("from_llm"))?),
             _ => unreachable!("{key} is in SQL.known"),
         }
         Ok(())
@@ -2341,6 +2350,29 @@ impl<'de, P: Parse> Visitor<'de> for ScalarVisitor<P> {
             "a value is missing here; expected {}",
             self.0.expecting()
         )))
+    }
+}
+
+/// `true` or `false`, for the key named.
+#[derive(Clone, Copy)]
+struct Flag(&'static str);
+
+impl<'de> DeserializeSeed<'de> for Flag {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Flag {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "`{}: true` or `{}: false`", self.0, self.0)
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
+        Ok(v)
     }
 }
 

@@ -82,7 +82,7 @@ fn unknown_fields_everywhere_name_their_place() {
         "version: 1\naudit:\n  directory: /x\n",
         3,
         3,
-        "unknown field `directory` under audit; expected one of: dir, rotate, prompts",
+        "unknown field `directory` under audit; expected one of: dir, rotate, retention, prompts",
     );
 }
 
@@ -395,12 +395,20 @@ fn not_supported_yet() {
         5,
         "`approve` in a rule is not supported yet in policy v0 (a later version adds approvals)",
     );
+}
+
+#[test]
+fn audit_retention_is_a_duration() {
+    let p = Policy::from_yaml("version: 1\naudit:\n  retention: 30d\n", "p.yaml").unwrap();
+    assert_eq!(
+        p.audit_settings().retention,
+        Some(Duration::from_secs(30 * 86400))
+    );
     assert_err(
-        "version: 1\naudit:\n  retention: 30d\n",
+        "version: 1\naudit:\n  retention: 30\n",
         3,
-        3,
-        "`retention` under audit is not supported yet in policy v0 (a later version adds audit \
-         retention)",
+        14,
+        "30 has no unit; write e.g. 30s (s, m, h or d)",
     );
 }
 
@@ -518,6 +526,7 @@ fn load_reads_files_and_names_them() {
         AuditSettings {
             dir: Some("/srv/audit".into()),
             rotate: Some(Duration::from_secs(300)),
+            retention: None,
         }
     );
 
@@ -711,14 +720,14 @@ fn unknown_keys_in_a_sql_matcher() {
             "version: 1\nrules:\n  - name: r\n    when: { sql: { class: read, tabels: \"crm.*\" } }\n    action: deny\n"
         ),
         "policy.yaml:4:33: unknown field `tabels` in a rule's sql; expected one of: class, \
-         tables, functions, database, user"
+         tables, functions, database, user, from_llm"
     );
     assert_eq!(
         err(
             "version: 1\nrules:\n  - name: r\n    when:\n      sql:\n        table: customers\n    action: deny\n"
         ),
         "policy.yaml:6:9: unknown field `table` in a rule's sql (write `tables:`, which takes \
-         one glob or a list); expected one of: class, tables, functions, database, user"
+         one glob or a list); expected one of: class, tables, functions, database, user, from_llm"
     );
     assert_err(
         "version: 1\nrules:\n  - { name: r, when: { sql: { db_user: bot } }, action: deny }\n",

@@ -35,6 +35,7 @@ struct Stmt {
     reads: Vec<String>,
     writes: Vec<String>,
     functions: Vec<String>,
+    from_llm: bool,
 }
 
 impl Stmt {
@@ -48,7 +49,12 @@ impl Stmt {
             reads: Vec::new(),
             writes: Vec::new(),
             functions: Vec::new(),
+            from_llm: false,
         }
+    }
+    fn proposed_by_llm(mut self) -> Stmt {
+        self.from_llm = true;
+        self
     }
     fn uid(mut self, uid: u32) -> Stmt {
         self.uid = uid;
@@ -94,6 +100,7 @@ impl Stmt {
             tables_read: &self.reads,
             tables_written: &self.writes,
             functions: &self.functions,
+            from_llm: self.from_llm,
         })
     }
 }
@@ -533,4 +540,31 @@ fn the_sql_guardrails_example_does_what_it_says() {
     // Statement rules only: connections are decided as before.
     assert_eq!(connection(&p, bot, "10.0.4.12:5432"), allow("default"));
     assert_eq!(p.rule_count(), p.statement_rule_count());
+}
+
+#[test]
+fn from_llm_matches_statements_an_llm_proposed() {
+    let p = policy(
+        r#"
+version: 1
+rules:
+  - name: llm-writes-denied
+    when: { sql: { class: [write], from_llm: true } }
+    action: deny
+"#,
+    );
+    assert_eq!(
+        Stmt::new("write").proposed_by_llm().on(&p),
+        deny("llm-writes-denied")
+    );
+    assert_eq!(Stmt::new("write").on(&p), allow("default"));
+    assert_eq!(Stmt::new("read").proposed_by_llm().on(&p), allow("default"));
+}
+
+#[test]
+fn from_llm_takes_a_boolean() {
+    let src = "version: 1\nrules:\n  - name: x\n    when: { sql: { from_llm: yes please } }\n    action: deny\n";
+    let e = Policy::from_yaml(src, "p.yaml").unwrap_err().to_string();
+    assert!(e.starts_with("p.yaml:4:"), "{e}");
+    assert!(e.contains("`from_llm: true` or `from_llm: false`"), "{e}");
 }

@@ -354,7 +354,8 @@ fn counts_and_settings() {
         p.audit_settings(),
         AuditSettings {
             dir: None,
-            rotate: Some(Duration::from_secs(3600))
+            rotate: Some(Duration::from_secs(3600)),
+            retention: None,
         }
     );
     assert_eq!(Action::Deny.as_str(), "deny");

@@ -47,6 +47,7 @@ use super::{io::Counted, relay::Transferred};
 use crate::{
     audit::{AuditSink, HttpFields, LlmFields, RequestRow},
     identity::Identity,
+    lineage::{Exchange as Proposer, Lineage},
     policy::{
         Action, Credential, CredentialHeader, HttpDecision, HttpRequest, LlmInfo, OnDetect, Policy,
         PromptAudit,
@@ -73,6 +74,7 @@ pub struct HttpSession {
     pub server_name: Option<String>,
     pub audit: AuditSink,
     pub policy: Arc<Policy>,
+    pub lineage: Arc<Lineage>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +240,7 @@ impl Exchange {
                 status: None,
             }),
             llm: None,
+            caused_by: None,
         };
 
         // 1. read
@@ -382,6 +385,7 @@ impl Exchange {
                     inner: body,
                     masker,
                     flushed: false,
+                    lineage: s.lineage.clone(),
                     log: Some(Log {
                         row,
                         audit: s.audit.clone(),
@@ -500,8 +504,15 @@ impl Exchange {
             llm::parse_response(call.provider, call.endpoint, &out),
         ) {
             fill_answer(fields, &answer);
+            self.propose(row, &answer);
         }
         out
+    }
+
+    /// What the answer proposes (SQL in tool calls or text), for the
+    /// statements the app sends next.
+    fn propose(&self, row: &RequestRow, answer: &llm::LlmResponse) {
+        propose(&self.session.lineage, row, answer);
     }
 
     /// The request as the server gets it: hop-by-hop headers dropped, the
@@ -688,6 +699,14 @@ fn fill_answer(fields: &mut LlmFields, answer: &llm::LlmResponse) {
     fields.output_tokens = answer.output_tokens;
 }
 
+fn propose(lineage: &Lineage, row: &RequestRow, answer: &llm::LlmResponse) {
+    let exchange = Proposer {
+        session_id: row.session_id.clone(),
+        seq: row.seq,
+    };
+    lineage.record_answer(row.identity.cgroup_id, &exchange, answer);
+}
+
 fn sha256_hex(text: &str) -> String {
     let digest = Sha256::digest(text.as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
@@ -781,6 +800,7 @@ struct MaskedStream {
     inner: Incoming,
     masker: StreamMasker,
     flushed: bool,
+    lineage: Arc<Lineage>,
     log: Option<Log>,
 }
 
@@ -791,6 +811,7 @@ impl MaskedStream {
             if let Some(fields) = log.row.llm.as_mut() {
                 fill_answer(fields, self.masker.response());
             }
+            propose(&self.lineage, &log.row, self.masker.response());
             log.write(error);
         }
     }

@@ -24,6 +24,7 @@ use crate::{
     audit::{AuditSink, ConnectionRow},
     capture::Capture,
     identity::{Identity, Origin},
+    lineage::Lineage,
     policy::{Action, ConnectionRequest, Policy, Transport},
 };
 use bytes::Bytes;
@@ -44,6 +45,8 @@ pub struct Proxy {
     pub audit: AuditSink,
     /// TLS interception, unless turned off.
     pub tls: Option<Interceptor>,
+    /// What LLM answers proposed, for the statements that follow.
+    pub lineage: Arc<Lineage>,
 }
 
 impl Proxy {
@@ -174,6 +177,7 @@ impl Proxy {
                     rule: row.rule.clone(),
                     audit: self.audit.clone(),
                     policy: self.policy.clone(),
+                    lineage: self.lineage.clone(),
                 };
                 let (moved, result) = postgres::serve(client, upstream, &session).await;
                 (moved, result.err().map(|e| e.to_string()))
@@ -278,6 +282,7 @@ impl Proxy {
             server_name,
             audit: self.audit.clone(),
             policy: self.policy.clone(),
+            lineage: self.lineage.clone(),
         }
     }
 

@@ -31,6 +31,7 @@ use super::relay::Transferred;
 use crate::{
     audit::{AuditSink, RequestRow},
     identity::Identity,
+    lineage::{Lineage, Link},
     masking::Masker,
     policy::{Action, Policy, StatementRequest},
     protocols::postgres::{
@@ -48,6 +49,7 @@ pub struct Session {
     pub rule: String,
     pub audit: AuditSink,
     pub policy: Arc<Policy>,
+    pub lineage: Arc<Lineage>,
 }
 
 /// How a statement was decided, by which rule, and what of its result is masked.
@@ -56,6 +58,8 @@ struct Verdict {
     denied: bool,
     rule: String,
     mask: Option<Arc<Masker>>,
+    /// The LLM exchange that proposed the statement, if one did.
+    link: Option<Link>,
 }
 
 /// What happens to each column of the rows being returned.
@@ -448,6 +452,7 @@ fn observe_client(
                         denied: false,
                         rule: session.rule.clone(),
                         mask: None,
+                        link: None,
                     },
                 });
             st.pend(p.statement, p.sql, p.verdict, None);
@@ -479,6 +484,9 @@ fn observe_client(
 }
 
 fn decide(session: &Session, st: &State, statement: &Statement) -> Verdict {
+    let link = session
+        .lineage
+        .claim_statement(session.identity.cgroup_id, &statement.text);
     let decision = session.policy.decide_statement(&StatementRequest {
         identity: &session.identity,
         destination: session.destination,
@@ -488,11 +496,13 @@ fn decide(session: &Session, st: &State, statement: &Statement) -> Verdict {
         tables_read: &statement.reads,
         tables_written: &statement.writes,
         functions: &statement.functions,
+        from_llm: link.is_some(),
     });
     Verdict {
         denied: decision.action == Action::Deny,
         rule: decision.rule,
         mask: decision.mask,
+        link,
     }
 }
 
@@ -739,5 +749,6 @@ fn emit(
         sqlstate,
         http: None,
         llm: None,
+        caused_by: p.verdict.link,
     });
 }

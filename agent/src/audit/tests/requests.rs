@@ -1,6 +1,6 @@
 use super::*;
 
-fn request(session: u32, seq: u64, start: DateTime<Utc>) -> RequestRow {
+pub(super) fn request(session: u32, seq: u64, start: DateTime<Utc>) -> RequestRow {
     RequestRow {
         session_id: format!("s-{session}"),
         seq,
@@ -26,6 +26,7 @@ fn request(session: u32, seq: u64, start: DateTime<Utc>) -> RequestRow {
         sqlstate: None,
         http: None,
         llm: None,
+        caused_by: None,
     }
 }
 
@@ -154,7 +155,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
     // File metadata: zstd, key-value metadata, the documented schema.
     let kv = kv_metadata(&files[0]);
     assert!(
-        kv.contains(&("warden.schema_version".into(), s("2"))),
+        kv.contains(&("warden.schema_version".into(), s("3"))),
         "{kv:?}"
     );
     assert!(
@@ -230,12 +231,15 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
             "input_tokens",
             "output_tokens",
             "redacted",
+            "caused_by_session_id",
+            "caused_by_seq",
+            "caused_by_match",
         ]
     );
 
     let b = read(&files[0]);
     assert_eq!(b.num_rows(), 3);
-    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[2, 2, 2]);
+    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[3, 3, 3]);
     assert_eq!(strs(&b, "session_id"), [s("s-1"), s("s-2"), s("s-3")]);
     assert_eq!(col::<Int64Array>(&b, "seq").values(), &[1, 7, 2]);
     let starts = col::<TimestampMicrosecondArray>(&b, "start_time");
@@ -550,10 +554,13 @@ async fn a_failing_requests_partition_does_not_hold_back_connections() {
     assert!(requests_files(tmp.path()).is_empty());
     let err = writer.shutdown().await.unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("1 rows were lost"), "{msg}");
+    assert!(
+        msg.contains("kept in") && msg.contains("requests/.journal-"),
+        "{msg}"
+    );
     assert!(msg.contains("1 rows were written"), "{msg}");
     assert!(msg.contains("requests/date=2025-02-02"), "{msg}");
-    assert_eq!(sink.dropped(), 1);
+    assert_eq!(sink.dropped(), 0);
     assert_no_tmp(tmp.path());
 }
 
@@ -618,7 +625,16 @@ async fn http_and_llm_columns_round_trip_and_are_null_for_statements() {
         ..request(1, 1, start)
     };
     sink.record_request(call);
-    sink.record_request(request(2, 1, start));
+    sink.record_request(RequestRow {
+        caused_by: Some(crate::lineage::Link {
+            exchange: crate::lineage::Exchange {
+                session_id: "s-1".into(),
+                seq: 1,
+            },
+            kind: crate::lineage::MatchKind::Normalized,
+        }),
+        ..request(2, 1, start)
+    });
     assert_eq!(writer.shutdown().await.unwrap(), 2);
 
     let files = requests_files(tmp.path());
@@ -653,4 +669,8 @@ async fn http_and_llm_columns_round_trip_and_are_null_for_statements() {
     assert_eq!((output.value(0), output.is_null(1)), (3, true));
     assert_eq!(col::<Int64Array>(&b, "redacted").values(), &[1, 0]);
     assert_eq!(col::<Int64Array>(&b, "masked").values(), &[2, 0]);
+    assert_eq!(strs(&b, "caused_by_session_id"), [None, s("s-1")]);
+    let seq = col::<Int64Array>(&b, "caused_by_seq");
+    assert_eq!((seq.is_null(0), seq.value(1)), (true, 1));
+    assert_eq!(strs(&b, "caused_by_match"), [None, s("normalized")]);
 }

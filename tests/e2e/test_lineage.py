@@ -1,0 +1,108 @@
+"""Lineage: a real LangChain SQL agent under `warden run`, the model's
+answers scripted; the audit links each statement the model wrote to the
+LLM call that wrote it, and none of the statements the app sends on its
+own (some of the same shape). Policy can tell the two apart."""
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import psycopg
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "peers"))
+from pg import PostgresServer  # noqa: E402
+
+from conftest import read_requests, warden_run  # noqa: E402
+from llm_fixtures import app_env, llm_server  # noqa: E402,F401 - fixtures
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "sql_agent_app.py"
+
+SCRIPT = [
+    # Formatted as models write SQL; the app tidies the whitespace: a normalized match.
+    {"match": "open tickets", "tool_calls": [{"name": "run_sql", "arguments": {
+        "query": "SELECT id, subject\n  FROM tickets\n WHERE status = 'open'\n ORDER BY id"}}]},
+    {"match": "close ticket 2", "tool_calls": [{"name": "run_sql", "arguments": {
+        "query": "UPDATE tickets SET status = 'closed' WHERE id = 2"}}]},
+    {"match": "how many customers", "tool_calls": [{"name": "run_sql", "arguments": {
+        "query": "SELECT count(*) FROM customers"}}]},
+]
+QUESTIONS = ["Which are the open tickets?", "Please close ticket 2.", "And how many customers do we have?"]
+
+
+@pytest.fixture
+def pg():
+    server = PostgresServer()
+    with psycopg.connect(server.dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE tickets (id int PRIMARY KEY, subject text, status text)")
+        c.execute("INSERT INTO tickets VALUES (1, 'refund', 'open'), (2, 'login', 'open'), (3, 'invoice', 'closed')")
+        c.execute("CREATE TABLE customers (id int PRIMARY KEY, name text)")
+        c.execute("INSERT INTO customers VALUES (1, 'Ada'), (2, 'Bob')")
+        c.execute("CREATE TABLE bot_log (question text, answer text)")
+    yield server
+    server.stop()
+
+
+def run_agent(llm_server, pg, audit_dir, *extra):  # noqa: F811
+    llm_server.server.script.entries.extend(json.loads(json.dumps(SCRIPT)))
+    env = app_env(llm_server, DATABASE_URL=pg.dsn, QUESTIONS=json.dumps(QUESTIONS))
+    code = f"import runpy; runpy.run_path({str(APP)!r}, run_name='__main__')"
+    run = warden_run(code, audit_dir, *extra, env=env)
+    assert run.returncode == 0 and run.report, run.stdout + run.stderr
+    return run.report
+
+
+def test_statements_are_linked_to_the_llm_call_that_wrote_them(llm_server, pg, audit_dir):  # noqa: F811
+    report = run_agent(llm_server, pg, audit_dir)
+    ran = report["ran"]
+    assert [r["by"] for r in ran].count("model") == 3 and len(ran) == 10
+
+    rows = read_requests(audit_dir)
+    llm = {(r["session_id"], r["seq"]): r for r in rows if r["protocol"] == "llm"}
+    statements = [r for r in rows if r["protocol"] == "postgres"]
+    assert len(statements) == len(ran), [s["statement"] for s in statements]
+
+    linked, expected, hits, kinds = 0, 0, 0, []
+    for row, sent in zip(statements, ran):
+        by_model = sent["by"] == "model"
+        is_linked = row["caused_by_session_id"] is not None
+        expected += by_model
+        linked += is_linked
+        if by_model and is_linked:
+            hits += 1
+            kinds.append(row["caused_by_match"])
+            # The link names the call whose tool call carried this statement.
+            source = llm[(row["caused_by_session_id"], row["caused_by_seq"])]
+            (call,) = source["tool_calls"]
+            assert " ".join(json.loads(json.loads(call)["arguments"])["query"].split()) == row["statement"]
+            assert source["pid"] == row["pid"] == report["pid"]
+        else:
+            assert not is_linked, f"the app's own statement was credited to the model: {row['statement']}"
+    precision, recall = hits / linked, hits / expected
+    print(f"lineage over {len(ran)} statements: precision {precision:.2f}, recall {recall:.2f}, matches {kinds}")
+    assert (precision, recall) == (1.0, 1.0)
+    assert kinds == ["normalized", "exact", "exact"]
+
+
+def test_policy_refuses_llm_written_writes_but_not_the_apps_own(llm_server, pg, audit_dir, tmp_path):  # noqa: F811
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            """
+            version: 1
+            rules:
+              - name: no-llm-writes
+                when: { sql: { class: [write, ddl, privilege, unknown], from_llm: true } }
+                action: deny
+            """
+        )
+    )
+    report = run_agent(llm_server, pg, audit_dir, "--policy", str(policy))
+    # The model's UPDATE was refused (the tool saw the error); the app's own INSERTs went through.
+    with psycopg.connect(pg.dsn) as c:
+        assert c.execute("SELECT status FROM tickets WHERE id = 2").fetchone() == ("open",)
+        assert c.execute("SELECT count(*) FROM bot_log").fetchone() == (3,)
+    rows = [r for r in read_requests(audit_dir) if r["protocol"] == "postgres"]
+    denied = [(r["statement"], r["rule"], r["sqlstate"]) for r in rows if r["decision"] == "deny"]
+    assert denied == [("UPDATE tickets SET status = 'closed' WHERE id = 2", "no-llm-writes", "42501")]
+    assert report["answers"][1].startswith("Tool result: error:")
