@@ -15,7 +15,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use warden_common::UdpDenied;
 
 use crate::{
-    audit::{AuditConfig, AuditSink, AuditWriter, ConnectionRow},
+    audit::{AuditConfig, AuditSink, AuditWriter, ConnectionRow, Event, EventRow},
     capture::{Capture, Listener},
     identity::Origin,
     policy::{ConnectionRequest, Policy, Transport},
@@ -35,6 +35,7 @@ pub struct AgentOptions {
 
 pub struct Agent {
     capture: Arc<Capture>,
+    sink: AuditSink,
     audit: AuditWriter,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -67,6 +68,14 @@ impl Agent {
         capture.set_udp_allowed(&options.policy.udp_allowed_ports())?;
         let (sink, audit) =
             AuditWriter::start(options.audit).context("starting the audit writer")?;
+        sink.record_event(EventRow::now(
+            Event::AgentStarted,
+            format!(
+                "agent {} started; policy: {}",
+                env!("CARGO_PKG_VERSION"),
+                options.policy.summary()
+            ),
+        ));
         let policy = Arc::new(options.policy);
         let proxy = Arc::new(Proxy {
             capture: capture.clone(),
@@ -80,11 +89,17 @@ impl Agent {
         tokio::spawn(proxy.clone().serve(v4, tracker.clone(), cancel.clone()));
         tokio::spawn(proxy.serve(v6, tracker.clone(), cancel.clone()));
         if let Some(ring) = capture.take_udp_denials() {
-            tokio::spawn(audit_udp_denials(ring, policy, sink, cancel.clone()));
+            tokio::spawn(audit_udp_denials(
+                ring,
+                policy,
+                sink.clone(),
+                cancel.clone(),
+            ));
         }
         tracing::info!(port, "agent listening on 127.0.0.1 and [::1]");
         Ok(Agent {
             capture,
+            sink,
             audit,
             tracker,
             cancel,
@@ -122,6 +137,14 @@ impl Agent {
         let (pending, flows) = self.capture.records_in_flight();
         tracing::info!(pending, flows, "kernel records left at stop");
         self.capture.detach_all();
+        self.sink.record_event(EventRow::now(
+            Event::AgentStopped,
+            if connections_cut {
+                format!("agent stopped; connections still open after {grace:?} were cut")
+            } else {
+                "agent stopped".to_string()
+            },
+        ));
         let rows_written = self.audit.shutdown().await.context("flushing the audit")?;
         Ok(StopReport {
             rows_written,

@@ -150,6 +150,7 @@ enum TailFormat {
 enum TableArg {
     Requests,
     Connections,
+    Events,
 }
 
 #[derive(Subcommand)]
@@ -301,6 +302,7 @@ fn audit(command: AuditCommand) -> ExitCode {
                     table: match table {
                         TableArg::Requests => AuditTable::Requests,
                         TableArg::Connections => AuditTable::Connections,
+                        TableArg::Events => AuditTable::Events,
                     },
                     format: match format {
                         TailFormat::Json => Format::Json,

@@ -30,7 +30,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -46,8 +46,9 @@ use tokio::{
 pub use self::{
     files::AuditError,
     schema::{
-        CONNECTIONS_TABLE, META_SCHEMA_VERSION, META_TABLE, REQUESTS_SCHEMA_VERSION,
-        REQUESTS_TABLE, SCHEMA_VERSION, connections_schema, requests_schema,
+        CONNECTIONS_TABLE, EVENTS_SCHEMA_VERSION, EVENTS_TABLE, META_SCHEMA_VERSION, META_TABLE,
+        REQUESTS_SCHEMA_VERSION, REQUESTS_TABLE, SCHEMA_VERSION, connections_schema, events_schema,
+        requests_schema,
     },
 };
 use self::{files::TableWriter, journal::Journal, schema::Table};
@@ -166,6 +167,57 @@ pub struct LlmFields {
     pub redacted: u64,
 }
 
+/// One row of the `events` table: what happened to the agent itself (its
+/// start and stop, the audit failing to write and writing again, rows
+/// recovered from a dead agent's journal).
+#[derive(Clone, Debug)]
+pub struct EventRow {
+    pub time: DateTime<Utc>,
+    pub event: Event,
+    /// What happened, in a sentence for people.
+    pub message: String,
+    /// The rows it concerns: dropped during an outage, or recovered.
+    pub rows: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    AgentStarted,
+    AgentStopped,
+    /// The audit cannot be written (disk full, permissions): rows are kept
+    /// in memory, up to a bound, from now on.
+    AuditUnwritable,
+    /// It can again; `rows` counts what was dropped meanwhile.
+    AuditWritable,
+    /// Rows a dead agent left in its journal were written.
+    AuditRecovered,
+}
+
+impl Event {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::AgentStarted => "agent_started",
+            Event::AgentStopped => "agent_stopped",
+            Event::AuditUnwritable => "audit_unwritable",
+            Event::AuditWritable => "audit_writable",
+            Event::AuditRecovered => "audit_recovered",
+        }
+    }
+}
+
+impl EventRow {
+    pub fn now(event: Event, message: impl Into<String>) -> EventRow {
+        EventRow {
+            time: Utc::now(),
+            event,
+            message: message.into(),
+            rows: None,
+            error: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct AuditConfig {
     /// The audit directory; the tables live in `<dir>/connections` and
@@ -221,6 +273,7 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 enum AuditRow {
     Connection(Box<ConnectionRow>),
     Request(Box<RequestRow>),
+    Event(Box<EventRow>),
 }
 
 /// Cheap to clone; never blocks the data path.
@@ -228,6 +281,7 @@ enum AuditRow {
 pub struct AuditSink {
     tx: mpsc::Sender<AuditRow>,
     dropped: Arc<AtomicU64>,
+    writable: Arc<AtomicBool>,
 }
 
 impl AuditSink {
@@ -242,6 +296,19 @@ impl AuditSink {
     /// never blocks, and a row that does not fit is dropped and counted.
     pub fn record_request(&self, row: RequestRow) {
         self.send(AuditRow::Request(Box::new(row)));
+    }
+
+    /// Queues an `events` row, like [`AuditSink::record`].
+    pub fn record_event(&self, row: EventRow) {
+        self.send(AuditRow::Event(Box::new(row)));
+    }
+
+    /// Whether the audit is being written: false from the first failed
+    /// write (of the journal or a file) until writes succeed again. A
+    /// policy with `audit.on_failure: fail_closed` refuses new connections
+    /// meanwhile.
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::Relaxed)
     }
 
     fn send(&self, row: AuditRow) {
@@ -282,14 +349,41 @@ impl AuditWriter {
             .context("the audit writer must be started inside a tokio runtime")?;
         let host = files::hostname();
         let dropped = Arc::new(AtomicU64::new(0));
-        let state = WriterState {
-            connections: TableState::open(&config, host.clone(), dropped.clone())?,
-            requests: TableState::open(&config, host, dropped.clone())?,
+        let writable = Arc::new(AtomicBool::new(true));
+        let (connections, recovered_connections) =
+            TableState::open(&config, host.clone(), dropped.clone())?;
+        let (requests, recovered_requests) =
+            TableState::open(&config, host.clone(), dropped.clone())?;
+        let (events, recovered_events) = TableState::open(&config, host, dropped.clone())?;
+        let mut state = WriterState {
+            connections,
+            requests,
+            events,
             dropped: dropped.clone(),
             dropped_reported: 0,
             journal_every: config.journal_every,
             journal_at: None,
+            writable: writable.clone(),
+            outage: None,
         };
+        for (table, done) in [
+            (CONNECTIONS_TABLE, recovered_connections),
+            (REQUESTS_TABLE, recovered_requests),
+            (EVENTS_TABLE, recovered_events),
+        ] {
+            if done.rows > 0 {
+                state.push_event(EventRow {
+                    rows: Some(done.rows as u64),
+                    ..EventRow::now(
+                        Event::AuditRecovered,
+                        format!(
+                            "wrote {} {table} rows from {} journals of agents that died",
+                            done.rows, done.journals
+                        ),
+                    )
+                });
+            }
+        }
 
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -301,6 +395,7 @@ impl AuditWriter {
             AuditSink {
                 tx,
                 dropped: dropped.clone(),
+                writable,
             },
             AuditWriter {
                 stop: stop_tx,
@@ -338,12 +433,23 @@ type Failure = (String, usize, AuditError);
 struct WriterState {
     connections: TableState<ConnectionRow>,
     requests: TableState<RequestRow>,
+    events: TableState<EventRow>,
     dropped: Arc<AtomicU64>,
     dropped_reported: u64,
     journal_every: Duration,
     /// When the rows received since the last journal append are due in the
-    /// journals; none while every row is there.
+    /// journals (or a broken journal is tried again); none while every row
+    /// is there.
     journal_at: Option<Instant>,
+    /// Shared with the sinks: no table is failing.
+    writable: Arc<AtomicBool>,
+    outage: Option<Outage>,
+}
+
+/// Since when the audit cannot be written, and the drop count then.
+struct Outage {
+    since: DateTime<Utc>,
+    dropped_before: u64,
 }
 
 impl WriterState {
@@ -392,6 +498,66 @@ impl WriterState {
                     self.requests.flush().await;
                 }
             }
+            AuditRow::Event(row) => {
+                if self.events.push(*row) {
+                    self.events.flush().await;
+                }
+            }
+        }
+        self.check_health();
+    }
+
+    fn push_event(&mut self, row: EventRow) {
+        self.events.push(row);
+        self.journal_at
+            .get_or_insert_with(|| Instant::now() + self.journal_every);
+    }
+
+    /// Notes the moment the audit stops being writable, and the moment it
+    /// is again, as events (written once the disk takes them).
+    fn check_health(&mut self) {
+        let failing = [
+            self.connections.failure(),
+            self.requests.failure(),
+            self.events.failure(),
+        ]
+        .into_iter()
+        .flatten()
+        .next();
+        match (failing, &self.outage) {
+            (Some(error), None) => {
+                let dropped_before = self.dropped.load(Ordering::Relaxed);
+                let since = Utc::now();
+                self.outage = Some(Outage {
+                    since,
+                    dropped_before,
+                });
+                self.writable.store(false, Ordering::Relaxed);
+                self.push_event(EventRow {
+                    error: Some(error),
+                    ..EventRow::now(
+                        Event::AuditUnwritable,
+                        "the audit cannot be written; rows are kept in memory up to a bound, then dropped and counted",
+                    )
+                });
+            }
+            (None, Some(outage)) => {
+                let dropped = self.dropped.load(Ordering::Relaxed) - outage.dropped_before;
+                let seconds = (Utc::now() - outage.since).num_milliseconds() as f64 / 1000.0;
+                self.outage = None;
+                self.writable.store(true, Ordering::Relaxed);
+                tracing::info!(dropped, seconds, "audit: written again");
+                self.push_event(EventRow {
+                    rows: Some(dropped),
+                    ..EventRow::now(
+                        Event::AuditWritable,
+                        format!(
+                            "the audit is written again after {seconds:.1} s; {dropped} rows were dropped meanwhile"
+                        ),
+                    )
+                });
+            }
+            _ => {}
         }
     }
 
@@ -401,6 +567,7 @@ impl WriterState {
             self.journal_at,
             self.connections.deadline(),
             self.requests.deadline(),
+            self.events.deadline(),
         ]
         .into_iter()
         .flatten()
@@ -415,6 +582,13 @@ impl WriterState {
             self.journal_at = None;
             self.connections.journal();
             self.requests.journal();
+            self.events.journal();
+            if self.connections.journal_broken
+                || self.requests.journal_broken
+                || self.events.journal_broken
+            {
+                self.journal_at = Some(now + RETRY_FIRST);
+            }
         }
         self.report_drops();
         if self.connections.is_due(now) {
@@ -423,10 +597,12 @@ impl WriterState {
         if self.requests.is_due(now) {
             self.requests.flush().await;
         }
+        if self.events.is_due(now) {
+            self.events.flush().await;
+        }
+        self.check_health();
     }
 
-    /// The final flush of both tables: one last attempt; what fails is lost
-    /// and counted.
     /// The final flush of both tables: one last attempt. Rows that fail
     /// stay in their table's journal for the next agent to write; only
     /// those that cannot be kept there either are lost (and counted).
@@ -434,10 +610,13 @@ impl WriterState {
         self.report_drops();
         let mut failed = self.connections.write_buffer().await;
         failed.extend(self.requests.write_buffer().await);
+        failed.extend(self.events.write_buffer().await);
+        // Events are about the agent, not the traffic: not counted here.
         let written = self.connections.written + self.requests.written;
         let kept = [
             self.connections.close_journal(),
             self.requests.close_journal(),
+            self.events.close_journal(),
         ];
         let lost: usize = kept.iter().filter_map(|k| k.as_ref().err()).sum();
         self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
@@ -487,6 +666,8 @@ struct TableState<T> {
     /// A journal write failed: the journal may end in a partial batch, so
     /// the next attempt rewrites it whole.
     journal_broken: bool,
+    /// The latest write error, for the `audit_unwritable` event.
+    last_error: Option<String>,
     rotate_every: Duration,
     rotate_bytes: u64,
     /// Rows retained across failed writes are bounded by this.
@@ -507,20 +688,25 @@ impl<T: Table> TableState<T> {
     /// Creates the table's directory, removes the temporary files a crash
     /// left in it, writes the rows of dead agents' journals, and starts
     /// this agent's journal.
-    fn open(config: &AuditConfig, host: String, dropped: Arc<AtomicU64>) -> anyhow::Result<Self> {
+    fn open(
+        config: &AuditConfig,
+        host: String,
+        dropped: Arc<AtomicU64>,
+    ) -> anyhow::Result<(Self, Recovery)> {
         let writer = TableWriter::<T>::new(&config.dir, host);
         prepare_dir(writer.table_dir())?;
-        recover_table(&writer)?;
+        let recovered = recover_table(&writer)?;
         let journal =
             Journal::create(writer.table_dir(), writer.host(), T::schema()).map_err(|e| {
                 let advice = e.advice();
                 anyhow::Error::new(e).context(format!("cannot start the audit journal; {advice}"))
             })?;
-        Ok(TableState {
+        let state = TableState {
             writer: Arc::new(writer),
             journal,
             journaled: 0,
             journal_broken: false,
+            last_error: None,
             rotate_every: config.rotate_every,
             rotate_bytes: config.rotate_bytes,
             max_pending_bytes: config.rotate_bytes.saturating_mul(2).max(1 << 20),
@@ -531,7 +717,8 @@ impl<T: Table> TableState<T> {
             failures: 0,
             written: 0,
             dropped,
-        })
+        };
+        Ok((state, recovered))
     }
 
     /// Buffers the row; returns whether the buffer is due to be written
@@ -557,6 +744,12 @@ impl<T: Table> TableState<T> {
 
     fn is_due(&self, now: Instant) -> bool {
         self.deadline().is_some_and(|at| at <= now)
+    }
+
+    /// Why the table cannot be written right now, if it cannot.
+    fn failure(&self) -> Option<String> {
+        (self.journal_broken || self.retry_at.is_some())
+            .then(|| self.last_error.clone().unwrap_or_default())
     }
 
     /// Appends the rows received since the last append to the journal
@@ -606,6 +799,7 @@ impl<T: Table> TableState<T> {
             }
             Ok(()) => {}
             Err(err) => {
+                self.last_error = Some(format!("{err}; {}", err.advice()));
                 if !self.journal_broken {
                     tracing::error!(
                         table = T::NAME,
@@ -651,6 +845,9 @@ impl<T: Table> TableState<T> {
             return;
         }
         self.failures += 1;
+        if let Some((_, _, err)) = failed.first() {
+            self.last_error = Some(format!("{err}; {}", err.advice()));
+        }
         let wait = RETRY_FIRST
             .saturating_mul(1 << (self.failures - 1).min(16))
             .min(RETRY_MAX);
@@ -744,9 +941,13 @@ pub struct Recovery {
 pub fn recover(dir: &Path) -> anyhow::Result<Recovery> {
     let host = files::hostname();
     let mut total = recover_table(&TableWriter::<ConnectionRow>::new(dir, host.clone()))?;
-    let requests = recover_table(&TableWriter::<RequestRow>::new(dir, host))?;
-    total.journals += requests.journals;
-    total.rows += requests.rows;
+    for done in [
+        recover_table(&TableWriter::<RequestRow>::new(dir, host.clone()))?,
+        recover_table(&TableWriter::<EventRow>::new(dir, host))?,
+    ] {
+        total.journals += done.journals;
+        total.rows += done.rows;
+    }
     Ok(total)
 }
 

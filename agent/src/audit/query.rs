@@ -1,7 +1,7 @@
 //! `warden audit sql` and `warden audit tail`: the audit files read back
 //! with SQL (DataFusion), on the host that wrote them.
 //!
-//! [`AuditQuery`] registers the two tables, `connections` and `requests`,
+//! [`AuditQuery`] registers the tables, `connections`, `requests` and `events`,
 //! as listing tables over `<dir>/connections/` and `<dir>/requests/`: every
 //! `*.parquet` file under them (the writer's `.<name>.tmp` files never
 //! match), with the Hive partitions `date=YYYY-MM-DD/hour=HH` as the
@@ -38,13 +38,18 @@ use datafusion::{
 };
 use futures::StreamExt;
 
-use super::{CONNECTIONS_TABLE, REQUESTS_TABLE, connections_schema, requests_schema};
+use super::{
+    CONNECTIONS_TABLE, EVENTS_TABLE, REQUESTS_TABLE, connections_schema, events_schema,
+    requests_schema,
+};
 
 /// Where the tables are documented; said with every error about a query.
-pub const TABLES_HINT: &str = "The audit has two tables: `connections` (one row per connection; \
-docs/audit.md, \"The `connections` table\") and `requests` (one row per SQL statement, HTTP request \
-or LLM call; docs/audit.md, \"The `requests` table\"), both with the partition columns `date` and \
-`hour`. They join on `session_id`. `DESCRIBE requests` lists a table's columns.";
+pub const TABLES_HINT: &str = "The audit has three tables: `connections` (one row per connection; \
+docs/audit.md, \"The `connections` table\"), `requests` (one row per SQL statement, HTTP request \
+or LLM call; docs/audit.md, \"The `requests` table\") and `events` (the agent's own: start, stop, \
+audit outages; docs/audit.md, \"The `events` table\"), all with the partition columns `date` and \
+`hour`. `connections` and `requests` join on `session_id`. `DESCRIBE requests` lists a table's \
+columns.";
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,11 +62,12 @@ pub enum Format {
     Json,
 }
 
-/// One of the two audit tables.
+/// One of the audit tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuditTable {
     Connections,
     Requests,
+    Events,
 }
 
 impl AuditTable {
@@ -69,6 +75,7 @@ impl AuditTable {
         match self {
             AuditTable::Connections => CONNECTIONS_TABLE,
             AuditTable::Requests => REQUESTS_TABLE,
+            AuditTable::Events => EVENTS_TABLE,
         }
     }
 
@@ -79,6 +86,7 @@ impl AuditTable {
         let schema = match self {
             AuditTable::Connections => connections_schema(),
             AuditTable::Requests => requests_schema(),
+            AuditTable::Events => events_schema(),
         };
         let fields: Vec<Field> = schema
             .fields()
@@ -172,14 +180,18 @@ pub struct AuditQuery {
 }
 
 impl AuditQuery {
-    /// Registers `connections` and `requests` over `<dir>`. A table whose
+    /// Registers `connections`, `requests` and `events` over `<dir>`. A table whose
     /// directory is missing is an empty table.
     pub fn open(dir: &Path) -> Result<Self, QueryError> {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("warden", "audit");
         let ctx = SessionContext::new_with_config(config);
-        for table in [AuditTable::Connections, AuditTable::Requests] {
+        for table in [
+            AuditTable::Connections,
+            AuditTable::Requests,
+            AuditTable::Events,
+        ] {
             let provider = table_provider(&ctx, &dir.join(table.name()), table)?;
             ctx.register_table(table.name(), provider)
                 .map_err(|e| QueryError::run(&e))?;

@@ -12,7 +12,7 @@ use std::{
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 
-use super::schema::{CONNECTIONS_TABLE, REQUESTS_TABLE};
+use super::schema::{CONNECTIONS_TABLE, EVENTS_TABLE, REQUESTS_TABLE};
 
 pub const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
@@ -23,7 +23,7 @@ pub struct Swept {
     pub files: usize,
 }
 
-/// Removes the partitions of both tables under `dir` whose hour ended more
+/// Removes the partitions of every table under `dir` whose hour ended more
 /// than `keep` before `now`. Directories that are not partitions are left
 /// alone.
 pub fn sweep(dir: &Path, keep: Duration, now: DateTime<Utc>) -> io::Result<Swept> {
@@ -32,7 +32,7 @@ pub fn sweep(dir: &Path, keep: Duration, now: DateTime<Utc>) -> io::Result<Swept
         return Ok(Swept::default());
     };
     let mut swept = Swept::default();
-    for table in [CONNECTIONS_TABLE, REQUESTS_TABLE] {
+    for table in [CONNECTIONS_TABLE, REQUESTS_TABLE, EVENTS_TABLE] {
         for (date_dir, date) in partitions(&dir.join(table), "date=", |v| {
             NaiveDate::parse_from_str(v, "%Y-%m-%d").ok()
         })? {

@@ -19,7 +19,7 @@ use arrow::{
 };
 use chrono::{DateTime, Utc};
 
-use super::{ConnectionRow, RequestRow};
+use super::{ConnectionRow, EventRow, RequestRow};
 
 /// The version of the `connections` schema, written in the `schema_version`
 /// column and in the file's `warden.schema_version` key-value metadata.
@@ -36,6 +36,12 @@ pub const CONNECTIONS_TABLE: &str = "connections";
 
 /// The `requests` table's name (see [`CONNECTIONS_TABLE`]).
 pub const REQUESTS_TABLE: &str = "requests";
+
+/// The `events` table's name: what happened to the agent itself.
+pub const EVENTS_TABLE: &str = "events";
+
+/// The version of the `events` schema (see [`SCHEMA_VERSION`]).
+pub const EVENTS_SCHEMA_VERSION: i16 = 1;
 
 /// Key-value metadata key holding the table's schema version.
 pub const META_SCHEMA_VERSION: &str = "warden.schema_version";
@@ -108,6 +114,58 @@ static CONNECTIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("error", DataType::Utf8, true),
     ]))
 });
+
+static EVENTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("schema_version", DataType::Int16, false),
+        Field::new("start_time", utc_micros(), false),
+        Field::new("host", DataType::Utf8, false),
+        Field::new("agent_pid", DataType::Int64, false),
+        Field::new("event", DataType::Utf8, false),
+        Field::new("message", DataType::Utf8, false),
+        Field::new("rows", DataType::Int64, true),
+        Field::new("error", DataType::Utf8, true),
+    ]))
+});
+
+/// The Arrow schema of the `events` table (without the partition columns).
+pub fn events_schema() -> SchemaRef {
+    EVENTS_SCHEMA.clone()
+}
+
+impl Table for EventRow {
+    const NAME: &'static str = EVENTS_TABLE;
+    const SCHEMA_VERSION: i16 = EVENTS_SCHEMA_VERSION;
+
+    fn schema() -> SchemaRef {
+        events_schema()
+    }
+
+    fn start_time(&self) -> &DateTime<Utc> {
+        &self.time
+    }
+
+    fn estimated_size(&self) -> u64 {
+        (64 + self.event.as_str().len() + self.message.len() + opt_len(&self.error)) as u64
+    }
+
+    fn to_record_batch(rows: &[Self], host: &str) -> Result<RecordBatch, ArrowError> {
+        let pid = i64::from(std::process::id());
+        batch(
+            Self::schema(),
+            vec![
+                ("schema_version", versions(rows, Self::SCHEMA_VERSION)),
+                ("start_time", times(rows, |r| &r.time)),
+                ("host", strings(rows, |_| host)),
+                ("agent_pid", ints(rows, |_| pid)),
+                ("event", strings(rows, |r| r.event.as_str())),
+                ("message", strings(rows, |r| &r.message)),
+                ("rows", opt_ints(rows, |r| r.rows.map(saturating_i64))),
+                ("error", opt_strings(rows, |r| r.error.as_deref())),
+            ],
+        )
+    }
+}
 
 static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![

@@ -17,6 +17,8 @@ use parquet::{arrow::arrow_reader::ParquetRecordBatchReaderBuilder, basic::Compr
 
 use super::*;
 
+/// The `events` table: the audit's outages, recoveries.
+mod events;
 /// The journal: rows on disk before their rotation, recovered after a crash.
 mod journal;
 /// The `requests` table, and both tables together.

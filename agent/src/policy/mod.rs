@@ -387,6 +387,27 @@ pub struct AuditSettings {
     pub rotate: Option<Duration>,
     /// Remove audit files older than this.
     pub retention: Option<Duration>,
+    pub on_failure: OnAuditFailure,
+}
+
+/// What the agent does while the audit cannot be written: `audit.on_failure`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnAuditFailure {
+    /// Serve on; rows are kept in memory up to a bound, then dropped and
+    /// counted.
+    #[default]
+    KeepServing,
+    /// Refuse new connections until the audit is written again.
+    FailClosed,
+}
+
+impl OnAuditFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnAuditFailure::KeepServing => "keep_serving",
+            OnAuditFailure::FailClosed => "fail_closed",
+        }
+    }
 }
 
 /// A policy that could not be read. Its message names the file, the line and
@@ -1110,6 +1131,12 @@ impl Policy {
 
     pub fn audit_settings(&self) -> AuditSettings {
         self.audit.clone()
+    }
+
+    /// `audit.on_failure`: what the proxy does while the audit cannot be
+    /// written.
+    pub fn on_audit_failure(&self) -> OnAuditFailure {
+        self.audit.on_failure
     }
 
     pub fn default_action(&self) -> DefaultAction {

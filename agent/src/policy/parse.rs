@@ -36,8 +36,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 
 use super::{
     Action, AuditSettings, Credential, DefaultAction, HttpMatcher, Limits, LlmMatcher, Mask,
-    Policy, PolicyError, PortRange, PromptAudit, Protocol, Rule, RuleKind, STATEMENT_CLASSES,
-    Selector, SqlMatcher, Target, Workload, glob::Glob,
+    OnAuditFailure, Policy, PolicyError, PortRange, PromptAudit, Protocol, Rule, RuleKind,
+    STATEMENT_CLASSES, Selector, SqlMatcher, Target, Workload, glob::Glob,
 };
 use crate::masking::{self, Checksum, DetectorSpec, MaskError, Masker};
 
@@ -343,7 +343,7 @@ pub(crate) const SQL: Fields = Fields {
 
 pub(crate) const AUDIT: Fields = Fields {
     what: "under audit",
-    known: &["dir", "rotate", "retention", "prompts"],
+    known: &["dir", "rotate", "retention", "prompts", "on_failure"],
     later: &[],
     instead: &[],
 };
@@ -1592,7 +1592,7 @@ impl<'de> Keys<'de> for AuditKeys {
     }
 
     fn expecting(&self) -> String {
-        "a mapping with some of dir, rotate, retention, prompts".into()
+        "a mapping with some of dir, rotate, retention, prompts, on_failure".into()
     }
 
     fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
@@ -1602,6 +1602,7 @@ impl<'de> Keys<'de> for AuditKeys {
             "rotate" => audit.rotate = Some(map.next_value_seed(One(DurationP))?),
             "retention" => audit.retention = Some(map.next_value_seed(One(DurationP))?),
             "prompts" => *prompts = map.next_value_seed(One(PromptsP))?,
+            "on_failure" => audit.on_failure = map.next_value_seed(One(OnFailureP))?,
             _ => unreachable!("{key} is in AUDIT.known"),
         }
         Ok(())
@@ -2648,6 +2649,29 @@ impl Parse for PromptsP {
             })
     }
 }
+
+#[derive(Clone, Copy)]
+struct OnFailureP;
+
+impl Parse for OnFailureP {
+    type Out = OnAuditFailure;
+    fn expecting(&self) -> String {
+        "keep_serving or fail_closed".into()
+    }
+    fn text(&self, s: &str) -> Result<OnAuditFailure, String> {
+        [OnAuditFailure::KeepServing, OnAuditFailure::FailClosed]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "{s:?} is not a choice for audit on_failure; write `on_failure: keep_serving` \
+                     (serve, keep rows in memory up to a bound, count what is dropped) or \
+                     `on_failure: fail_closed` (refuse new connections while the audit cannot be written)"
+                )
+            })
+    }
+}
+
 #[derive(Clone, Copy)]
 struct ClassP;
 

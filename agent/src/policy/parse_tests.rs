@@ -82,7 +82,7 @@ fn unknown_fields_everywhere_name_their_place() {
         "version: 1\naudit:\n  directory: /x\n",
         3,
         3,
-        "unknown field `directory` under audit; expected one of: dir, rotate, retention, prompts",
+        "unknown field `directory` under audit; expected one of: dir, rotate, retention, prompts, on_failure",
     );
 }
 
@@ -404,6 +404,18 @@ fn audit_retention_is_a_duration() {
         p.audit_settings().retention,
         Some(Duration::from_secs(30 * 86400))
     );
+    let p =
+        Policy::from_yaml("version: 1\naudit: { on_failure: fail_closed }\n", "p.yaml").unwrap();
+    assert_eq!(
+        p.on_audit_failure(),
+        crate::policy::OnAuditFailure::FailClosed
+    );
+    assert_err(
+        "version: 1\naudit:\n  on_failure: close\n",
+        3,
+        15,
+        "\"close\" is not a choice for audit on_failure",
+    );
     assert_err(
         "version: 1\naudit:\n  retention: 30\n",
         3,
@@ -527,6 +539,7 @@ fn load_reads_files_and_names_them() {
             dir: Some("/srv/audit".into()),
             rotate: Some(Duration::from_secs(300)),
             retention: None,
+            on_failure: Default::default(),
         }
     );
 

@@ -356,6 +356,7 @@ fn counts_and_settings() {
             dir: None,
             rotate: Some(Duration::from_secs(3600)),
             retention: None,
+            on_failure: Default::default(),
         }
     );
     assert_eq!(Action::Deny.as_str(), "deny");

@@ -25,7 +25,7 @@ use crate::{
     capture::Capture,
     identity::{Identity, Origin},
     lineage::Lineage,
-    policy::{Action, ConnectionRequest, Policy, Transport},
+    policy::{Action, ConnectionRequest, OnAuditFailure, Policy, Transport},
 };
 use bytes::Bytes;
 use detect::Protocol;
@@ -135,6 +135,18 @@ impl Proxy {
         if decision.action == Action::Deny {
             refuse(client);
             row.decision = "deny";
+            self.finish(row);
+            return;
+        }
+        if self.policy.on_audit_failure() == OnAuditFailure::FailClosed && !self.audit.writable() {
+            // Kept in memory with the rest until the audit is written again.
+            refuse(client);
+            row.decision = "deny";
+            row.rule = "audit.on_failure".into();
+            row.error = Some(
+                "refused: the audit cannot be written and the policy says audit.on_failure: fail_closed"
+                    .into(),
+            );
             self.finish(row);
             return;
         }

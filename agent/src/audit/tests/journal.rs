@@ -64,12 +64,12 @@ async fn a_crash_before_the_rotation_loses_no_journaled_row() {
         parquet_files(tmp.path()).is_empty(),
         "rotation is an hour away"
     );
-    assert_eq!(journals(tmp.path()).len(), 2, "one per table");
+    assert_eq!(journals(tmp.path()).len(), 3, "one per table");
 
     assert_eq!(
         recover(tmp.path()).unwrap(),
         Recovery {
-            journals: 2,
+            journals: 3,
             rows: 12
         }
     );

@@ -425,7 +425,7 @@ async fn both_tables_in_one_run_land_in_their_own_directories() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     tables.sort();
-    assert_eq!(tables, ["connections", "requests"]);
+    assert_eq!(tables, ["connections", "events", "requests"]);
     assert_no_tmp(tmp.path());
 }
 
