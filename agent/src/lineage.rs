@@ -1,15 +1,18 @@
-//! Lineage: which LLM exchange produced a database statement.
+//! Lineage: which LLM exchange produced a database statement or an HTTP
+//! request.
 //!
 //! When an LLM answer reaches a process (tool-call arguments, or text with
-//! SQL in it), the SQL it carries is remembered for that process's cgroup
-//! (the app and the programs it starts); when a statement from the same
-//! cgroup then reaches a database, it is looked up here. A match names the
-//! exchange (its session and seq in the `requests` table) and how it
-//! matched:
+//! SQL or URLs in it), the SQL and the URLs it carries are remembered for
+//! that process's cgroup (the app and the programs it starts); when a
+//! statement (or an HTTP request) from the same cgroup then goes out, it is
+//! looked up here. A match names the exchange (its session and seq in the
+//! `requests` table) and how it matched:
 //!
 //! - `exact`: the statement is the text the model wrote (trimmed, without
-//!   a final `;`);
-//! - `normalized`: the same once whitespace and letter case are folded;
+//!   a final `;`); the request is to the URL the model wrote, query
+//!   included;
+//! - `normalized`: the same once whitespace and letter case are folded; for
+//!   a request, the same host, port and path, whatever the query;
 //! - `fingerprint`: the same shape with other literal values (the
 //!   `fingerprint` column's form), as when an app binds the values itself.
 //!
@@ -19,10 +22,11 @@
 //! [`PROPOSAL_TTL`], and each cgroup keeps at most [`PROPOSALS_PER_SCOPE`].
 use std::{
     collections::{HashMap, VecDeque},
-    sync::Mutex,
+    sync::{LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
+use regex::Regex;
 use serde_json::Value;
 
 use crate::protocols::{
@@ -74,29 +78,69 @@ struct Proposal {
     at: Instant,
 }
 
+/// A URL an answer carried, in the forms requests are compared in.
+struct UrlProposal {
+    exact: String,
+    normalized: String,
+    exchange: Exchange,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Scope {
+    sql: VecDeque<Proposal>,
+    http: VecDeque<UrlProposal>,
+}
+
 /// Proposals by cgroup id. One per agent, shared by the decoders.
 #[derive(Default)]
 pub struct Lineage {
-    scopes: Mutex<HashMap<u64, VecDeque<Proposal>>>,
+    scopes: Mutex<HashMap<u64, Scope>>,
+}
+
+/// An HTTP request as lineage compares it: the host it asked for, the port
+/// it connected to, and its path with the query.
+pub struct HttpTarget<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub path_and_query: &'a str,
 }
 
 impl Lineage {
     /// Remember the SQL an LLM answer carries, for the cgroup it went to.
     pub fn record_answer(&self, cgroup: u64, exchange: &Exchange, answer: &LlmResponse) {
         let mut found = Vec::new();
+        let mut urls = Vec::new();
         for call in &answer.tool_calls {
             match serde_json::from_str::<Value>(&call.arguments) {
                 Ok(args) => sql_in_json(&args, &mut found),
                 Err(_) => sql_in_text(&call.arguments, &mut found),
             }
+            urls_in(&call.arguments, &mut urls);
         }
         sql_in_text(&answer.text, &mut found);
-        if found.is_empty() {
+        urls_in(&answer.text, &mut urls);
+        if found.is_empty() && urls.is_empty() {
             return;
         }
         let now = Instant::now();
         let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        let proposals = scopes.entry(cgroup).or_default();
+        let scope = scopes.entry(cgroup).or_default();
+        scope
+            .http
+            .retain(|p| now.duration_since(p.at) < PROPOSAL_TTL);
+        for (exact, normalized) in urls {
+            if scope.http.len() >= PROPOSALS_PER_SCOPE {
+                scope.http.pop_front();
+            }
+            scope.http.push_back(UrlProposal {
+                exact,
+                normalized,
+                exchange: exchange.clone(),
+                at: now,
+            });
+        }
+        let proposals = &mut scope.sql;
         proposals.retain(|p| now.duration_since(p.at) < PROPOSAL_TTL);
         for sql in found {
             for one in split_statements(&sql) {
@@ -122,7 +166,7 @@ impl Lineage {
     /// the proposal is used up.
     pub fn claim_statement(&self, cgroup: u64, statement: &str) -> Option<Link> {
         let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        let proposals = scopes.get_mut(&cgroup)?;
+        let proposals = &mut scopes.get_mut(&cgroup)?.sql;
         let now = Instant::now();
         proposals.retain(|p| now.duration_since(p.at) < PROPOSAL_TTL);
         let exact = exact_form(statement);
@@ -155,10 +199,76 @@ impl Lineage {
         })
     }
 
+    /// The exchange that proposed this HTTP request's URL, if one from this
+    /// cgroup did; the proposal is used up.
+    pub fn claim_http(&self, cgroup: u64, target: &HttpTarget) -> Option<Link> {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        let proposals = &mut scopes.get_mut(&cgroup)?.http;
+        let now = Instant::now();
+        proposals.retain(|p| now.duration_since(p.at) < PROPOSAL_TTL);
+        let (exact, normalized) = url_forms(target.host, target.port, target.path_and_query);
+        let (i, kind) = proposals
+            .iter()
+            .rposition(|p| p.exact == exact)
+            .map(|i| (i, MatchKind::Exact))
+            .or_else(|| {
+                proposals
+                    .iter()
+                    .rposition(|p| p.normalized == normalized)
+                    .map(|i| (i, MatchKind::Normalized))
+            })?;
+        let proposal = proposals.remove(i)?;
+        Some(Link {
+            exchange: proposal.exchange,
+            kind,
+        })
+    }
+
     /// Forget a cgroup's proposals (its workload is gone).
     pub fn forget(&self, cgroup: u64) {
         let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
         scopes.remove(&cgroup);
+    }
+}
+
+/// `host:port/path?query` and `host:port/path` (no final `/`), the host
+/// lowercased.
+fn url_forms(host: &str, port: u16, path_and_query: &str) -> (String, String) {
+    let host = host.to_ascii_lowercase();
+    let path_and_query = if path_and_query.is_empty() {
+        "/"
+    } else {
+        path_and_query
+    };
+    let path = path_and_query.split(['?', '#']).next().unwrap_or("");
+    (
+        format!("{host}:{port}{path_and_query}"),
+        format!("{host}:{port}{}", path.trim_end_matches('/')),
+    )
+}
+
+static URL: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r#"(?i)\b(https?)://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::([0-9]{1,5}))?([^\s"'<>`\\]*)"#)
+        .expect("a valid pattern")
+});
+
+/// The URLs in a text (tool-call arguments as JSON text, or an answer), in
+/// the forms of [`url_forms`].
+fn urls_in(text: &str, out: &mut Vec<(String, String)>) {
+    for c in URL.captures_iter(text) {
+        let https = c[1].eq_ignore_ascii_case("https");
+        let host = c[2].trim_start_matches('[').trim_end_matches(']');
+        let port = match c.get(3) {
+            Some(p) => match p.as_str().parse::<u16>() {
+                Ok(port) => port,
+                Err(_) => continue,
+            },
+            None if https => 443,
+            None => 80,
+        };
+        // Sentence punctuation after a URL is not part of it.
+        let rest = c[4].trim_end_matches(['.', ',', ';', ':', '!', ')', ']', '}']);
+        out.push(url_forms(host, port, rest));
     }
 }
 
@@ -346,6 +456,62 @@ mod tests {
             l.claim_statement(1, "SELECT 1 AS x").unwrap().exchange,
             ex(2)
         );
+    }
+
+    fn get(host: &str, port: u16, path_and_query: &str) -> HttpTarget<'static> {
+        HttpTarget {
+            host: Box::leak(host.to_string().into_boxed_str()),
+            port,
+            path_and_query: Box::leak(path_and_query.to_string().into_boxed_str()),
+        }
+    }
+
+    #[test]
+    fn urls_in_tool_calls_and_text_link_the_requests_to_them() {
+        let l = Lineage::default();
+        l.record_answer(
+            1,
+            &ex(1),
+            &answer(
+                "See https://Docs.example.com/guide/, or http://[::1]:8080/a?b=1.",
+                &[r#"{"url": "https://10.0.0.5:8443/tickets/2?fields=all"}"#],
+            ),
+        );
+        let exact = l
+            .claim_http(1, &get("10.0.0.5", 8443, "/tickets/2?fields=all"))
+            .unwrap();
+        assert_eq!((exact.exchange, exact.kind), (ex(1), MatchKind::Exact));
+        // Used up.
+        assert_eq!(
+            l.claim_http(1, &get("10.0.0.5", 8443, "/tickets/2?fields=all")),
+            None
+        );
+        // Default port, final slash and host case do not matter; the query does, a little.
+        let n = l
+            .claim_http(1, &get("docs.example.com", 443, "/guide?lang=en"))
+            .unwrap();
+        assert_eq!(n.kind, MatchKind::Normalized);
+        assert_eq!(
+            l.claim_http(1, &get("::1", 8080, "/a?b=1")).unwrap().kind,
+            MatchKind::Exact
+        );
+    }
+
+    #[test]
+    fn requests_to_other_places_or_from_elsewhere_do_not_link() {
+        let l = Lineage::default();
+        l.record_answer(
+            1,
+            &ex(1),
+            &answer("", &[r#"{"url": "https://a.example/x"}"#]),
+        );
+        assert_eq!(l.claim_http(2, &get("a.example", 443, "/x")), None);
+        assert_eq!(l.claim_http(1, &get("a.example", 8443, "/x")), None);
+        assert_eq!(l.claim_http(1, &get("a.example", 443, "/y")), None);
+        assert_eq!(l.claim_http(1, &get("b.example", 443, "/x")), None);
+        // The SQL side is not confused by it, nor the URL side by SQL.
+        assert_eq!(l.claim_statement(1, "https://a.example/x"), None);
+        assert!(l.claim_http(1, &get("a.example", 443, "/x")).is_some());
     }
 
     #[test]

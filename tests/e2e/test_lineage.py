@@ -1,7 +1,8 @@
 """Lineage: a real LangChain SQL agent under `warden run`, the model's
-answers scripted; the audit links each statement the model wrote to the
-LLM call that wrote it, and none of the statements the app sends on its
-own (some of the same shape). Policy can tell the two apart."""
+answers scripted; the audit links each statement the model wrote, and each
+URL it had the app fetch, to the LLM call that wrote it, and none of the
+statements and requests the app sends on its own (some of the same shape).
+Policy can tell the two apart."""
 import json
 import sys
 import textwrap
@@ -27,7 +28,20 @@ SCRIPT = [
     {"match": "how many customers", "tool_calls": [{"name": "run_sql", "arguments": {
         "query": "SELECT count(*) FROM customers"}}]},
 ]
-QUESTIONS = ["Which are the open tickets?", "Please close ticket 2.", "And how many customers do we have?"]
+QUESTIONS = [
+    "Which are the open tickets?",
+    "Please close ticket 2.",
+    "And how many customers do we have?",
+    "Show the model details.",
+]
+
+
+def script(llm_server):  # noqa: F811
+    # The model has the app fetch a URL of the test server (its models API).
+    url = f"{llm_server.base_url}/models/gpt-4o-mini?detail=full"
+    return json.loads(json.dumps(SCRIPT)) + [
+        {"match": "model details", "tool_calls": [{"name": "fetch", "arguments": {"url": url}}]}
+    ]
 
 
 @pytest.fixture
@@ -44,8 +58,10 @@ def pg():
 
 
 def run_agent(llm_server, pg, audit_dir, *extra):  # noqa: F811
-    llm_server.server.script.entries.extend(json.loads(json.dumps(SCRIPT)))
-    env = app_env(llm_server, DATABASE_URL=pg.dsn, QUESTIONS=json.dumps(QUESTIONS))
+    llm_server.server.script.entries.extend(script(llm_server))
+    env = app_env(
+        llm_server, DATABASE_URL=pg.dsn, QUESTIONS=json.dumps(QUESTIONS), MODELS_URL=f"{llm_server.base_url}/models"
+    )
     code = f"import runpy; runpy.run_path({str(APP)!r}, run_name='__main__')"
     run = warden_run(code, audit_dir, *extra, env=env)
     assert run.returncode == 0 and run.report, run.stdout + run.stderr
@@ -55,7 +71,7 @@ def run_agent(llm_server, pg, audit_dir, *extra):  # noqa: F811
 def test_statements_are_linked_to_the_llm_call_that_wrote_them(llm_server, pg, audit_dir):  # noqa: F811
     report = run_agent(llm_server, pg, audit_dir)
     ran = report["ran"]
-    assert [r["by"] for r in ran].count("model") == 3 and len(ran) == 10
+    assert [r["by"] for r in ran].count("model") == 3 and len(ran) == 12
 
     rows = read_requests(audit_dir)
     llm = {(r["session_id"], r["seq"]): r for r in rows if r["protocol"] == "llm"}
@@ -78,10 +94,31 @@ def test_statements_are_linked_to_the_llm_call_that_wrote_them(llm_server, pg, a
             assert source["pid"] == row["pid"] == report["pid"]
         else:
             assert not is_linked, f"the app's own statement was credited to the model: {row['statement']}"
+    # The HTTP requests the app made: its own listing, and the model's URL.
+    fetched = report["fetched"]
+    assert [f["by"] for f in fetched] == ["app", "model"]
+    http = [r for r in rows if r["protocol"] == "http"]
+    assert [r["http_path"] for r in http] == ["/v1/models", "/v1/models/gpt-4o-mini"], http
+    for row, sent in zip(http, fetched):
+        by_model = sent["by"] == "model"
+        is_linked = row["caused_by_session_id"] is not None
+        expected += by_model
+        linked += is_linked
+        if by_model and is_linked:
+            hits += 1
+            kinds.append(row["caused_by_match"])
+            source = llm[(row["caused_by_session_id"], row["caused_by_seq"])]
+            (call,) = source["tool_calls"]
+            assert json.loads(json.loads(call)["arguments"])["url"] == sent["url"]
+        else:
+            assert not is_linked, f"the app's own request was credited to the model: {row['http_path']}"
     precision, recall = hits / linked, hits / expected
-    print(f"lineage over {len(ran)} statements: precision {precision:.2f}, recall {recall:.2f}, matches {kinds}")
+    print(
+        f"lineage over {len(ran)} statements and {len(fetched)} HTTP requests: "
+        f"precision {precision:.2f}, recall {recall:.2f}, matches {kinds}"
+    )
     assert (precision, recall) == (1.0, 1.0)
-    assert kinds == ["normalized", "exact", "exact"]
+    assert kinds == ["normalized", "exact", "exact", "exact"]
 
 
 def test_policy_refuses_llm_written_writes_but_not_the_apps_own(llm_server, pg, audit_dir, tmp_path):  # noqa: F811
@@ -101,7 +138,7 @@ def test_policy_refuses_llm_written_writes_but_not_the_apps_own(llm_server, pg, 
     # The model's UPDATE was refused (the tool saw the error); the app's own INSERTs went through.
     with psycopg.connect(pg.dsn) as c:
         assert c.execute("SELECT status FROM tickets WHERE id = 2").fetchone() == ("open",)
-        assert c.execute("SELECT count(*) FROM bot_log").fetchone() == (3,)
+        assert c.execute("SELECT count(*) FROM bot_log").fetchone() == (4,)
     rows = [r for r in read_requests(audit_dir) if r["protocol"] == "postgres"]
     denied = [(r["statement"], r["rule"], r["sqlstate"]) for r in rows if r["decision"] == "deny"]
     assert denied == [("UPDATE tickets SET status = 'closed' WHERE id = 2", "no-llm-writes", "42501")]

@@ -38,6 +38,7 @@ struct Req {
     method: &'static str,
     path: &'static str,
     llm: Option<LlmInfo<'static>>,
+    from_llm: bool,
 }
 
 impl Req {
@@ -49,7 +50,13 @@ impl Req {
             method: "GET",
             path: "/",
             llm: None,
+            from_llm: false,
         }
+    }
+    /// Its URL was in an LLM answer.
+    fn proposed_by_llm(mut self) -> Req {
+        self.from_llm = true;
+        self
     }
     fn uid(mut self, uid: u32) -> Req {
         self.uid = uid;
@@ -103,6 +110,7 @@ impl Req {
             method: self.method,
             path: self.path,
             llm: self.llm,
+            from_llm: self.from_llm,
         })
     }
 
@@ -835,14 +843,14 @@ fn unknown_keys_in_request_matchers() {
             "version: 1\nrules:\n  - name: r\n    when: { http: { methods: [GET] } }\n    action: deny\n"
         ),
         "policy.yaml:4:21: unknown field `methods` in a rule's http (write `method:`, which takes \
-         one method or a list); expected one of: method, path, host"
+         one method or a list); expected one of: method, path, host, from_llm"
     );
     assert_eq!(
         err(
             "version: 1\nrules:\n  - name: r\n    when:\n      http:\n        verb: GET\n    action: deny\n"
         ),
         "policy.yaml:6:9: unknown field `verb` in a rule's http; expected one of: method, path, \
-         host"
+         host, from_llm"
     );
     assert_err(
         "version: 1\nrules:\n  - name: r\n    when: { http: { columns: [\"*\"] } }\n    action: deny\n",
@@ -1321,4 +1329,22 @@ fn the_llm_gateway_example_does_what_it_says() {
         "4 rules, 4 of them for HTTP requests, 1 workload, 3 targets, 2 credentials; \
          http_default: deny"
     );
+}
+
+#[test]
+fn from_llm_matches_requests_to_urls_an_llm_proposed() {
+    let p = policy(
+        r#"
+version: 1
+rules:
+  - name: no-llm-chosen-urls
+    when: { http: { from_llm: true } }
+    action: deny
+"#,
+    );
+    assert_eq!(
+        Req::new().proposed_by_llm().decided(&p),
+        deny("no-llm-chosen-urls")
+    );
+    assert_eq!(Req::new().decided(&p), allow("default"));
 }

@@ -140,6 +140,9 @@ pub struct HttpRequest<'a> {
     pub path: &'a str,
     /// Some when the request is a call to an LLM API the proxy recognised.
     pub llm: Option<LlmInfo<'a>>,
+    /// Whether an LLM answer to the same workload carried this request's
+    /// URL (see [`crate::lineage`]).
+    pub from_llm: bool,
 }
 
 /// What the proxy learnt of an LLM API call.
@@ -686,6 +689,8 @@ struct HttpMatcher {
     path: Option<Vec<Glob>>,
     /// Caseless globs on the request's host.
     host: Option<Vec<Glob>>,
+    /// Holds when whether an LLM answer proposed the request's URL is this.
+    from_llm: Option<bool>,
 }
 
 impl HttpMatcher {
@@ -695,6 +700,7 @@ impl HttpMatcher {
             .is_none_or(|methods| methods.iter().any(|m| m.eq_ignore_ascii_case(req.method)))
             && globs_match(&self.path, Some(req.path))
             && globs_match(&self.host, req.host)
+            && self.from_llm.is_none_or(|f| f == req.from_llm)
     }
 }
 

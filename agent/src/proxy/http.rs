@@ -47,7 +47,7 @@ use super::{io::Counted, relay::Transferred};
 use crate::{
     audit::{AuditSink, HttpFields, LlmFields, RequestRow},
     identity::Identity,
-    lineage::{Exchange as Proposer, Lineage},
+    lineage::{Exchange as Proposer, HttpTarget, Lineage},
     policy::{
         Action, Credential, CredentialHeader, HttpDecision, HttpRequest, LlmInfo, OnDetect, Policy,
         PromptAudit,
@@ -209,6 +209,10 @@ impl Exchange {
         let s = &self.session;
         let method = req.method().as_str().to_string();
         let path = req.uri().path().to_string();
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| path.clone(), |p| p.as_str().to_string());
         let host = request_host(&req).or_else(|| s.server_name.clone());
         let mut row = RequestRow {
             session_id: s.session_id.clone(),
@@ -289,6 +293,21 @@ impl Exchange {
             }
         };
 
+        // A request to a URL an LLM answer carried (an LLM call itself is
+        // the exchange, not its product).
+        if call.is_none()
+            && let Some(host) = host.as_deref()
+        {
+            row.caused_by = s.lineage.claim_http(
+                s.identity.cgroup_id,
+                &HttpTarget {
+                    host,
+                    port: s.destination.port(),
+                    path_and_query: &path_and_query,
+                },
+            );
+        }
+
         // 2. decide
         let decision = s.policy.decide_http(&HttpRequest {
             identity: &s.identity,
@@ -303,6 +322,7 @@ impl Exchange {
                 max_tokens: c.request.as_ref().and_then(|r| r.max_tokens),
                 stream: c.request.as_ref().is_some_and(|r| r.stream),
             }),
+            from_llm: row.caused_by.is_some(),
         });
         row.rule = decision.rule.clone();
         let provider = call.as_ref().map(|c| c.provider);

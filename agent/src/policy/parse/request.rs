@@ -10,7 +10,8 @@ use std::{env::VarError, fmt};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::{
-    Ctx, Fields, GlobP, Keys, Many, Mapping, MaskNameP, NameGlobP, One, Parse, compile_mask, fail,
+    Ctx, Fields, Flag, GlobP, Keys, Many, Mapping, MaskNameP, NameGlobP, One, Parse, compile_mask,
+    fail,
 };
 use crate::policy::{
     CredentialHeader, HttpMatcher, LLM_ENDPOINTS, LLM_PROVIDERS, Limits, LlmMatcher, Mask,
@@ -19,7 +20,7 @@ use crate::policy::{
 
 pub(crate) const HTTP: Fields = Fields {
     what: "in a rule's http",
-    known: &["method", "path", "host"],
+    known: &["method", "path", "host", "from_llm"],
     later: &[
         ("headers", "header matchers"),
         ("header", "header matchers"),
@@ -199,6 +200,7 @@ impl<'de> Keys<'de> for HttpKeys {
             "method" => m.method = Some(map.next_value_seed(Many::new(MethodP, "method"))?),
             "path" => m.path = Some(map.next_value_seed(Many::new(PathP, "path"))?),
             "host" => m.host = Some(map.next_value_seed(Many::new(HostP, "host"))?),
+            "from_llm" => m.from_llm = Some(map.next_value_seed(Flag("from_llm"))?),
             _ => unreachable!("{key} is in HTTP.known"),
         }
         Ok(())
