@@ -63,7 +63,7 @@ def test_sigkill_loses_at_most_the_last_second_of_rows(tmp_path, audit_dir):
     assert not list((audit_dir / "requests").rglob("*.parquet")), "rotation is an hour away"
     recovered = subprocess.run([WARDEN, "audit", "recover", "--audit-dir", str(audit_dir)], capture_output=True, text=True)
     assert recovered.returncode == 0, recovered.stderr
-    assert re.match(r"recovered \d+ rows from 2 journals", recovered.stdout), recovered.stdout
+    assert re.match(r"recovered \d+ rows from 3 journals", recovered.stdout), recovered.stdout
 
     # Every file reads, and no journal is left.
     for f in audit_dir.rglob("*"):
@@ -97,3 +97,106 @@ def _done(log: Path) -> dict:
         if len(parts) == 2:
             out[int(parts[0])] = float(parts[1])
     return out
+
+
+def test_a_full_disk_fails_closed_and_the_outage_is_audited(tmp_path, echo4):
+    """The audit directory on a small tmpfs that the test fills: with
+    `audit.on_failure: fail_closed` new connections are refused while the
+    audit cannot be written and served again once space returns; the outage,
+    and each refusal, are in the audit afterwards."""
+    import errno
+
+    import duckdb
+
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(audit_dir)], check=True)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\naudit:\n  on_failure: fail_closed\n")
+    code = textwrap.dedent(
+        f"""
+        import pathlib, socket, time
+        flags = pathlib.Path({str(flags)!r})
+
+        def connect():
+            try:
+                with socket.create_connection(("127.0.0.1", {echo4.port}), timeout=5) as s:
+                    s.sendall(b"ping")
+                    return s.recv(4) == b"ping"
+            except OSError:
+                return False
+
+        def until(flag):
+            while not (flags / flag).exists():
+                time.sleep(0.02)
+
+        def try_for(want, seconds):
+            end = time.time() + seconds
+            while time.time() < end:
+                if connect() == want:
+                    return True
+                time.sleep(0.05)
+            return False
+
+        (flags / "served").write_text(str(connect()))
+        until("full")
+        (flags / "refused").write_text(str(try_for(False, 10)))
+        until("freed")
+        (flags / "served-again").write_text(str(try_for(True, 15)))
+        """
+    )
+    proc = subprocess.Popen(
+        [WARDEN, "run", "--audit-dir", str(audit_dir), "--policy", str(policy), "--", sys.executable, "-c", code],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    filler = audit_dir / "filler"
+    try:
+        _wait_for(flags / "served", proc)
+        assert (flags / "served").read_text() == "True"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+        (flags / "full").touch()
+        _wait_for(flags / "refused", proc, timeout=30)
+        assert (flags / "refused").read_text() == "True", "a connection was served while the audit could not be written"
+        filler.unlink()
+        (flags / "freed").touch()
+        _wait_for(flags / "served-again", proc, timeout=30)
+        assert (flags / "served-again").read_text() == "True", "connections stayed refused after space returned"
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+
+        con = duckdb.connect()
+        events = con.execute(
+            f"SELECT event, rows FROM read_parquet('{audit_dir}/events/**/*.parquet') ORDER BY start_time"
+        ).fetchall()
+        names = [e for e, _ in events]
+        assert names[0] == "agent_started" and names[-1] == "agent_stopped", names
+        assert "audit_unwritable" in names and "audit_writable" in names, names
+        assert names.index("audit_unwritable") < names.index("audit_writable")
+        refused = con.execute(
+            f"SELECT count(*) FROM read_parquet('{audit_dir}/connections/**/*.parquet') "
+            "WHERE decision = 'deny' AND rule = 'audit.on_failure'"
+        ).fetchone()[0]
+        assert refused >= 1
+        print(f"full disk: {refused} connections refused, events {events}")
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run(["umount", "-l", str(audit_dir)])
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60):
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"warden run ended early: {proc.stderr.read()}"
+        assert time.time() < end, f"no {path.name} within {timeout} s"
+        time.sleep(0.05)

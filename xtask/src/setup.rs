@@ -10,8 +10,15 @@ use anyhow::{Context, bail};
 
 use crate::{root, step};
 
-/// Debian packages the tests use as real peers.
-const DEB_PACKAGES: &[&str] = &["curl", "openssl", "postgresql", "nginx"];
+/// Debian packages the tests use as real peers (the JRE runs Spark, one of
+/// the audit's readers the tests check).
+const DEB_PACKAGES: &[&str] = &[
+    "curl",
+    "openssl",
+    "postgresql",
+    "nginx",
+    "openjdk-17-jre-headless",
+];
 
 pub struct PythonEnv {
     dir: PathBuf,
