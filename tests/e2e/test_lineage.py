@@ -78,40 +78,23 @@ def test_statements_are_linked_to_the_llm_call_that_wrote_them(llm_server, pg, a
     statements = [r for r in rows if r["protocol"] == "postgres"]
     assert len(statements) == len(ran), [s["statement"] for s in statements]
 
-    linked, expected, hits, kinds = 0, 0, 0, []
-    for row, sent in zip(statements, ran):
-        by_model = sent["by"] == "model"
-        is_linked = row["caused_by_session_id"] is not None
-        expected += by_model
-        linked += is_linked
-        if by_model and is_linked:
-            hits += 1
-            kinds.append(row["caused_by_match"])
-            # The link names the call whose tool call carried this statement.
-            source = llm[(row["caused_by_session_id"], row["caused_by_seq"])]
-            (call,) = source["tool_calls"]
-            assert " ".join(json.loads(json.loads(call)["arguments"])["query"].split()) == row["statement"]
-            assert source["pid"] == row["pid"] == report["pid"]
-        else:
-            assert not is_linked, f"the app's own statement was credited to the model: {row['statement']}"
+    s_linked, s_expected, s_hits, kinds = tally(
+        zip(statements, ran),
+        llm,
+        report["pid"],
+        # The link names the call whose tool call carried this statement.
+        lambda args, sent, row: " ".join(args["query"].split()) == row["statement"],
+    )
     # The HTTP requests the app made: its own listing, and the model's URL.
     fetched = report["fetched"]
     assert [f["by"] for f in fetched] == ["app", "model"]
     http = [r for r in rows if r["protocol"] == "http"]
     assert [r["http_path"] for r in http] == ["/v1/models", "/v1/models/gpt-4o-mini"], http
-    for row, sent in zip(http, fetched):
-        by_model = sent["by"] == "model"
-        is_linked = row["caused_by_session_id"] is not None
-        expected += by_model
-        linked += is_linked
-        if by_model and is_linked:
-            hits += 1
-            kinds.append(row["caused_by_match"])
-            source = llm[(row["caused_by_session_id"], row["caused_by_seq"])]
-            (call,) = source["tool_calls"]
-            assert json.loads(json.loads(call)["arguments"])["url"] == sent["url"]
-        else:
-            assert not is_linked, f"the app's own request was credited to the model: {row['http_path']}"
+    h_linked, h_expected, h_hits, h_kinds = tally(
+        zip(http, fetched), llm, report["pid"], lambda args, sent, row: args["url"] == sent["url"]
+    )
+    linked, expected, hits = s_linked + h_linked, s_expected + h_expected, s_hits + h_hits
+    kinds += h_kinds
     precision, recall = hits / linked, hits / expected
     print(
         f"lineage over {len(ran)} statements and {len(fetched)} HTTP requests: "
@@ -119,6 +102,30 @@ def test_statements_are_linked_to_the_llm_call_that_wrote_them(llm_server, pg, a
     )
     assert (precision, recall) == (1.0, 1.0)
     assert kinds == ["normalized", "exact", "exact", "exact"]
+
+
+def tally(pairs, llm, pid, carried):
+    """Over (audit row, what the app did) pairs: how many rows are linked,
+    how many the model chose, how many of those are linked, and how they
+    matched. A link must name the LLM call whose tool call `carried` what
+    was run (given its arguments), made by the same process; a row the app
+    sent on its own must have no link."""
+    linked, expected, hits, kinds = 0, 0, 0, []
+    for row, sent in pairs:
+        by_model = sent["by"] == "model"
+        is_linked = row["caused_by_session_id"] is not None
+        expected += by_model
+        linked += is_linked
+        if by_model and is_linked:
+            hits += 1
+            kinds.append(row["caused_by_match"])
+            source = llm[(row["caused_by_session_id"], row["caused_by_seq"])]
+            (call,) = source["tool_calls"]
+            assert carried(json.loads(json.loads(call)["arguments"]), sent, row), (call, row)
+            assert source["pid"] == row["pid"] == pid
+        else:
+            assert not is_linked, f"the app's own request was credited to the model: {row}"
+    return linked, expected, hits, kinds
 
 
 def test_policy_refuses_llm_written_writes_but_not_the_apps_own(llm_server, pg, audit_dir, tmp_path):  # noqa: F811
