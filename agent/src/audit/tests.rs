@@ -134,6 +134,15 @@ fn total_rows(dir: &Path) -> usize {
     parquet_files(dir).iter().map(|p| read(p).num_rows()).sum()
 }
 
+/// Puts a file where `<dir>/<partition>` (a table and a date) should be a
+/// directory, so that writing rows of that date fails until it goes.
+fn block_partition(dir: &Path, partition: &str) -> PathBuf {
+    let blocker = dir.join(partition);
+    fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    fs::write(&blocker, b"in the way").unwrap();
+    blocker
+}
+
 fn assert_no_tmp(dir: &Path) {
     let tmp: Vec<_> = all_files(dir)
         .into_iter()
@@ -474,10 +483,7 @@ async fn counts_drops_when_the_channel_is_full() {
 async fn keeps_rows_after_a_failed_write_and_writes_them_later() {
     let tmp = tempfile::tempdir().unwrap();
     let start = at(2025, 2, 2, 2, 2, 2);
-    // A file where the partition directory should be makes the write fail.
-    let blocker = tmp.path().join("connections/date=2025-02-02");
-    fs::create_dir_all(blocker.parent().unwrap()).unwrap();
-    fs::write(&blocker, b"in the way").unwrap();
+    let blocker = block_partition(tmp.path(), "connections/date=2025-02-02");
     let cfg = AuditConfig {
         rotate_every: Duration::from_millis(20),
         ..config(tmp.path())
@@ -503,9 +509,7 @@ async fn keeps_rows_after_a_failed_write_and_writes_them_later() {
 #[tokio::test]
 async fn rows_failing_at_shutdown_stay_in_the_journal_for_the_next_start() {
     let tmp = tempfile::tempdir().unwrap();
-    let blocker = tmp.path().join("connections/date=2025-02-02");
-    fs::create_dir_all(blocker.parent().unwrap()).unwrap();
-    fs::write(&blocker, b"in the way").unwrap();
+    let blocker = block_partition(tmp.path(), "connections/date=2025-02-02");
     let (sink, writer) = AuditWriter::start(config(tmp.path())).unwrap();
     sink.record(row(1, at(2025, 2, 2, 2, 2, 2)));
     let err = format!("{:#}", writer.shutdown().await.unwrap_err());

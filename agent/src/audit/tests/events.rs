@@ -30,9 +30,7 @@ fn events(dir: &Path) -> Vec<(String, Option<i64>, Option<String>)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outage_is_an_event_when_it_starts_and_when_it_ends() {
     let tmp = tempfile::tempdir().unwrap();
-    let blocker = tmp.path().join("connections/date=2025-02-02");
-    fs::create_dir_all(blocker.parent().unwrap()).unwrap();
-    fs::write(&blocker, b"in the way").unwrap();
+    let blocker = block_partition(tmp.path(), "connections/date=2025-02-02");
     let cfg = AuditConfig {
         rotate_every: Duration::from_millis(20),
         ..config(tmp.path())

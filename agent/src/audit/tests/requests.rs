@@ -532,10 +532,7 @@ async fn removes_stale_tmp_files_of_requests_at_start() {
 async fn a_failing_requests_partition_does_not_hold_back_connections() {
     let tmp = tempfile::tempdir().unwrap();
     let start = at(2025, 2, 2, 2, 2, 2);
-    // A file where the requests' partition directory should be.
-    let blocker = tmp.path().join("requests/date=2025-02-02");
-    fs::create_dir_all(blocker.parent().unwrap()).unwrap();
-    fs::write(&blocker, b"in the way").unwrap();
+    block_partition(tmp.path(), "requests/date=2025-02-02");
     let cfg = AuditConfig {
         rotate_every: Duration::from_millis(20),
         ..config(tmp.path())
