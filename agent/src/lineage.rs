@@ -223,12 +223,6 @@ impl Lineage {
             kind,
         })
     }
-
-    /// Forget a cgroup's proposals (its workload is gone).
-    pub fn forget(&self, cgroup: u64) {
-        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        scopes.remove(&cgroup);
-    }
 }
 
 /// `host:port/path?query` and `host:port/path` (no final `/`), the host
@@ -529,7 +523,5 @@ mod tests {
         );
         let oldest = l.claim_statement(1, "SELECT 0 AS n").unwrap();
         assert_eq!(oldest.kind, MatchKind::Fingerprint);
-        l.forget(1);
-        assert_eq!(l.claim_statement(1, "SELECT 5 AS n"), None);
     }
 }
