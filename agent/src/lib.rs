@@ -7,7 +7,8 @@
 //! - [`identity`]: turn a kernel record into a process, user, unit or container;
 //! - [`proxy`]: accept redirected connections, detect the protocol, relay;
 //! - [`tls`]: the agent's CA and its TLS towards servers, for interception;
-//! - [`protocols`]: decoders that turn a protocol's bytes into typed messages;
+//! - [`protocols`]: decoders that turn a protocol's bytes into typed messages
+//!   (crate `warden-protocols`, with [`masking`]);
 //! - [`policy`]: decide per connection and per request;
 //! - [`lineage`]: link statements to the LLM answers that proposed them;
 //! - [`audit`]: write every connection and decision to Parquet;
@@ -19,11 +20,12 @@ pub mod capture;
 pub mod cgroup;
 pub mod identity;
 pub mod lineage;
-pub mod masking;
 pub mod policy;
 pub mod preflight;
-
-pub mod protocols;
 pub mod proxy;
 pub mod run;
 pub mod tls;
+
+// The decoders and masking live in their own crate; these names keep their
+// paths inside the agent.
+pub use warden_protocols::{masking, protocols};
