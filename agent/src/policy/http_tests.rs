@@ -612,7 +612,7 @@ fn credentials_are_read_from_the_environment_and_files() {
         (
             openai.target.as_str(),
             openai.secret.as_str(),
-            openai.header
+            openai.header()
         ),
         (
             "openai",
@@ -622,12 +622,12 @@ fn credentials_are_read_from_the_environment_and_files() {
     );
     let anthropic = p.credential("anthropic").unwrap();
     assert_eq!(
-        (anthropic.secret.as_str(), anthropic.header),
+        (anthropic.secret.as_str(), anthropic.header()),
         ("sk-ant-secret", Some(CredentialHeader::XApiKey))
     );
     // A trailing newline is trimmed, from a variable too.
     assert_eq!(p.credential("internal").unwrap().secret, "internal-secret");
-    assert_eq!(p.credential("internal").unwrap().header, None);
+    assert_eq!(p.credential("internal").unwrap().header(), None);
     assert!(p.credential("local-llm").is_none());
 
     // A decision carries the credential of its destination, whatever decided.
@@ -667,7 +667,8 @@ fn secrets_are_never_shown() {
     let debug = format!("{:?}", p.credential("openai").unwrap());
     assert_eq!(
         debug,
-        "Credential { target: \"openai\", secret: \"***\", header: Some(Authorization) }"
+        "Credential { target: \"openai\", secret: \"***\", kind: ApiKey { header: \
+         Some(Authorization) } }"
     );
     let everything = format!(
         "{p:?} {:?} {:?} {}",
@@ -698,7 +699,7 @@ fn secrets_are_never_shown() {
 
 #[test]
 fn credential_errors_name_their_line() {
-    let base = "version: 1\ntargets:\n  openai: { host: api.openai.com, protocol: llm }\n  db: { port: 5432, protocol: postgres }\ncredentials:\n";
+    let base = "version: 1\ntargets:\n  openai: { host: api.openai.com, protocol: llm }\n  db: { address: 127.0.0.1, port: 5432, protocol: postgres }\ncredentials:\n";
     assert_eq!(
         err(&format!("{base}  open-ai: {{ api_key_env: PATH }}\n")),
         "policy.yaml:6:3: credentials name target `open-ai`, which is not defined under \
@@ -710,15 +711,16 @@ fn credential_errors_name_their_line() {
         5,
         3,
         "credential `https` is for target `https`, which gives neither a host nor an address, so \
-         its key would be sent to any server on its port; give the target a `host` (or an \
+         its secret would be sent to any server on its port; give the target a `host` (or an \
          `address`)",
     );
     assert_err(
         &format!("{base}  db: {{ api_key_env: PATH }}\n"),
         6,
-        3,
-        "credential `db` is for target `db`, which says `protocol: postgres`; a credential is an \
-         API key the agent puts in HTTP requests",
+        7,
+        "credential `db` is an API key, which the agent puts in HTTP requests, but its target \
+         `db` says `protocol: postgres`; give the target `protocol: http`, `llm` or `any` (or no \
+         protocol), or use the other kind of credential",
     );
     assert_eq!(
         err(&format!(
@@ -734,16 +736,16 @@ fn credential_errors_name_their_line() {
             "{base}  openai: {{ api_key_env: EMPTY_KEY }}\n"
         ))),
         "policy.yaml:6:26: credential `openai`: the environment variable EMPTY_KEY is empty; \
-         put the API key in it"
+         put the secret in it"
     );
     let e = with_test_env(&[("TWO_LINES", "sk-a\nsk-b\n")], || {
         err(&format!("{base}  openai: {{ api_key_env: TWO_LINES }}\n"))
     });
     assert_eq!(
         e,
-        "policy.yaml:6:26: credential `openai`: the key in the environment variable TWO_LINES \
-         has a line break or another control character inside it; an API key is one line (only \
-         a trailing newline is trimmed)"
+        "policy.yaml:6:26: credential `openai`: the secret in the environment variable \
+         TWO_LINES has a line break or another control character inside it; a secret is one \
+         line (only a trailing newline is trimmed)"
     );
 }
 
@@ -762,7 +764,7 @@ fn unreadable_key_files_and_other_credential_mistakes() {
              directory",
             missing.display()
         )) && e.ends_with(
-            "; put the key in that file and make it readable by the agent, or write \
+            "; put the secret in that file and make it readable by the agent, or write \
              `api_key_env:` instead"
         ),
         "{e}"
@@ -784,7 +786,7 @@ fn unreadable_key_files_and_other_credential_mistakes() {
         5,
         27,
         &format!(
-            "credential `openai`: the file {} is empty; put the API key in it",
+            "credential `openai`: the file {} is empty; put the secret in it",
             empty.display()
         ),
     );
@@ -802,14 +804,15 @@ fn unreadable_key_files_and_other_credential_mistakes() {
             empty.display()
         )),
         "policy.yaml:7:5: credential `openai` has both api_key_env and api_key_file; keep one: \
-         the key is read from one place"
+         the secret is read from one place"
     );
     assert_err(
         &format!("{base}  openai: {{ header: x-api-key }}\n"),
         5,
         11,
-        "credential `openai` does not say where its key is; write `api_key_env: VARIABLE` (an \
-         environment variable of the agent) or `api_key_file: /path/to/file`",
+        "credential `openai` does not say where its secret is; write `api_key_env: VARIABLE` or \
+         `api_key_file: /path/to/file` for an API key, or `password_env:` or `password_file:` \
+         for a database password",
     );
     assert_err(
         &format!("{base}  openai: {{ api_key_env: PATH, header: api-key }}\n"),
@@ -1265,7 +1268,7 @@ fn the_llm_gateway_example_does_what_it_says() {
         (Action::Allow, "bot-small-openai-models")
     );
     assert_eq!(d.credential.as_ref().unwrap().secret, "sk-example-openai");
-    assert_eq!(d.credential.as_ref().unwrap().header, None);
+    assert_eq!(d.credential.as_ref().unwrap().header(), None);
     let redact = d.redact.unwrap();
     assert_eq!(redact.on_detect, OnDetect::Deny);
     assert_eq!(
@@ -1304,7 +1307,7 @@ fn the_llm_gateway_example_does_what_it_says() {
     assert_eq!(d.redact.unwrap().on_detect, OnDetect::Redact);
     let key = d.credential.unwrap();
     assert_eq!(
-        (key.secret.as_str(), key.header),
+        (key.secret.as_str(), key.header()),
         ("sk-ant-example", Some(CredentialHeader::XApiKey))
     );
     let internal = |method, path| {
@@ -1347,4 +1350,71 @@ rules:
         deny("no-llm-chosen-urls")
     );
     assert_eq!(Req::new().decided(&p), allow("default"));
+}
+
+#[test]
+fn database_passwords_are_credentials_of_postgres_targets() {
+    let src = "version: 1\ntargets:\n  crm: { address: 127.0.0.1, port: 5432, protocol: postgres }\n  \
+               other: { address: 127.0.0.1, port: 5433, protocol: postgres }\n  openai: { host: \
+               api.openai.com }\ncredentials:\n  crm: { user: bot_ro, password_env: PG_PW }\n  \
+               other: { password_env: PG_PW }\n  openai: { api_key_env: PG_PW }\n";
+    let p = with_test_env(&[("PG_PW", "s3cret\n")], || policy(src));
+    let crm = p.login_for("127.0.0.1:5432".parse().unwrap()).unwrap();
+    assert_eq!(
+        (crm.target.as_str(), crm.secret.as_str(), &crm.kind),
+        (
+            "crm",
+            "s3cret",
+            &SecretKind::Password {
+                user: Some("bot_ro".into())
+            }
+        )
+    );
+    assert_eq!(crm.header(), None);
+    let other = p.login_for("127.0.0.1:5433".parse().unwrap()).unwrap();
+    assert_eq!(other.kind, SecretKind::Password { user: None });
+    assert!(p.login_for("127.0.0.1:5434".parse().unwrap()).is_none());
+    // Logins are never API keys, nor the reverse.
+    assert_eq!(
+        p.credential("openai").unwrap().kind,
+        SecretKind::ApiKey { header: None }
+    );
+    let d = Req::new()
+        .to("127.0.0.1:5432", Some("api.openai.com"))
+        .on(&p);
+    assert!(d.credential.is_none_or(|c| c.target == "openai"));
+
+    let base = "version: 1\ntargets:\n  db: { address: 127.0.0.1, port: 5432, protocol: postgres }\n  \
+                web: { host: example.com }\ncredentials:\n";
+    assert_err(
+        &format!("{base}  web: {{ password_env: PATH }}\n"),
+        6,
+        8,
+        "credential `web` is a database password, which the agent logs in to PostgreSQL with, \
+         but its target `web` says `protocol: none`; give the target `protocol: postgres`",
+    );
+    assert_err(
+        &format!("{base}  db: {{ password_env: PATH, header: x-api-key }}\n"),
+        6,
+        7,
+        "credential `db` is a database password, which is not sent in a header",
+    );
+    assert_err(
+        &format!("{base}  web: {{ api_key_env: PATH, user: bob }}\n"),
+        6,
+        8,
+        "credential `web` is an API key, which has no `user`",
+    );
+    assert_err(
+        &format!("{base}  db: {{ password_env: PATH, password_file: /x }}\n"),
+        6,
+        29,
+        "credential `db` has both password_env and password_file",
+    );
+    assert_err(
+        &format!("{base}  db: {{ password_file: relative }}\n"),
+        6,
+        24,
+        "credential `db`: password_file \"relative\" is not an absolute path",
+    );
 }

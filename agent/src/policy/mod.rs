@@ -200,15 +200,35 @@ impl PromptAudit {
     }
 }
 
-/// The API key the agent puts into the requests to one target, in place
-/// of whatever the application sent. Its Debug never shows the secret.
+/// The secret the agent uses towards one target in place of whatever the
+/// application holds: an API key it puts into HTTP requests, or a password
+/// it logs in to a database with. Its Debug never shows the secret.
 pub struct Credential {
     /// The target's name.
     pub target: String,
-    /// The key, read at load (trimmed of a trailing newline).
+    /// The key or password, read at load (trimmed of a trailing newline).
     pub secret: String,
-    /// Which header carries it; None: the caller chooses per provider.
-    pub header: Option<CredentialHeader>,
+    pub kind: SecretKind,
+}
+
+/// What a credential's secret is, and what goes with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretKind {
+    /// An API key, sent in `header`; None: the caller chooses per provider.
+    ApiKey { header: Option<CredentialHeader> },
+    /// A database password, for `user`; None: the user the client asked for.
+    Password { user: Option<String> },
+}
+
+impl Credential {
+    /// The header an API key goes in, as the policy says (None: per provider,
+    /// or not an API key).
+    pub fn header(&self) -> Option<CredentialHeader> {
+        match self.kind {
+            SecretKind::ApiKey { header } => header,
+            SecretKind::Password { .. } => None,
+        }
+    }
 }
 
 impl fmt::Debug for Credential {
@@ -216,7 +236,7 @@ impl fmt::Debug for Credential {
         f.debug_struct("Credential")
             .field("target", &self.target)
             .field("secret", &"***")
-            .field("header", &self.header)
+            .field("kind", &self.kind)
             .finish()
     }
 }
@@ -1024,7 +1044,18 @@ impl Policy {
     ) -> Option<&Arc<Credential>> {
         self.credentials
             .iter()
+            .filter(|(_, c)| matches!(c.kind, SecretKind::ApiKey { .. }))
             .find(|(t, _)| self.targets[*t].matches(destination, host))
+            .map(|(_, credential)| credential)
+    }
+
+    /// The database login of the first target (in file order) that has a
+    /// password credential and holds for a connection to `destination`.
+    pub fn login_for(&self, destination: SocketAddr) -> Option<&Arc<Credential>> {
+        self.credentials
+            .iter()
+            .filter(|(_, c)| matches!(c.kind, SecretKind::Password { .. }))
+            .find(|(t, _)| self.targets[*t].matches(destination, None))
             .map(|(_, credential)| credential)
     }
 

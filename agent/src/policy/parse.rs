@@ -856,20 +856,11 @@ impl Ctx {
                  {list}; a credential is keyed by the name of the target its key is sent to"
             ));
         };
-        let protocol = names.target_protocol(name);
-        if !Protocol::speaks_http(protocol) {
-            return Err(format!(
-                "credential `{name}` is for target `{name}`, which says `protocol: {}`; a \
-                 credential is an API key the agent puts in HTTP requests, so its target speaks \
-                 `http`, `llm` or `any` (or says no protocol)",
-                protocol.map_or("", Protocol::as_str)
-            ));
-        }
         if !names.target_located[index] {
             return Err(format!(
                 "credential `{name}` is for target `{name}`, which gives neither a host nor an \
-                 address, so its key would be sent to any server on its port; give the target a \
-                 `host` (or an `address`)"
+                 address, so its secret would be sent to any server on its port; give the \
+                 target a `host` (or an `address`)"
             ));
         }
         Ok(())
@@ -1009,7 +1000,7 @@ impl FileDef {
                 let credential = Credential {
                     target,
                     secret: def.secret?,
-                    header: def.header,
+                    kind: def.kind,
                 };
                 Some((index, Arc::new(credential)))
             })

@@ -683,7 +683,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// otherwise. The app's own value of the other header is dropped too, so
 /// that a placeholder never reaches the server.
 fn inject(headers: &mut HeaderMap, credential: &Credential, provider: Option<Provider>) {
-    let header = credential.header.unwrap_or(match provider {
+    let header = credential.header().unwrap_or(match provider {
         Some(Provider::Anthropic) => CredentialHeader::XApiKey,
         _ => CredentialHeader::Authorization,
     });

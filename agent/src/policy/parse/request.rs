@@ -15,7 +15,7 @@ use super::{
 };
 use crate::policy::{
     CredentialHeader, HttpMatcher, LLM_ENDPOINTS, LLM_PROVIDERS, Limits, LlmMatcher, Mask,
-    OnDetect, PromptRedact, glob::Glob,
+    OnDetect, PromptRedact, Protocol, SecretKind, glob::Glob,
 };
 
 pub(crate) const HTTP: Fields = Fields {
@@ -141,7 +141,14 @@ pub(crate) const RESPONSE_MASK: Fields = Fields {
 
 pub(crate) const CREDENTIAL: Fields = Fields {
     what: "in a credential",
-    known: &["api_key_env", "api_key_file", "header"],
+    known: &[
+        "api_key_env",
+        "api_key_file",
+        "header",
+        "password_env",
+        "password_file",
+        "user",
+    ],
     later: &[],
     instead: &[
         ("env", "write `api_key_env:`"),
@@ -490,17 +497,19 @@ impl<'de> Keys<'de> for DetectorsKeys<'_> {
 /// secret. No Debug: it holds the secret.
 pub(super) struct CredentialDef {
     pub(super) secret: Option<String>,
-    pub(super) header: Option<CredentialHeader>,
+    pub(super) kind: SecretKind,
 }
 
 pub(super) struct CredentialKeys<'c> {
     ctx: &'c Ctx,
     /// The credential's name: its target's.
     name: String,
-    /// "api_key_env" or "api_key_file", once read.
+    /// "api_key_env", "api_key_file", "password_env" or "password_file",
+    /// once read.
     source: Option<&'static str>,
     secret: Option<String>,
     header: Option<CredentialHeader>,
+    user: Option<String>,
 }
 
 impl<'c> CredentialKeys<'c> {
@@ -511,6 +520,7 @@ impl<'c> CredentialKeys<'c> {
             source: None,
             secret: None,
             header: None,
+            user: None,
         }
     }
 }
@@ -523,17 +533,21 @@ impl<'de> Keys<'de> for CredentialKeys<'_> {
     }
 
     fn expecting(&self) -> String {
-        "a credential: a mapping with api_key_env or api_key_file, and optionally header".into()
+        "a credential: a mapping with api_key_env or api_key_file (and optionally header), or \
+         password_env or password_file (and optionally user)"
+            .into()
     }
 
-    /// The second of `api_key_env` and `api_key_file`: at its key.
+    /// The second source of the secret: at its key.
     fn check(&self, key: &'static str) -> Result<(), String> {
         match (key, self.source) {
-            ("api_key_env" | "api_key_file", Some(first)) => Err(format!(
-                "credential `{}` has both {first} and {key}; keep one: the key is read from one \
-                 place",
-                self.name
-            )),
+            ("api_key_env" | "api_key_file" | "password_env" | "password_file", Some(first)) => {
+                Err(format!(
+                    "credential `{}` has both {first} and {key}; keep one: the secret is read \
+                     from one place",
+                    self.name
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -541,31 +555,87 @@ impl<'de> Keys<'de> for CredentialKeys<'_> {
     fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
         let (ctx, credential) = (self.ctx, self.name.as_str());
         match key {
-            "api_key_env" => {
-                self.secret = map.next_value_seed(One(EnvKeyP { ctx, credential }))?;
+            "api_key_env" | "password_env" => {
+                self.secret = map.next_value_seed(One(EnvKeyP {
+                    ctx,
+                    credential,
+                    key,
+                }))?;
                 self.source = Some(key);
             }
-            "api_key_file" => {
-                self.secret = map.next_value_seed(One(KeyFileP { ctx, credential }))?;
+            "api_key_file" | "password_file" => {
+                self.secret = map.next_value_seed(One(KeyFileP {
+                    ctx,
+                    credential,
+                    key,
+                }))?;
                 self.source = Some(key);
             }
             "header" => self.header = Some(map.next_value_seed(One(HeaderP))?),
+            "user" => self.user = Some(map.next_value_seed(One(DbUserP))?),
             _ => unreachable!("{key} is in CREDENTIAL.known"),
         }
         Ok(())
     }
 
     fn finish<E: de::Error>(self) -> Result<CredentialDef, E> {
-        if self.source.is_none() {
-            return Err(fail(format!(
-                "credential `{}` does not say where its key is; write `api_key_env: VARIABLE` \
-                 (an environment variable of the agent) or `api_key_file: /path/to/file`",
-                self.name
-            )));
+        let name = &self.name;
+        let kind = match self.source {
+            None => {
+                return Err(fail(format!(
+                    "credential `{name}` does not say where its secret is; write `api_key_env: \
+                     VARIABLE` or `api_key_file: /path/to/file` for an API key, or \
+                     `password_env:` or `password_file:` for a database password"
+                )));
+            }
+            Some("api_key_env" | "api_key_file") => {
+                if self.user.is_some() {
+                    return Err(fail(format!(
+                        "credential `{name}` is an API key, which has no `user`; a `user` goes \
+                         with `password_env` or `password_file`, for a database"
+                    )));
+                }
+                SecretKind::ApiKey {
+                    header: self.header,
+                }
+            }
+            Some(_) => {
+                if self.header.is_some() {
+                    return Err(fail(format!(
+                        "credential `{name}` is a database password, which is not sent in a \
+                         header; `header` goes with `api_key_env` or `api_key_file`"
+                    )));
+                }
+                SecretKind::Password { user: self.user }
+            }
+        };
+        if let Some(names) = &self.ctx.names {
+            let protocol = names.target_protocol(name);
+            let fits = match kind {
+                SecretKind::ApiKey { .. } => Protocol::speaks_http(protocol),
+                SecretKind::Password { .. } => protocol == Some(Protocol::Postgres),
+            };
+            if !fits {
+                let (what, wanted) = match kind {
+                    SecretKind::ApiKey { .. } => (
+                        "an API key, which the agent puts in HTTP requests",
+                        "`protocol: http`, `llm` or `any` (or no protocol)",
+                    ),
+                    SecretKind::Password { .. } => (
+                        "a database password, which the agent logs in to PostgreSQL with",
+                        "`protocol: postgres`",
+                    ),
+                };
+                return Err(fail(format!(
+                    "credential `{name}` is {what}, but its target `{name}` says `protocol: {}`; \
+                     give the target {wanted}, or use the other kind of credential",
+                    protocol.map_or("none", Protocol::as_str)
+                )));
+            }
         }
         Ok(CredentialDef {
             secret: self.secret,
-            header: self.header,
+            kind,
         })
     }
 }
@@ -610,13 +680,14 @@ fn checked_secret(credential: &str, source: &str, value: String) -> Result<Strin
     let key = value.trim_end_matches(['\n', '\r']);
     if key.trim().is_empty() {
         return Err(format!(
-            "credential `{credential}`: {source} is empty; put the API key in it"
+            "credential `{credential}`: {source} is empty; put the secret in it"
         ));
     }
     if key.chars().any(char::is_control) {
         return Err(format!(
-            "credential `{credential}`: the key in {source} has a line break or another control \
-             character inside it; an API key is one line (only a trailing newline is trimmed)"
+            "credential `{credential}`: the secret in {source} has a line break or another \
+             control character inside it; a secret is one line (only a trailing newline is \
+             trimmed)"
         ));
     }
     Ok(key.to_string())
@@ -627,6 +698,8 @@ fn checked_secret(credential: &str, source: &str, value: String) -> Result<Strin
 struct EnvKeyP<'c, 'n> {
     ctx: &'c Ctx,
     credential: &'n str,
+    /// `api_key_env` or `password_env`.
+    key: &'static str,
 }
 
 impl Parse for EnvKeyP<'_, '_> {
@@ -635,15 +708,15 @@ impl Parse for EnvKeyP<'_, '_> {
         "the name of an environment variable such as OPENAI_API_KEY".into()
     }
     fn text(&self, s: &str) -> Result<Option<String>, String> {
-        let credential = self.credential;
+        let (credential, key) = (self.credential, self.key);
         let name_ok = s.chars().next().is_some_and(|c| !c.is_ascii_digit())
             && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !name_ok {
-            // Not echoed: it may be the key itself, written here by mistake.
+            // Not echoed: it may be the secret itself, written here by mistake.
             return Err(format!(
-                "credential `{credential}`: api_key_env takes the name of an environment \
-                 variable (letters, digits and _), such as OPENAI_API_KEY; this value is not \
-                 one (a key itself never goes in the policy)"
+                "credential `{credential}`: {key} takes the name of an environment variable \
+                 (letters, digits and _), such as OPENAI_API_KEY; this value is not one (a \
+                 secret itself never goes in the policy)"
             ));
         }
         if self.ctx.names.is_none() {
@@ -655,10 +728,11 @@ impl Parse for EnvKeyP<'_, '_> {
             Err(VarError::NotPresent) => Err(format!(
                 "credential `{credential}`: the environment variable {s} is not set in the \
                  agent's environment; set it where the agent starts (e.g. `Environment=` or \
-                 `EnvironmentFile=` in its systemd unit), or write `api_key_file:` instead"
+                 `EnvironmentFile=` in its systemd unit), or write `{}:` instead",
+                key.replace("_env", "_file")
             )),
             Err(VarError::NotUnicode(_)) => Err(format!(
-                "credential `{credential}`: {source} is not valid UTF-8; an API key is text"
+                "credential `{credential}`: {source} is not valid UTF-8; a secret is text"
             )),
         }
     }
@@ -672,6 +746,8 @@ impl Parse for EnvKeyP<'_, '_> {
 struct KeyFileP<'c, 'n> {
     ctx: &'c Ctx,
     credential: &'n str,
+    /// `api_key_file` or `password_file`.
+    key: &'static str,
 }
 
 impl Parse for KeyFileP<'_, '_> {
@@ -680,11 +756,11 @@ impl Parse for KeyFileP<'_, '_> {
         "a file such as /etc/warden/secrets/openai".into()
     }
     fn text(&self, s: &str) -> Result<Option<String>, String> {
-        let credential = self.credential;
+        let (credential, key) = (self.credential, self.key);
         if !s.starts_with('/') {
             return Err(format!(
-                "credential `{credential}`: api_key_file {s:?} is not an absolute path; write \
-                 e.g. /etc/warden/secrets/{credential}"
+                "credential `{credential}`: {key} {s:?} is not an absolute path; write e.g. \
+                 /etc/warden/secrets/{credential}"
             ));
         }
         if self.ctx.names.is_none() {
@@ -693,10 +769,28 @@ impl Parse for KeyFileP<'_, '_> {
         match std::fs::read_to_string(s) {
             Ok(value) => checked_secret(credential, &format!("the file {s}"), value).map(Some),
             Err(e) => Err(format!(
-                "credential `{credential}`: cannot read api_key_file {s}: {e}; put the key in \
-                 that file and make it readable by the agent, or write `api_key_env:` instead"
+                "credential `{credential}`: cannot read {key} {s}: {e}; put the secret in that \
+                 file and make it readable by the agent, or write `{}:` instead",
+                key.replace("_file", "_env")
             )),
         }
+    }
+}
+
+/// A credential's `user`: the PostgreSQL role the agent logs in as.
+#[derive(Clone, Copy)]
+struct DbUserP;
+
+impl Parse for DbUserP {
+    type Out = String;
+    fn expecting(&self) -> String {
+        "a PostgreSQL user name such as bot_ro".into()
+    }
+    fn text(&self, s: &str) -> Result<String, String> {
+        if s.is_empty() || s.contains('\0') {
+            return Err("a user name is not empty and has no NUL character".into());
+        }
+        Ok(s.to_string())
     }
 }
 
