@@ -42,11 +42,13 @@ pub struct RunOptions {
 
 /// The variables through which Python (ssl, requests, httpx), curl and Node
 /// find the CA bundle that makes the child trust the agent.
-const TRUST_VARIABLES: [&str; 4] = [
+const TRUST_VARIABLES: [&str; 5] = [
     "SSL_CERT_FILE",
     "REQUESTS_CA_BUNDLE",
     "CURL_CA_BUNDLE",
     "NODE_EXTRA_CA_CERTS",
+    // libpq (psql, psycopg, asyncpg...): verify-ca and verify-full read it.
+    "PGSSLROOTCERT",
 ];
 
 /// Exit code when Warden itself failed before the program ran (as env and docker do).

@@ -54,34 +54,8 @@ impl Interceptor {
         upstream: TcpStream,
         destination: SocketAddr,
     ) -> Result<Tunnel, Failed> {
-        let mut outcome = Failed {
-            server_name: None,
-            error: String::new(),
-        };
-
         // 1. The client's hello: which name, which application protocols.
-        let start = match tokio::time::timeout(
-            HELLO_TIMEOUT,
-            LazyConfigAcceptor::new(Acceptor::default(), client),
-        )
-        .await
-        {
-            Ok(Ok(start)) => start,
-            Ok(Err(e)) => {
-                return Err(outcome.failed(format!("reading the client's TLS hello: {e}")));
-            }
-            Err(_) => return Err(outcome.failed("the client sent no TLS hello in time".into())),
-        };
-        let hello = start.client_hello();
-        outcome.server_name = hello.server_name().map(str::to_string);
-        let offered: Vec<Vec<u8>> = hello
-            .alpn()
-            .map(|protos| protos.map(<[u8]>::to_vec).collect())
-            .unwrap_or_default();
-        let name = match outcome.server_name.clone().map(ServerName::try_from) {
-            Some(Ok(dns)) => dns,
-            _ => ServerName::IpAddress(PkiIpAddr::from(destination.ip())),
-        };
+        let (start, name, offered, outcome) = hello(client, destination).await?;
 
         // 2. The real server first, with what the client offered: its answer
         //    (certificate, protocol) decides what the client is offered.
@@ -125,6 +99,80 @@ impl Interceptor {
             alpn,
         })
     }
+
+    /// Ends a client's TLS that starts inside another protocol (after
+    /// PostgreSQL's SSLRequest), on the client's side only: the agent's
+    /// certificate for the name the client asked for, or for the
+    /// destination's address. `alpn` is chosen if the client offers it.
+    /// Returns the stream and the name the client sent (SNI).
+    pub async fn accept(
+        &self,
+        client: TcpStream,
+        destination: SocketAddr,
+        alpn: &[u8],
+    ) -> Result<(server::TlsStream<TcpStream>, Option<String>), Failed> {
+        let (start, name, offered, outcome) = hello(client, destination).await?;
+        let chosen: Vec<Vec<u8>> = offered.into_iter().filter(|p| p == alpn).collect();
+        let server_config = match self.authority.server_config(&name, &chosen) {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(
+                    outcome.failed(format!("making a certificate for {}: {e}", display(&name)))
+                );
+            }
+        };
+        match start.into_stream(server_config).await {
+            Ok(stream) => Ok((stream, outcome.server_name)),
+            Err(e) => Err(outcome.failed(format!(
+                "the client refused the agent's certificate for {} ({e}): it may not trust the Warden CA",
+                display(&name)
+            ))),
+        }
+    }
+}
+
+/// The client's hello: the handshake to go on with, the name to make a
+/// certificate for (SNI, else the destination's address), the application
+/// protocols offered, and the audit's account of the handshake so far.
+async fn hello(
+    client: TcpStream,
+    destination: SocketAddr,
+) -> Result<
+    (
+        tokio_rustls::StartHandshake<TcpStream>,
+        ServerName<'static>,
+        Vec<Vec<u8>>,
+        Failed,
+    ),
+    Failed,
+> {
+    let mut outcome = Failed {
+        server_name: None,
+        error: String::new(),
+    };
+    let start = match tokio::time::timeout(
+        HELLO_TIMEOUT,
+        LazyConfigAcceptor::new(Acceptor::default(), client),
+    )
+    .await
+    {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            return Err(outcome.failed(format!("reading the client's TLS hello: {e}")));
+        }
+        Err(_) => return Err(outcome.failed("the client sent no TLS hello in time".into())),
+    };
+    let hello = start.client_hello();
+    outcome.server_name = hello.server_name().map(str::to_string);
+    let offered: Vec<Vec<u8>> = hello
+        .alpn()
+        .map(|protos| protos.map(<[u8]>::to_vec).collect())
+        .unwrap_or_default();
+    let name = match outcome.server_name.clone().map(ServerName::try_from) {
+        Some(Ok(dns)) => dns,
+        _ => ServerName::IpAddress(PkiIpAddr::from(destination.ip())),
+    };
+    Ok((start, name, offered, outcome))
 }
 
 impl Failed {

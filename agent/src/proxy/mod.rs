@@ -190,9 +190,13 @@ impl Proxy {
                     audit: self.audit.clone(),
                     policy: self.policy.clone(),
                     lineage: self.lineage.clone(),
+                    login: self.policy.login_for(origin.destination).cloned(),
+                    tls: self.tls.as_ref(),
                 };
-                let (moved, result) = postgres::serve(client, upstream, &session).await;
-                (moved, result.err().map(|e| e.to_string()))
+                let served = postgres::serve(client, upstream, &session).await;
+                row.tls = served.tls;
+                row.server_name = served.server_name;
+                (served.moved, served.result.err().map(|e| e.to_string()))
             }
             (Protocol::Tls, Some(interceptor)) => {
                 match interceptor

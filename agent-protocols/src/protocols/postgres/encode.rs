@@ -245,8 +245,14 @@ pub fn backend_key_data(pid: i32, secret: &[u8]) -> Vec<u8> {
 
 /// StartupMessage for protocol 3.0.
 pub fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
+    startup_message_minor(0, params)
+}
+
+/// StartupMessage for protocol 3.`minor`: a rewritten startup keeps the
+/// version the client asked for.
+pub fn startup_message_minor(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
     untyped(|b| {
-        b.extend_from_slice(&PROTOCOL_3_0.to_be_bytes());
+        b.extend_from_slice(&(PROTOCOL_3_0 | u32::from(minor)).to_be_bytes());
         for (k, v) in params {
             put_cstr(b, k.as_bytes());
             put_cstr(b, v.as_bytes());

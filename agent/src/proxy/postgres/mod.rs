@@ -8,9 +8,19 @@
 //! exactly where the server's own would be and the session stays usable.
 //! (The server saw no error, so an open transaction is not aborted.)
 //!
-//! TLS requests are refused (`N`), so that the session stays readable;
-//! clients that insist on TLS (sslmode=require) cannot connect through the
-//! agent until it terminates PostgreSQL TLS itself.
+//! A client's TLS request (SSLRequest) is answered `S` when the agent
+//! intercepts TLS (`warden run` does, and points libpq at its CA through
+//! `PGSSLROOTCERT`): the agent ends the client's TLS with a certificate of
+//! its CA for the server's address or the name the client sent, and the
+//! session goes on inside it, decoded as any other. Without interception
+//! the answer is `N`, which clients with `sslmode=prefer` (the default)
+//! take as plaintext. The agent's own connection to the server is
+//! plaintext: the server is on this host or its network.
+//!
+//! When the policy has a password credential for the destination, the
+//! agent logs in itself ([`login`]) and the client never sees a password
+//! request.
+mod login;
 use std::{
     borrow::Cow,
     collections::{HashMap, VecDeque},
@@ -20,28 +30,30 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
 };
 
-use super::relay::Transferred;
+use self::login::LoginError;
+use super::{intercept::Interceptor, relay::Transferred};
 use crate::{
     audit::{AuditSink, RequestRow},
     identity::Identity,
     lineage::{Lineage, Link},
     masking::Masker,
-    policy::{Action, Policy, StatementRequest},
+    policy::{Action, Credential, Policy, SecretKind, StatementRequest},
     protocols::postgres::{
-        BackendFramer, BackendMessage, DataRow, Frame, FrontendFramer, FrontendMessage,
-        ProtocolError, Severity, Statement, StatementClass, classify, encode, fingerprint,
+        BackendFramer, BackendMessage, DataRow, FieldDescription, Frame, FrontendFramer,
+        FrontendMessage, ProtocolError, Severity, Statement, StatementClass, Target, classify,
+        encode, fingerprint,
     },
 };
 
 /// Who and where, for the request rows of one session.
-pub struct Session {
+pub struct Session<'a> {
     pub session_id: String,
     pub identity: Identity,
     pub workload: Option<String>,
@@ -50,6 +62,21 @@ pub struct Session {
     pub audit: AuditSink,
     pub policy: Arc<Policy>,
     pub lineage: Arc<Lineage>,
+    /// The password the agent logs in with, if the policy has one for
+    /// this destination.
+    pub login: Option<Arc<Credential>>,
+    /// Ends the client's TLS when it asks for TLS; None: TLS is refused.
+    pub tls: Option<&'a Interceptor>,
+}
+
+/// How the client's side of a session ended up, for its connection row.
+pub struct Served {
+    pub moved: Transferred,
+    pub result: Result<(), SessionError>,
+    /// `terminated` when the agent ended the client's TLS.
+    pub tls: Option<&'static str>,
+    /// The name the client sent in its TLS hello, if it did.
+    pub server_name: Option<String>,
 }
 
 /// How a statement was decided, by which rule, and what of its result is masked.
@@ -103,6 +130,25 @@ struct Pending {
     outcome: Option<Outcome>,
     /// The ReadyForQuery (counted from 1) after which it is settled.
     batch: u64,
+    /// How its rows are masked when no RowDescription comes before them:
+    /// an Execute of a statement described in an earlier batch.
+    masks: Option<RowMasks>,
+}
+
+/// What the agent does at the ReadyForQuery that ends a batch.
+#[derive(Default)]
+struct Injection {
+    /// A denial's error, put before it.
+    error: Option<Vec<u8>>,
+    /// The batch's Sync came from the agent, not the client: the client
+    /// gets the error alone, and its own Sync gets the next ReadyForQuery.
+    swallow: bool,
+}
+
+/// What a Describe sent and not yet answered is about.
+enum Described {
+    Statement(String),
+    Portal(String),
 }
 
 #[derive(Default)]
@@ -122,10 +168,14 @@ struct State {
     /// Sync, FunctionCall), and ReadyForQuery messages seen.
     batches_sent: u64,
     batches_answered: u64,
-    /// For each batch in flight, the error to put before its ReadyForQuery.
-    injections: VecDeque<Option<Vec<u8>>>,
-    /// A denied extended-protocol statement: its messages are dropped until Sync.
-    discarding: Option<Vec<u8>>,
+    /// For each batch in flight, what to do at its ReadyForQuery.
+    injections: VecDeque<Injection>,
+    /// A denied extended-protocol statement: the client's messages are
+    /// dropped until its Sync. Holds the denial's error until it is sent.
+    discarding: Option<Option<Vec<u8>>>,
+    /// Describes in flight, with their batch, answered in order by
+    /// RowDescription or NoData.
+    describing: VecDeque<(u64, Described)>,
     /// How the rows now being returned are masked, from their RowDescription.
     row_masks: Option<RowMasks>,
 }
@@ -136,6 +186,9 @@ struct Prepared {
     sql: String,
     statement: Statement,
     verdict: Verdict,
+    /// The result columns, once a Describe of it was answered: clients that
+    /// prepare once (asyncpg) execute later without a RowDescription.
+    columns: Option<Arc<Vec<FieldDescription>>>,
 }
 
 /// Bound on the per-session classification cache.
@@ -172,11 +225,12 @@ impl State {
             verdict,
             outcome,
             batch,
+            masks: None,
         });
     }
 
     /// A message the server answers with ReadyForQuery goes out.
-    fn batch_sent(&mut self, injection: Option<Vec<u8>>) {
+    fn batch_sent(&mut self, injection: Injection) {
         self.batches_sent += 1;
         self.injections.push_back(injection);
     }
@@ -200,6 +254,12 @@ pub enum SessionError {
         side: &'static str,
         source: ProtocolError,
     },
+    #[error("login with the policy's credential failed: {0}")]
+    Login(#[from] LoginError),
+    #[error("the client's TLS: {0}")]
+    Tls(String),
+    #[error("the client sent bytes after its SSLRequest before the agent answered; refused")]
+    EarlyBytes,
 }
 
 /// Serve one session until both sides are done. The byte counts are kept
@@ -207,74 +267,245 @@ pub enum SessionError {
 pub async fn serve(
     mut client: TcpStream,
     mut upstream: TcpStream,
-    session: &Session,
-) -> (Transferred, Result<(), SessionError>) {
+    session: &Session<'_>,
+) -> Served {
     let state = Mutex::new(State::default());
     let mut framer = FrontendFramer::new();
+    let mut server_framer = BackendFramer::new();
     let mut up = 0u64;
     let mut down = 0u64;
-    let mut result = startup(&mut client, &mut upstream, &mut framer, &state, &mut up).await;
-    if result.is_ok() {
-        let (client_read, client_write) = client.into_split();
-        let (upstream_read, upstream_write) = upstream.into_split();
-        result = tokio::try_join!(
-            client_to_server(
-                client_read,
-                upstream_write,
-                framer,
+    let mut served = Served {
+        moved: Transferred::default(),
+        result: Ok(()),
+        tls: None,
+        server_name: None,
+    };
+    let started = startup(
+        &mut client,
+        &mut upstream,
+        (&mut framer, &mut server_framer),
+        session,
+        session.tls,
+        &state,
+        (&mut up, &mut down),
+    )
+    .await;
+    served.result = match started {
+        Ok(Started::Session) => {
+            let (client_read, client_write) = client.into_split();
+            relay(
+                (client_read, client_write),
+                upstream,
+                (framer, server_framer),
                 session,
                 &state,
-                &mut up
-            ),
-            server_to_client(upstream_read, client_write, session, &state, &mut down),
-        )
-        .map(|_| ());
-    }
+                (&mut up, &mut down),
+            )
+            .await
+        }
+        Ok(Started::Tls(interceptor)) => {
+            served.tls = Some("terminated");
+            match interceptor
+                .accept(client, session.destination, b"postgresql")
+                .await
+            {
+                Ok((mut tls, server_name)) => {
+                    served.server_name = server_name;
+                    // The startup again, inside TLS (a second SSLRequest is refused there).
+                    let started = startup(
+                        &mut tls,
+                        &mut upstream,
+                        (&mut framer, &mut server_framer),
+                        session,
+                        None,
+                        &state,
+                        (&mut up, &mut down),
+                    )
+                    .await;
+                    match started {
+                        Ok(Started::Session) => {
+                            relay(
+                                tokio::io::split(tls),
+                                upstream,
+                                (framer, server_framer),
+                                session,
+                                &state,
+                                (&mut up, &mut down),
+                            )
+                            .await
+                        }
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(failed) => {
+                    served.server_name = failed.server_name;
+                    Err(SessionError::Tls(failed.error))
+                }
+            }
+        }
+        Ok(Started::Closed) => Ok(()),
+        Err(e) => Err(e),
+    };
     // Whatever is still unanswered when the session ends is audited too.
     settle(
         session,
         &state,
         "the session ended before the server answered",
     );
-    (Transferred { up, down }, result)
+    served.moved = Transferred { up, down };
+    served
 }
 
-/// The startup phase: encryption requests are refused here (`N`), the
-/// StartupMessage (or a CancelRequest) goes on to the server.
-async fn startup(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
-    framer: &mut FrontendFramer,
+/// Both directions of a started session, until both are done.
+async fn relay<R, W>(
+    (client_read, client_write): (R, W),
+    upstream: TcpStream,
+    (framer, server_framer): (FrontendFramer, BackendFramer),
+    session: &Session<'_>,
     state: &Mutex<State>,
-    up: &mut u64,
-) -> Result<(), SessionError> {
+    (up, down): (&mut u64, &mut u64),
+) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (upstream_read, upstream_write) = upstream.into_split();
+    tokio::try_join!(
+        client_to_server(client_read, upstream_write, framer, session, state, up),
+        server_to_client(
+            upstream_read,
+            client_write,
+            server_framer,
+            session,
+            state,
+            down
+        ),
+    )
+    .map(|_| ())
+}
+
+/// How the startup phase ended.
+enum Started<'a> {
+    /// Logged in (or the StartupMessage forwarded): messages flow.
+    Session,
+    /// The client asked for TLS and was answered `S`: its handshake comes next.
+    Tls(&'a Interceptor),
+    /// The client left before its StartupMessage.
+    Closed,
+}
+
+/// The startup phase: a TLS request is accepted when `tls` is given (the
+/// caller then does the handshake and runs the startup again inside it),
+/// else refused (`N`); the StartupMessage (or a CancelRequest) goes on to
+/// the server, and with a credential the agent logs in in the client's place.
+async fn startup<'s, C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
+    upstream: &mut TcpStream,
+    (framer, server_framer): (&mut FrontendFramer, &mut BackendFramer),
+    session: &Session<'_>,
+    tls: Option<&'s Interceptor>,
+    state: &Mutex<State>,
+    (up, down): (&mut u64, &mut u64),
+) -> Result<Started<'s>, SessionError> {
     let mut buf = vec![0u8; CHUNK];
     loop {
         while let Some(frame) = framer.next().map_err(from_client)? {
             match FrontendMessage::decode(&frame).map_err(from_client)? {
-                FrontendMessage::SslRequest | FrontendMessage::GssEncRequest => {
-                    client.write_all(b"N").await?
+                FrontendMessage::SslRequest if let Some(interceptor) = tls => {
+                    // Bytes sent before the answer would be read as if they
+                    // came through TLS (CVE-2021-23214): refuse them.
+                    if framer.buffered() > 0 {
+                        return Err(SessionError::EarlyBytes);
+                    }
+                    client.write_all(b"S").await?;
+                    *down += 1;
+                    return Ok(Started::Tls(interceptor));
                 }
-                message @ FrontendMessage::Startup { .. } => {
+                FrontendMessage::SslRequest | FrontendMessage::GssEncRequest => {
+                    client.write_all(b"N").await?;
+                    *down += 1;
+                }
+                FrontendMessage::Startup { minor, params } => {
+                    let param = |name: &str| {
+                        params
+                            .iter()
+                            .find(|(k, _)| k == name)
+                            .map(|(_, v)| v.clone())
+                    };
+                    let login = session.login.as_deref().map(|credential| {
+                        let user = match &credential.kind {
+                            SecretKind::Password { user: Some(user) } => user.clone(),
+                            _ => param("user").unwrap_or_default(),
+                        };
+                        (credential, user)
+                    });
+                    let user = login
+                        .as_ref()
+                        .map(|(_, user)| user.clone())
+                        .or(param("user"));
                     {
-                        let user = message.startup_param("user").map(str::to_string);
                         let mut st = lock(state);
                         // Without a database parameter the server uses the user's name.
-                        st.database = message
-                            .startup_param("database")
-                            .map(str::to_string)
-                            .or_else(|| user.clone());
+                        st.database = param("database").or_else(|| user.clone());
                         st.db_user = user;
                     }
-                    return forward(upstream, frame.bytes(), up).await;
+                    let Some((credential, user)) = login else {
+                        forward(upstream, frame.bytes(), up).await?;
+                        return Ok(Started::Session);
+                    };
+                    let mut rewritten: Vec<(&str, &str)> = params
+                        .iter()
+                        .filter(|(k, _)| k != "user")
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    rewritten.insert(0, ("user", &user));
+                    forward(
+                        upstream,
+                        &encode::startup_message_minor(minor, &rewritten),
+                        up,
+                    )
+                    .await?;
+                    let logged_in = login::login(
+                        upstream,
+                        server_framer,
+                        &credential.target,
+                        &user,
+                        &credential.secret,
+                        up,
+                    )
+                    .await;
+                    let to_client = match &logged_in {
+                        Ok(done) => {
+                            [done.for_client.as_slice(), &encode::authentication_ok()].concat()
+                        }
+                        Err(e) => encode::error_response(
+                            Severity::Fatal,
+                            e.sqlstate(),
+                            &format!("Warden could not log in to the database for you: {e}"),
+                            None,
+                            Some(
+                                "the Warden policy on this host holds the password for this \
+                                 database; ask its owner to check the credential",
+                            ),
+                        ),
+                    };
+                    client.write_all(&to_client).await?;
+                    *down += to_client.len() as u64;
+                    return logged_in
+                        .map(|_| Started::Session)
+                        .map_err(SessionError::from);
                 }
                 // A cancel goes through as it is; the server closes after it.
-                _ => return forward(upstream, frame.bytes(), up).await,
+                _ => {
+                    forward(upstream, frame.bytes(), up).await?;
+                    return Ok(Started::Session);
+                }
             }
         }
         let n = client.read(&mut buf).await?;
         if n == 0 {
-            return Ok(());
+            return Ok(Started::Closed);
         }
         framer.push(&buf[..n]);
     }
@@ -306,10 +537,10 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 
 /// Client to server: every message is seen, then forwarded as it came.
 async fn client_to_server(
-    mut from: OwnedReadHalf,
+    mut from: impl AsyncRead + Unpin,
     mut to: OwnedWriteHalf,
     mut framer: FrontendFramer,
-    session: &Session,
+    session: &Session<'_>,
     state: &Mutex<State>,
     moved: &mut u64,
 ) -> Result<(), SessionError> {
@@ -340,20 +571,16 @@ async fn client_to_server(
 /// Server to client: answers settle the pending statements, in order.
 async fn server_to_client(
     mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
-    session: &Session,
+    mut to: impl AsyncWrite + Unpin,
+    mut framer: BackendFramer,
+    session: &Session<'_>,
     state: &Mutex<State>,
     moved: &mut u64,
 ) -> Result<(), SessionError> {
-    let mut framer = BackendFramer::new();
     let mut buf = vec![0u8; CHUNK];
     let mut out = Vec::with_capacity(CHUNK);
     loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return to.shutdown().await.map_err(SessionError::from);
-        }
-        framer.push(&buf[..n]);
+        // Messages left from the login are handled before reading more.
         while let Some(frame) = framer.next().map_err(from_server)? {
             let action = observe_server(&frame, session, state)?;
             if let Some(before) = action.before {
@@ -366,6 +593,11 @@ async fn server_to_client(
             *moved += out.len() as u64;
             out.clear();
         }
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await.map_err(SessionError::from);
+        }
+        framer.push(&buf[..n]);
     }
 }
 
@@ -376,11 +608,23 @@ fn observe_client(
 ) -> Result<Forwarding, SessionError> {
     let message = FrontendMessage::decode(frame).map_err(from_client)?;
     let mut st = lock(state);
-    if st.discarding.is_some()
-        && !matches!(message, FrontendMessage::Sync | FrontendMessage::Terminate)
-    {
-        // The server would skip these after an error, until Sync.
-        return Ok(Forwarding::Drop);
+    if let Some(error) = &mut st.discarding {
+        match message {
+            FrontendMessage::Sync | FrontendMessage::Terminate => {}
+            // A client that flushes waits for the answer before it sends
+            // Sync (asyncpg): the agent's own Sync brings the error now,
+            // after the answers to what the server did get.
+            FrontendMessage::Flush if error.is_some() => {
+                let error = error.take();
+                st.batch_sent(Injection {
+                    error,
+                    swallow: true,
+                });
+                return Ok(Forwarding::Replace(encode::sync()));
+            }
+            // The server would skip these after an error, until Sync.
+            _ => return Ok(Forwarding::Drop),
+        }
     }
     Ok(match message {
         FrontendMessage::Query { sql } => {
@@ -399,11 +643,14 @@ fn observe_client(
             }
             match denied {
                 Some(d) => {
-                    st.batch_sent(Some(denial_error(&d)));
+                    st.batch_sent(Injection {
+                        error: Some(denial_error(&d)),
+                        swallow: false,
+                    });
                     Forwarding::Replace(encode::sync())
                 }
                 None => {
-                    st.batch_sent(None);
+                    st.batch_sent(Injection::default());
                     Forwarding::Forward
                 }
             }
@@ -416,7 +663,7 @@ fn observe_client(
                 .unwrap_or_else(|| statement_of(&sql, StatementClass::Unknown, Vec::new()));
             let verdict = decide(session, &st, &statement);
             if verdict.denied {
-                st.discarding = Some(denial_error(&verdict));
+                st.discarding = Some(Some(denial_error(&verdict)));
                 let outcome = held_back(true, &verdict);
                 st.pend(statement, sql, verdict, Some(outcome));
                 return Ok(Forwarding::Drop);
@@ -427,8 +674,20 @@ fn observe_client(
                     sql,
                     statement,
                     verdict,
+                    columns: None,
                 },
             );
+            Forwarding::Forward
+        }
+        FrontendMessage::Describe { kind, name } => {
+            let batch = st.batches_sent + 1;
+            st.describing.push_back((
+                batch,
+                match kind {
+                    Target::Statement => Described::Statement(name),
+                    Target::Portal => Described::Portal(name),
+                },
+            ));
             Forwarding::Forward
         }
         FrontendMessage::Bind {
@@ -454,13 +713,26 @@ fn observe_client(
                         mask: None,
                         link: None,
                     },
+                    columns: None,
                 });
+            let masks = p
+                .verdict
+                .mask
+                .as_ref()
+                .zip(p.columns.as_deref())
+                .and_then(|(masker, columns)| row_masks(masker, columns));
             st.pend(p.statement, p.sql, p.verdict, None);
+            if let Some(pending) = st.pending.back_mut() {
+                pending.masks = masks;
+            }
             Forwarding::Forward
         }
         FrontendMessage::Sync => {
-            let injection = st.discarding.take();
-            st.batch_sent(injection);
+            let error = st.discarding.take().flatten();
+            st.batch_sent(Injection {
+                error,
+                swallow: false,
+            });
             Forwarding::Forward
         }
         FrontendMessage::FunctionCall { oid, .. } => {
@@ -472,11 +744,14 @@ fn observe_client(
                 let outcome = held_back(true, &verdict);
                 let error = denial_error(&verdict);
                 st.pend(statement, sql, verdict, Some(outcome));
-                st.batch_sent(Some(error));
+                st.batch_sent(Injection {
+                    error: Some(error),
+                    swallow: false,
+                });
                 return Ok(Forwarding::Replace(encode::sync()));
             }
             st.pend(statement, sql, verdict, None);
-            st.batch_sent(None);
+            st.batch_sent(Injection::default());
             Forwarding::Forward
         }
         _ => Forwarding::Forward,
@@ -550,28 +825,35 @@ fn observe_server(
     let answered = |st: &mut State| st.pending.front().is_some_and(|p| p.outcome.is_none());
     match message {
         BackendMessage::RowDescription { fields } => {
+            let fields = Arc::new(fields);
+            // The answer to a Describe of a statement: rows come later, in
+            // the answer to an Execute of a portal bound to it.
+            match st.describing.pop_front().map(|(_, d)| d) {
+                Some(Described::Statement(name)) => {
+                    if let Some(prepared) = st.prepared.get_mut(&name) {
+                        prepared.columns = Some(fields);
+                    }
+                    return Ok(ServerAction::default());
+                }
+                Some(Described::Portal(name)) => {
+                    if let Some(portal) = st.portals.get_mut(&name) {
+                        portal.columns = Some(fields.clone());
+                    }
+                }
+                None => {}
+            }
             let mask = st.pending.front().and_then(|p| p.verdict.mask.clone());
-            st.row_masks = mask.and_then(|masker| {
-                let columns: Vec<ColumnAction> = fields
-                    .iter()
-                    .map(|f| {
-                        let text = TEXT_TYPES.contains(&f.type_oid);
-                        match (masker.masks_column(&f.name), text) {
-                            (true, true) => ColumnAction::Whole,
-                            (true, false) => ColumnAction::Null,
-                            (false, true) if masker.has_detectors() => ColumnAction::Scan,
-                            _ => ColumnAction::Keep,
-                        }
-                    })
-                    .collect();
-                columns
-                    .iter()
-                    .any(|c| *c != ColumnAction::Keep)
-                    .then_some(RowMasks { masker, columns })
-            });
+            st.row_masks = mask.and_then(|masker| row_masks(&masker, &fields));
+        }
+        BackendMessage::NoData => {
+            st.describing.pop_front();
         }
         BackendMessage::DataRow(row) => {
-            let masked = st.row_masks.as_ref().and_then(|m| mask_row(m, &row, frame));
+            let masks = st
+                .row_masks
+                .as_ref()
+                .or_else(|| st.pending.front().and_then(|p| p.masks.as_ref()));
+            let masked = masks.and_then(|m| mask_row(m, &row, frame));
             if let Some(p) = st.pending.front_mut() {
                 p.rows_seen += 1;
                 if let Some((_, n)) = &masked {
@@ -584,6 +866,8 @@ fn observe_server(
             });
         }
         BackendMessage::CommandComplete(tag) => {
+            // The next result set has its own columns.
+            st.row_masks = None;
             if answered(&mut st)
                 && let Some(p) = st.pending.pop_front()
             {
@@ -607,6 +891,7 @@ fn observe_server(
             }
         }
         BackendMessage::ErrorResponse(fields) => {
+            st.row_masks = None;
             if answered(&mut st)
                 && let Some(p) = st.pending.pop_front()
             {
@@ -632,9 +917,18 @@ fn observe_server(
                 }
             }
             st.row_masks = None;
+            // Describes of the batch that an error made the server skip.
+            while st
+                .describing
+                .front()
+                .is_some_and(|(batch, _)| *batch <= done)
+            {
+                st.describing.pop_front();
+            }
+            let injection = st.injections.pop_front().unwrap_or_default();
             return Ok(ServerAction {
-                before: st.injections.pop_front().flatten(),
-                replace: None,
+                before: injection.error,
+                replace: injection.swallow.then(Vec::new),
             });
         }
         _ => {}
@@ -647,6 +941,30 @@ fn observe_server(
 struct ServerAction {
     before: Option<Vec<u8>>,
     replace: Option<Vec<u8>>,
+}
+
+/// What to do with each column of rows described by `fields`; None when
+/// the mask leaves all of them alone.
+fn row_masks(masker: &Arc<Masker>, fields: &[FieldDescription]) -> Option<RowMasks> {
+    let columns: Vec<ColumnAction> = fields
+        .iter()
+        .map(|f| {
+            let text = TEXT_TYPES.contains(&f.type_oid);
+            match (masker.masks_column(&f.name), text) {
+                (true, true) => ColumnAction::Whole,
+                (true, false) => ColumnAction::Null,
+                (false, true) if masker.has_detectors() => ColumnAction::Scan,
+                _ => ColumnAction::Keep,
+            }
+        })
+        .collect();
+    columns
+        .iter()
+        .any(|c| *c != ColumnAction::Keep)
+        .then(|| RowMasks {
+            masker: masker.clone(),
+            columns,
+        })
 }
 
 /// The row with its masked values, and how many were masked; None when
