@@ -8,7 +8,7 @@ use std::{
 };
 
 use arrow::array::RecordBatch;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use parquet::{
     arrow::ArrowWriter,
     basic::{Compression, ZstdLevel},
@@ -61,9 +61,11 @@ impl AuditError {
     }
 }
 
-/// The Hive partition of a row: `date=YYYY-MM-DD/hour=HH` of its start time.
+/// The Hive partition of a row: `date=YYYY-MM-DD/hour=H` of its start time.
+/// The hour is not zero-padded: DuckDB and pyarrow infer `hour=05` as text
+/// but `hour=5` as an integer, like `hour=15`.
 pub(crate) fn partition_of(start: &DateTime<Utc>) -> String {
-    start.format("date=%Y-%m-%d/hour=%H").to_string()
+    format!("{}/hour={}", start.format("date=%Y-%m-%d"), start.hour())
 }
 
 /// Writes the files of the table of `T` (`<dir>/<T::NAME>`), named uniquely

@@ -4,7 +4,7 @@
 //! [`AuditQuery`] registers the tables, `connections`, `requests` and `events`,
 //! as listing tables over `<dir>/connections/` and `<dir>/requests/`: every
 //! `*.parquet` file under them (the writer's `.<name>.tmp` files never
-//! match), with the Hive partitions `date=YYYY-MM-DD/hour=HH` as the
+//! match), with the Hive partitions `date=YYYY-MM-DD/hour=H` as the
 //! columns `date` (a date) and `hour` (an integer), as DuckDB's and Spark's
 //! Hive partitioning show them. The tables have the writer's current
 //! schema with every column nullable: files of an older schema version lack
@@ -107,10 +107,10 @@ pub fn partition_columns() -> Vec<(String, DataType)> {
 }
 
 /// The partition columns as the listing reads them from the paths: `hour`
-/// stays the directory's text (`05`) there, and the table casts it. Typed as
-/// an integer in the listing, an equality on both `date` and `hour` would
-/// make DataFusion list the prefix `date=.../hour=5`, which does not exist
-/// (the writer pads hours to two digits), and find no file.
+/// stays the directory's text there, and the table casts it. Typed as an
+/// integer in the listing, an equality on both `date` and `hour` would make
+/// DataFusion list the prefix `date=.../hour=5` and miss the zero-padded
+/// `hour=05` directories that earlier builds wrote.
 fn listed_partition_columns() -> Vec<(String, DataType)> {
     vec![
         ("date".to_string(), DataType::Date32),
@@ -965,7 +965,7 @@ mod tests {
             vec![statement("s-old", 1, at(5, 0, 0, 0), "SELECT old")],
         )
         .await;
-        let part = scratch.path().join("requests/date=2025-03-04/hour=05");
+        let part = scratch.path().join("requests/date=2025-03-04/hour=5");
         let file = fs::read_dir(&part).unwrap().next().unwrap().unwrap().path();
         let reader =
             ParquetRecordBatchReaderBuilder::try_new(fs::File::open(&file).unwrap()).unwrap();
@@ -1041,7 +1041,7 @@ mod tests {
     async fn temporary_files_being_written_are_ignored() {
         let tmp = tempfile::tempdir().unwrap();
         sample(tmp.path()).await;
-        let part = tmp.path().join("connections/date=2025-03-04/hour=05");
+        let part = tmp.path().join("connections/date=2025-03-04/hour=5");
         let real = fs::read_dir(&part).unwrap().next().unwrap().unwrap().path();
         // A complete copy not yet renamed, and a half-written one.
         fs::copy(
@@ -1387,7 +1387,7 @@ mod tests {
         .unwrap();
         let text = out.lines().join("\n");
         assert!(
-            text.contains("connections/date=2025-03-04/hour=06/part-"),
+            text.contains("connections/date=2025-03-04/hour=6/part-"),
             "{text}"
         );
         assert!(text.contains("| a "), "{text}");

@@ -90,7 +90,7 @@ async fn a_crash_before_the_rotation_loses_no_journaled_row() {
         partitions,
         [
             "connections/date=2025-05-05/hour=23",
-            "connections/date=2025-05-06/hour=00"
+            "connections/date=2025-05-06/hour=0"
         ]
     );
     let ids = strs(&read(&parquet_files(tmp.path())[0]), "session_id");
