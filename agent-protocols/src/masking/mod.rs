@@ -601,6 +601,12 @@ impl Masker {
         (Cow::Owned(out), count)
     }
 
+    /// Whether any column is masked by name (so output without column
+    /// names, such as COPY's, cannot be masked as the policy says).
+    pub fn masks_columns(&self) -> bool {
+        !self.columns.is_empty()
+    }
+
     /// Whether there are detectors at all (so callers can skip text
     /// scanning).
     pub fn has_detectors(&self) -> bool {

@@ -298,6 +298,11 @@ pub fn sasl_response(data: &[u8]) -> Vec<u8> {
     typed(b'p', |b| b.extend_from_slice(data))
 }
 
+/// CopyData.
+pub fn copy_data(data: &[u8]) -> Vec<u8> {
+    typed(b'd', |b| b.extend_from_slice(data))
+}
+
 /// Query (simple protocol).
 pub fn query(sql: &str) -> Vec<u8> {
     typed(b'Q', |b| put_cstr(b, sql.as_bytes()))

@@ -178,7 +178,25 @@ struct State {
     describing: VecDeque<(u64, Described)>,
     /// How the rows now being returned are masked, from their RowDescription.
     row_masks: Option<RowMasks>,
+    /// What happens to the rows of the COPY ... TO now running.
+    copy_out: Option<CopyOut>,
 }
+
+/// The output of COPY ... TO under a mask. COPY sends no column names, one
+/// CopyData per row.
+enum CopyOut {
+    /// Text or CSV, and the mask has detectors only: each row is scanned.
+    Scan(Arc<Masker>),
+    /// The mask names columns, or the output is binary: the rows cannot be
+    /// masked as the policy says, so none reach the client, and the COPY
+    /// ends with an error.
+    Withhold,
+}
+
+/// Why a COPY's output was withheld, for the client and the audit.
+const COPY_WITHHELD: &str = "Warden withheld the output of this COPY: the policy masks this \
+     statement's results by column name (or the output is binary), and COPY output carries no \
+     column names; read these rows with SELECT, which Warden can mask";
 
 /// A statement parsed by the client, classified and decided once.
 #[derive(Clone)]
@@ -848,6 +866,35 @@ fn observe_server(
         BackendMessage::NoData => {
             st.describing.pop_front();
         }
+        BackendMessage::CopyOutResponse(response) => {
+            let mask = st.pending.front().and_then(|p| p.verdict.mask.clone());
+            st.copy_out = mask.and_then(|masker| {
+                if masker.masks_columns() || response.format != 0 {
+                    Some(CopyOut::Withhold)
+                } else {
+                    masker.has_detectors().then_some(CopyOut::Scan(masker))
+                }
+            });
+        }
+        BackendMessage::CopyData { .. } | BackendMessage::CopyDone if st.copy_out.is_some() => {
+            let Some(CopyOut::Scan(masker)) = &st.copy_out else {
+                return Ok(ServerAction {
+                    before: None,
+                    replace: Some(Vec::new()),
+                });
+            };
+            let (text, n) = match std::str::from_utf8(frame.body()) {
+                Ok(text) => masker.mask_text(text),
+                Err(_) => (Cow::Borrowed(""), 0),
+            };
+            if let Some(p) = st.pending.front_mut() {
+                p.masked += u64::from(n);
+            }
+            return Ok(ServerAction {
+                before: None,
+                replace: (n > 0).then(|| encode::copy_data(text.as_bytes())),
+            });
+        }
         BackendMessage::DataRow(row) => {
             let masks = st
                 .row_masks
@@ -865,9 +912,35 @@ fn observe_server(
                 replace: masked.map(|(bytes, _)| bytes),
             });
         }
+        BackendMessage::CommandComplete(_) if matches!(st.copy_out, Some(CopyOut::Withhold)) => {
+            st.copy_out = None;
+            if answered(&mut st)
+                && let Some(p) = st.pending.pop_front()
+            {
+                emit(
+                    session,
+                    &mut st,
+                    p,
+                    Some(0),
+                    Some(COPY_WITHHELD.into()),
+                    Some("42501".into()),
+                );
+            }
+            return Ok(ServerAction {
+                before: None,
+                replace: Some(encode::error_response(
+                    Severity::Error,
+                    "42501",
+                    COPY_WITHHELD,
+                    None,
+                    None,
+                )),
+            });
+        }
         BackendMessage::CommandComplete(tag) => {
             // The next result set has its own columns.
             st.row_masks = None;
+            st.copy_out = None;
             if answered(&mut st)
                 && let Some(p) = st.pending.pop_front()
             {
@@ -892,6 +965,7 @@ fn observe_server(
         }
         BackendMessage::ErrorResponse(fields) => {
             st.row_masks = None;
+            st.copy_out = None;
             if answered(&mut st)
                 && let Some(p) = st.pending.pop_front()
             {
