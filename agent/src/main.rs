@@ -57,6 +57,9 @@ enum Command {
         /// Relay TLS as opaque bytes instead of ending it with the agent's CA.
         #[arg(long)]
         no_tls_intercept: bool,
+        /// A unix socket, or a directory of them, the program must not reach (the agent sees TCP only); PostgreSQL's usual ones are always hidden. Repeatable.
+        #[arg(long)]
+        hide_path: Vec<PathBuf>,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<OsString>,
@@ -184,6 +187,7 @@ fn main() -> ExitCode {
             state_dir,
             upstream_ca,
             no_tls_intercept,
+            hide_path,
             command,
         } => {
             let runtime = match tokio::runtime::Runtime::new() {
@@ -200,6 +204,7 @@ fn main() -> ExitCode {
                 state_dir,
                 upstream_ca,
                 intercept_tls: !no_tls_intercept,
+                hide_paths: hide_path,
             };
             match runtime.block_on(run::run(opts)) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

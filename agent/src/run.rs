@@ -38,7 +38,19 @@ pub struct RunOptions {
     pub upstream_ca: Vec<PathBuf>,
     /// End the program's TLS with the agent's CA (on by default).
     pub intercept_tls: bool,
+    /// Unix sockets and socket directories the program must not reach,
+    /// besides PostgreSQL's usual ones ([`UNIX_SOCKETS_HIDDEN`]).
+    pub hide_paths: Vec<PathBuf>,
 }
+
+/// Where PostgreSQL's unix sockets usually are. The TCP hooks do not see
+/// unix sockets, so a program that reached the server through one would go
+/// around the agent: `warden run` covers these in the program's own mount
+/// namespace (directories with an empty tmpfs, sockets with /dev/null).
+const UNIX_SOCKETS_HIDDEN: [&str; 2] = ["/run/postgresql", "/var/run/postgresql"];
+/// And the sockets a server with the default `unix_socket_directories`
+/// of some builds makes: `/tmp/.s.PGSQL.<port>`.
+const UNIX_SOCKET_PREFIX_IN_TMP: &str = ".s.PGSQL.";
 
 /// The variables through which Python (ssl, requests, httpx), curl and Node
 /// find the CA bundle that makes the child trust the agent.
@@ -138,6 +150,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
             &child_env,
             &hidden,
             fd_limit,
+            &out_of_reach(&opts.hide_paths)?,
         )?;
         supervise(&mut child).await
     }
@@ -225,6 +238,106 @@ impl TargetUser {
     }
 }
 
+/// A path the program must not reach, checked before the fork.
+struct Covered {
+    path: CString,
+    directory: bool,
+}
+
+/// The existing sockets and socket directories to cover: PostgreSQL's usual
+/// places and `extra`. A path given in `extra` that does not exist is an
+/// error (a typo would leave a socket in reach).
+fn out_of_reach(extra: &[PathBuf]) -> anyhow::Result<Vec<Covered>> {
+    let mut paths: Vec<PathBuf> = UNIX_SOCKETS_HIDDEN.iter().map(PathBuf::from).collect();
+    if let Ok(entries) = std::fs::read_dir("/tmp") {
+        paths.extend(
+            entries
+                .flatten()
+                .filter(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.starts_with(UNIX_SOCKET_PREFIX_IN_TMP) && !name.ends_with(".lock")
+                })
+                .map(|e| e.path()),
+        );
+    }
+    for path in extra {
+        if !path.exists() {
+            bail!(
+                "--hide-path {}: no such file or directory; give the unix socket or the directory that holds it",
+                path.display()
+            );
+        }
+        paths.push(path.clone());
+    }
+    let mut covered = Vec::new();
+    for path in paths {
+        // Through symlinks (/var/run -> /run): the mount lands on the target.
+        let Ok(real) = std::fs::canonicalize(&path) else {
+            continue;
+        };
+        let Ok(meta) = std::fs::metadata(&real) else {
+            continue;
+        };
+        let c_path = CString::new(real.as_os_str().as_encoded_bytes())
+            .with_context(|| format!("{} has a NUL byte", real.display()))?;
+        if !covered.iter().any(|c: &Covered| c.path == c_path) {
+            covered.push(Covered {
+                path: c_path,
+                directory: meta.is_dir(),
+            });
+        }
+    }
+    Ok(covered)
+}
+
+/// In the child, before exec: a mount namespace of its own in which each
+/// directory is an empty read-only tmpfs and each socket is /dev/null, so
+/// that connecting to them fails. Host mounts made later still propagate in.
+///
+/// # Safety
+/// Between fork and exec: only syscalls on data prepared before the fork.
+unsafe fn cover_in_new_namespace(covered: &[(CString, bool)]) -> std::io::Result<()> {
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain syscalls on NUL-terminated strings that outlive them.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ))?;
+        for (path, directory) in covered {
+            if *directory {
+                check(libc::mount(
+                    c"warden-hidden".as_ptr(),
+                    path.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"size=4k,mode=0755".as_ptr().cast(),
+                ))?;
+            } else {
+                check(libc::mount(
+                    c"/dev/null".as_ptr(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn spawn(
     command: &[OsString],
     cgroup: &ManagedCgroup,
@@ -232,6 +345,7 @@ fn spawn(
     env: &[(&str, PathBuf)],
     hidden: &[OsString],
     (fd_soft, fd_hard): (libc::rlim_t, libc::rlim_t),
+    covered: &[Covered],
 ) -> anyhow::Result<tokio::process::Child> {
     let Some((program, args)) = command.split_first() else {
         bail!("no program to run: put it after `--`, e.g. `warden run -- python3 app.py`");
@@ -256,14 +370,22 @@ fn spawn(
             .env("LOGNAME", &u.name)
             .env("HOME", &u.home);
     }
+    let covered: Vec<(CString, bool)> = covered
+        .iter()
+        .map(|c| (c.path.clone(), c.directory))
+        .collect();
     // SAFETY: only async-signal-safe calls between fork and exec: write,
-    // setrlimit, setgroups, setgid, setuid, on data prepared before the fork. The
-    // cgroup is joined first, while the child is still root, and before
-    // exec, so that the program's first connect is already redirected.
+    // unshare, mount, setrlimit, setgroups, setgid, setuid, on data prepared
+    // before the fork. The cgroup is joined first, while the child is still
+    // root, and before exec, so that the program's first connect is already
+    // redirected; the unix sockets are covered while it may still mount.
     unsafe {
         cmd.pre_exec(move || {
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if !covered.is_empty() {
+                cover_in_new_namespace(&covered)?;
             }
             let limit = libc::rlimit {
                 rlim_cur: fd_soft,
