@@ -602,6 +602,10 @@ struct Target {
     /// only for requests, never for a connection.
     host: Option<Vec<Glob>>,
     protocol: Option<Protocol>,
+    /// `tls: verify`: the agent speaks TLS to the server (PostgreSQL).
+    tls: bool,
+    /// The name the server's certificate is checked against; None: its address.
+    tls_name: Option<String>,
 }
 
 impl Target {
@@ -1047,6 +1051,18 @@ impl Policy {
             .filter(|(_, c)| matches!(c.kind, SecretKind::ApiKey { .. }))
             .find(|(t, _)| self.targets[*t].matches(destination, host))
             .map(|(_, credential)| credential)
+    }
+
+    /// Whether the agent must speak TLS to the PostgreSQL server at
+    /// `destination`, and the name its certificate must hold (None: the
+    /// address): from the first postgres target, in file order, that holds
+    /// for it.
+    pub fn upstream_tls_for(&self, destination: SocketAddr) -> Option<Option<&str>> {
+        self.targets
+            .iter()
+            .find(|t| t.protocol == Some(Protocol::Postgres) && t.matches(destination, None))
+            .filter(|t| t.tls)
+            .map(|t| t.tls_name.as_deref())
     }
 
     /// The database login of the first target (in file order) that has a

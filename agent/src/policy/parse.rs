@@ -130,7 +130,7 @@ pub(crate) const MATCH: Fields = Fields {
 
 pub(crate) const TARGET: Fields = Fields {
     what: "in a target",
-    known: &["address", "port", "host", "protocol"],
+    known: &["address", "port", "host", "protocol", "tls", "tls_name"],
     later: &[],
     instead: &[
         (
@@ -1515,6 +1515,8 @@ impl<'de> Keys<'de> for TargetKeys {
                 let host = t.host.is_some();
                 t.protocol = Some(map.next_value_seed(One(ProtocolP { host }))?)
             }
+            "tls" => t.tls = map.next_value_seed(One(UpstreamTlsP))?,
+            "tls_name" => t.tls_name = Some(map.next_value_seed(One(TlsNameP))?),
             _ => unreachable!("{key} is in TARGET.known"),
         }
         Ok(())
@@ -1526,6 +1528,18 @@ impl<'de> Keys<'de> for TargetKeys {
             return Err(fail(
                 "a target needs an address, a port or a host; write e.g. `{ address: \
                  \"10.0.0.0/8\", port: 5432 }` or `{ host: api.openai.com }`",
+            ));
+        }
+        if t.tls && t.protocol != Some(Protocol::Postgres) {
+            return Err(fail(
+                "`tls: verify` is for `protocol: postgres` targets, whose TLS starts inside the \
+                 protocol; for HTTPS the agent uses TLS to the server whenever the client does",
+            ));
+        }
+        if t.tls_name.is_some() && !t.tls {
+            return Err(fail(
+                "`tls_name` is the name the agent checks the server's certificate against; it \
+                 goes with `tls: verify`",
             ));
         }
         Ok(self.0)
@@ -2548,6 +2562,46 @@ impl Parse for SqlDefaultP {
                 "{s:?} is not a sql_default; write `sql_default: allow` or `sql_default: deny`"
             )),
         }
+    }
+}
+
+/// A target's `tls`: whether the agent speaks TLS to the server.
+#[derive(Clone, Copy)]
+struct UpstreamTlsP;
+
+impl Parse for UpstreamTlsP {
+    type Out = bool;
+    fn expecting(&self) -> String {
+        "verify or off".into()
+    }
+    fn text(&self, s: &str) -> Result<bool, String> {
+        match s {
+            "verify" => Ok(true),
+            "off" => Ok(false),
+            "require" | "on" | "true" | "verify-full" => Err(format!(
+                "write `tls: verify`: the agent always checks the server's certificate, against \
+                 the system's roots and --upstream-ca (not {s:?})"
+            )),
+            _ => Err(format!(
+                "{s:?} is not a tls setting; write `tls: verify` or `tls: off`"
+            )),
+        }
+    }
+}
+
+/// A target's `tls_name`: the DNS name in the server's certificate.
+#[derive(Clone, Copy)]
+struct TlsNameP;
+
+impl Parse for TlsNameP {
+    type Out = String;
+    fn expecting(&self) -> String {
+        "a DNS name such as db.internal".into()
+    }
+    fn text(&self, s: &str) -> Result<String, String> {
+        rustls::pki_types::ServerName::try_from(s)
+            .map(|_| s.to_string())
+            .map_err(|_| format!("{s:?} is not a DNS name or address a certificate can hold"))
     }
 }
 

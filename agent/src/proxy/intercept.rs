@@ -129,6 +129,29 @@ impl Interceptor {
             ))),
         }
     }
+
+    /// The agent's TLS to a server whose TLS starts inside its protocol
+    /// (PostgreSQL, after `S`), verified as for HTTPS against `name`, else
+    /// the destination's address; `alpn` is offered.
+    pub async fn connect(
+        &self,
+        upstream: TcpStream,
+        destination: SocketAddr,
+        name: Option<&str>,
+        alpn: &[u8],
+    ) -> Result<client::TlsStream<TcpStream>, String> {
+        let name = match name {
+            Some(name) => ServerName::try_from(name.to_string())
+                .map_err(|e| format!("{name:?} is not a name a certificate can hold: {e}"))?,
+            None => ServerName::IpAddress(PkiIpAddr::from(destination.ip())),
+        };
+        let mut config = (*self.upstream).clone();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        TlsConnector::from(Arc::new(config))
+            .connect(name.clone(), upstream)
+            .await
+            .map_err(|e| format!("TLS to {}: {e}", display(&name)))
+    }
 }
 
 /// The client's hello: the handshake to go on with, the name to make a

@@ -192,6 +192,10 @@ impl Proxy {
                     lineage: self.lineage.clone(),
                     login: self.policy.login_for(origin.destination).cloned(),
                     tls: self.tls.as_ref(),
+                    upstream_tls: self
+                        .policy
+                        .upstream_tls_for(origin.destination)
+                        .map(|name| name.map(str::to_string)),
                 };
                 let served = postgres::serve(client, upstream, &session).await;
                 row.tls = served.tls;

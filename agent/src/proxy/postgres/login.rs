@@ -8,10 +8,7 @@
 //! hash, or SCRAM-SHA-256 (whose last step checks that the server, too,
 //! knows the password). SCRAM with channel binding only (`-PLUS`) needs TLS
 //! upstream and is refused with a clear error.
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocols::postgres::{
     Authentication, BackendFramer, BackendMessage, ProtocolError, ScramClient, encode,
@@ -67,7 +64,7 @@ pub struct LoggedIn {
 /// follow it (ParameterStatus, BackendKeyData, ReadyForQuery) stay in
 /// `framer` for the session.
 pub async fn login(
-    upstream: &mut TcpStream,
+    upstream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     framer: &mut BackendFramer,
     target: &str,
     user: &str,

@@ -31,10 +31,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    net::TcpStream,
 };
 
 use self::login::LoginError;
@@ -46,9 +43,9 @@ use crate::{
     masking::Masker,
     policy::{Action, Credential, Policy, SecretKind, StatementRequest},
     protocols::postgres::{
-        BackendFramer, BackendMessage, DataRow, FieldDescription, Frame, FrontendFramer,
-        FrontendMessage, ProtocolError, Severity, Statement, StatementClass, Target, classify,
-        encode, fingerprint,
+        Authentication, BackendFramer, BackendMessage, DataRow, FieldDescription, Frame,
+        FrontendFramer, FrontendMessage, ProtocolError, Severity, Statement, StatementClass,
+        Target, classify, encode, fingerprint,
     },
 };
 
@@ -67,6 +64,9 @@ pub struct Session<'a> {
     pub login: Option<Arc<Credential>>,
     /// Ends the client's TLS when it asks for TLS; None: TLS is refused.
     pub tls: Option<&'a Interceptor>,
+    /// The agent speaks TLS to the server, checking its certificate against
+    /// this name (None: the server's address); None: plaintext.
+    pub upstream_tls: Option<Option<String>>,
 }
 
 /// How the client's side of a session ended up, for its connection row.
@@ -276,15 +276,89 @@ pub enum SessionError {
     Login(#[from] LoginError),
     #[error("the client's TLS: {0}")]
     Tls(String),
+    #[error("TLS to the server: {0}")]
+    UpstreamTls(String),
     #[error("the client sent bytes after its SSLRequest before the agent answered; refused")]
     EarlyBytes,
 }
 
 /// Serve one session until both sides are done. The byte counts are kept
 /// even when the session ends with an error.
-pub async fn serve(
-    mut client: TcpStream,
+pub async fn serve(mut client: TcpStream, upstream: TcpStream, session: &Session<'_>) -> Served {
+    let Some(name) = &session.upstream_tls else {
+        return serve_over(client, upstream, session).await;
+    };
+    match upstream_tls(upstream, session, name.as_deref()).await {
+        Ok(tls) => {
+            let mut served = serve_over(client, tls, session).await;
+            served.tls = Some(match served.tls {
+                Some(_) => "intercepted",
+                None => "upstream",
+            });
+            served
+        }
+        Err(error) => {
+            // The client is in its startup phase: an ErrorResponse is what
+            // libpq reads there, whatever it sent first.
+            let message = encode::error_response(
+                Severity::Fatal,
+                "08006",
+                &format!("Warden could not reach the database over TLS: {error}"),
+                None,
+                None,
+            );
+            let _ = client.write_all(&message).await;
+            Served {
+                moved: Transferred {
+                    up: 0,
+                    down: message.len() as u64,
+                },
+                result: Err(SessionError::UpstreamTls(error)),
+                tls: Some("failed"),
+                server_name: None,
+            }
+        }
+    }
+}
+
+/// The agent's TLS to the server, started as PostgreSQL starts it: an
+/// SSLRequest, `S`, then the handshake, with the certificate checked
+/// against `name` (else the server's address).
+async fn upstream_tls(
     mut upstream: TcpStream,
+    session: &Session<'_>,
+    name: Option<&str>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let Some(interceptor) = session.tls else {
+        return Err(
+            "the target says `tls: verify`, which needs the agent's TLS settings; run \
+                    without --no-tls-intercept"
+                .into(),
+        );
+    };
+    let io = |e: io::Error| format!("asking the server for TLS: {e}");
+    upstream
+        .write_all(&encode::ssl_request())
+        .await
+        .map_err(io)?;
+    let mut answer = [0u8; 1];
+    upstream.read_exact(&mut answer).await.map_err(io)?;
+    if answer[0] != b'S' {
+        return Err(format!(
+            "the server answered {:?} to the SSLRequest: it does not accept TLS; turn `ssl` on \
+             in its postgresql.conf, or drop `tls: verify` from the target",
+            char::from(answer[0])
+        ));
+    }
+    interceptor
+        .connect(upstream, session.destination, name, b"postgresql")
+        .await
+}
+
+/// One session over `upstream`, plaintext or TLS.
+async fn serve_over<U: AsyncRead + AsyncWrite + Unpin>(
+    mut client: TcpStream,
+    mut upstream: U,
     session: &Session<'_>,
 ) -> Served {
     let state = Mutex::new(State::default());
@@ -376,9 +450,9 @@ pub async fn serve(
 }
 
 /// Both directions of a started session, until both are done.
-async fn relay<R, W>(
+async fn relay<R, W, U>(
     (client_read, client_write): (R, W),
-    upstream: TcpStream,
+    upstream: U,
     (framer, server_framer): (FrontendFramer, BackendFramer),
     session: &Session<'_>,
     state: &Mutex<State>,
@@ -387,8 +461,9 @@ async fn relay<R, W>(
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
 {
-    let (upstream_read, upstream_write) = upstream.into_split();
+    let (upstream_read, upstream_write) = tokio::io::split(upstream);
     tokio::try_join!(
         client_to_server(client_read, upstream_write, framer, session, state, up),
         server_to_client(
@@ -417,15 +492,19 @@ enum Started<'a> {
 /// caller then does the handshake and runs the startup again inside it),
 /// else refused (`N`); the StartupMessage (or a CancelRequest) goes on to
 /// the server, and with a credential the agent logs in in the client's place.
-async fn startup<'s, C: AsyncRead + AsyncWrite + Unpin>(
+async fn startup<'s, C, U>(
     client: &mut C,
-    upstream: &mut TcpStream,
+    upstream: &mut U,
     (framer, server_framer): (&mut FrontendFramer, &mut BackendFramer),
     session: &Session<'_>,
     tls: Option<&'s Interceptor>,
     state: &Mutex<State>,
     (up, down): (&mut u64, &mut u64),
-) -> Result<Started<'s>, SessionError> {
+) -> Result<Started<'s>, SessionError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let mut buf = vec![0u8; CHUNK];
     loop {
         while let Some(frame) = framer.next().map_err(from_client)? {
@@ -529,7 +608,11 @@ async fn startup<'s, C: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn forward(to: &mut TcpStream, bytes: &[u8], count: &mut u64) -> Result<(), SessionError> {
+async fn forward(
+    to: &mut (impl AsyncWrite + Unpin),
+    bytes: &[u8],
+    count: &mut u64,
+) -> Result<(), SessionError> {
     to.write_all(bytes).await?;
     *count += bytes.len() as u64;
     Ok(())
@@ -556,7 +639,7 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 /// Client to server: every message is seen, then forwarded as it came.
 async fn client_to_server(
     mut from: impl AsyncRead + Unpin,
-    mut to: OwnedWriteHalf,
+    mut to: impl AsyncWrite + Unpin,
     mut framer: FrontendFramer,
     session: &Session<'_>,
     state: &Mutex<State>,
@@ -588,7 +671,7 @@ async fn client_to_server(
 
 /// Server to client: answers settle the pending statements, in order.
 async fn server_to_client(
-    mut from: OwnedReadHalf,
+    mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     mut framer: BackendFramer,
     session: &Session<'_>,
@@ -865,6 +948,22 @@ fn observe_server(
         }
         BackendMessage::NoData => {
             st.describing.pop_front();
+        }
+        // Channel binding ties SCRAM to one TLS connection, and the agent
+        // sits between two: a -PLUS mechanism could only fail, so the
+        // client is offered the others.
+        BackendMessage::Authentication(Authentication::Sasl { mechanisms })
+            if mechanisms.iter().any(|m| m.ends_with("-PLUS")) =>
+        {
+            let offered: Vec<&str> = mechanisms
+                .iter()
+                .map(String::as_str)
+                .filter(|m| !m.ends_with("-PLUS"))
+                .collect();
+            return Ok(ServerAction {
+                before: None,
+                replace: Some(encode::authentication_sasl(&offered)),
+            });
         }
         BackendMessage::CopyOutResponse(response) => {
             let mask = st.pending.front().and_then(|p| p.verdict.mask.clone());
