@@ -17,18 +17,23 @@ WARDEN = os.environ["WARDEN_BIN"]
 SECONDS = os.environ.get("PGBENCH_SECONDS", "10")
 
 
-def tps(server: PostgresServer, prefix: list, mode: list) -> float:
+def run_pgbench(server: PostgresServer, prefix: list, mode: list) -> tuple[float, float, float]:
+    """TPS, and per-transaction latency p50 and p99 in ms (from pgbench's log)."""
     args = ["-h", "127.0.0.1", "-p", str(server.port), "-U", server.user, server.database]
     # The test server has no TLS, so direct pgbench runs in plaintext; through
     # the agent a client that asks for TLS gets it (the agent ends it). Both
     # sides run in plaintext here, to compare the same work.
     env = dict(os.environ, PGPASSWORD=server.password, PGSSLMODE="disable", WARDEN_LOG="warden=warn")
-    out = subprocess.run(prefix + [_bin("pgbench"), *mode, "-T", SECONDS, "-c", "4", "-j", "2", *args],
-                         env=env, capture_output=True, text=True)
-    m = re.search(r"tps = ([\d.]+) \(without initial", out.stdout)
-    if not m:
-        raise SystemExit(f"pgbench failed: {out.stdout}{out.stderr}")
-    return float(m.group(1))
+    with tempfile.TemporaryDirectory(prefix="warden-pgbench-log-") as logs:
+        out = subprocess.run(prefix + [_bin("pgbench"), *mode, "-T", SECONDS, "-c", "4", "-j", "2", "-l",
+                                       f"--log-prefix={logs}/tx", *args],
+                             env=env, capture_output=True, text=True)
+        m = re.search(r"tps = ([\d.]+) \(without initial", out.stdout)
+        if not m:
+            raise SystemExit(f"pgbench failed: {out.stdout}{out.stderr}")
+        latencies = sorted(int(line.split()[2]) for f in Path(logs).iterdir() for line in f.read_text().splitlines())
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] / 1000  # noqa: E731
+    return float(m.group(1)), pick(0.50), pick(0.99)
 
 
 def main():
@@ -38,14 +43,24 @@ def main():
         subprocess.run([_bin("pgbench"), "-i", "-s", "2", "-q", "-h", "127.0.0.1", "-p", str(server.port),
                         "-U", server.user, server.database], env=env, check=True, capture_output=True)
         audit = tempfile.mkdtemp(prefix="warden-pgbench-audit-")
-        through = [WARDEN, "run", "--audit-dir", audit, "--"]
+        # Masking off: a policy with no sql_mask. On: the embedded default,
+        # whose detectors scan every text column (pgbench's filler columns too).
+        no_mask = Path(audit) / "no-mask.yaml"
+        no_mask.write_text("version: 1\n")
+        paths = [
+            ("direct", []),
+            ("agent, masking off", [WARDEN, "run", "--audit-dir", audit, "--policy", str(no_mask), "--"]),
+            ("agent, masking on", [WARDEN, "run", "--audit-dir", audit, "--"]),
+        ]
         print(f"\nPostgreSQL (pgbench, {SECONDS} s, 4 clients), direct versus through the agent")
-        print(f"{'workload':<24} {'direct tps':>12} {'agent tps':>12} {'ratio':>8}")
+        print(f"{'workload':<22} {'path':<20} {'tps':>9} {'ratio':>6} {'p50 ms':>8} {'p99 ms':>8}")
         for name, mode in [("select-only, simple", ["-S"]), ("select-only, extended", ["-S", "-M", "extended"]),
                            ("tpcb-like", [])]:
-            direct = tps(server, [], mode)
-            agent = tps(server, through, mode)
-            print(f"{name:<24} {direct:>12.1f} {agent:>12.1f} {agent / direct:>8.2f}")
+            direct = None
+            for path, prefix in paths:
+                tps, p50, p99 = run_pgbench(server, prefix, mode)
+                direct = direct or tps
+                print(f"{name:<22} {path:<20} {tps:>9.1f} {tps / direct:>6.2f} {p50:>8.3f} {p99:>8.3f}")
     finally:
         server.stop()
 
