@@ -29,8 +29,11 @@
 mod builtin;
 mod check;
 mod glob;
+mod json;
 #[cfg(test)]
 mod tests;
+
+pub use json::{JsonPath, JsonPathError};
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
@@ -370,6 +373,8 @@ impl<'a> Resolver<'a> {
 #[derive(Clone)]
 pub struct Masker {
     columns: Vec<ColumnGlob>,
+    /// The values of JSON bodies masked whole.
+    json_paths: Vec<JsonPath>,
     detectors: Vec<Detector>,
     /// Every detector's pattern, index for index; `None` without detectors.
     set: Option<RegexSet>,
@@ -389,6 +394,7 @@ impl fmt::Debug for Masker {
                     .map(ColumnGlob::source)
                     .collect::<Vec<_>>(),
             )
+            .field("json_paths", &self.json_paths)
             .field(
                 "detectors",
                 &self
@@ -515,6 +521,7 @@ impl Masker {
         };
         Ok(Masker {
             columns,
+            json_paths: Vec::new(),
             detectors: compiled,
             set,
             min_len,
@@ -599,6 +606,45 @@ impl Masker {
         }
         out.push_str(&text[pos..]);
         (Cow::Owned(out), count)
+    }
+
+    /// The same masker, masking whole the values these paths select in JSON
+    /// bodies ([`Masker::mask_json`]).
+    pub fn with_json_paths(mut self, paths: Vec<JsonPath>) -> Masker {
+        self.json_paths = paths;
+        self
+    }
+
+    /// Masks a JSON document in place: each value a JSON path selects is
+    /// masked whole (a string as [`Masker::mask_value`] masks it; a number,
+    /// boolean, object or array becomes null, which every JSON schema that
+    /// allows a missing value reads), then every string is scanned by the
+    /// detectors. Returns how many values were masked.
+    pub fn mask_json(&self, value: &mut serde_json::Value) -> u32 {
+        use serde_json::Value;
+        let mut count = 0u32;
+        for path in &self.json_paths {
+            path.for_each(value, &mut |v| match v {
+                Value::Null => {}
+                Value::String(s) => {
+                    *s = self.mask_value(s);
+                    count += 1;
+                }
+                other => {
+                    *other = Value::Null;
+                    count += 1;
+                }
+            });
+        }
+        if self.has_detectors() {
+            json::for_each_string(value, &mut |s| {
+                if let (Cow::Owned(masked), n) = self.mask_text(s) {
+                    *s = masked;
+                    count += n;
+                }
+            });
+        }
+        count
     }
 
     /// Whether any column is masked by name (so output without column

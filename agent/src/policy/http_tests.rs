@@ -1418,3 +1418,35 @@ fn database_passwords_are_credentials_of_postgres_targets() {
         "credential `db`: password_file \"relative\" is not an absolute path",
     );
 }
+
+#[test]
+fn a_rules_mask_response_masks_json_fields_of_any_answer() {
+    let src = "version: 1\ntargets:\n  crm-api: { address: 127.0.0.1, port: 8080, protocol: http }\n\
+               rules:\n  - name: crm-reads\n    when: { target: crm-api }\n    action: allow\n    \
+               mask_response: { fields: [\"$.customers[*].card\", $..ssn], detectors: [payment] }\n";
+    let p = policy(src);
+    let d = Req::new().to("127.0.0.1:8080", Some("crm.internal")).on(&p);
+    assert_eq!(d.rule, "crm-reads");
+    assert!(d.mask_any_json);
+    let masker = d.mask_response.unwrap();
+    let mut doc =
+        serde_json::json!({"customers": [{"card": "4111 1111 1111 1111", "ssn": 123456789}]});
+    assert_eq!(masker.mask_json(&mut doc), 2);
+    assert_eq!(
+        doc,
+        serde_json::json!({"customers": [{"card": "**** **** **** 1111", "ssn": null}]})
+    );
+    assert!(p.summary().contains("1 rule"), "{}", p.summary());
+    // The top-level response_mask stays with LLM answers.
+    let d = Req::new()
+        .to("127.0.0.1:9999", None)
+        .on(&policy("version: 1\nresponse_mask: [payment]\n"));
+    assert!(d.mask_response.is_some() && !d.mask_any_json);
+
+    assert_err(
+        &src.replace("$..ssn", "ssn"),
+        8,
+        54,
+        "\"ssn\" is not a JSON path Warden reads (it does not start with `$`)",
+    );
+}

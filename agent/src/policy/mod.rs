@@ -336,6 +336,9 @@ pub struct HttpDecision {
     /// For an allow: how to mask the response, from the rule's
     /// `mask_response`, or `response_mask` when no rule decided.
     pub mask_response: Option<Arc<Masker>>,
+    /// A rule's `mask_response` masks the JSON answers of any HTTP request
+    /// it decides; `response_mask`, only LLM answers.
+    pub mask_any_json: bool,
     /// The credential of the first target, in file order, that has one and
     /// holds for the request's destination and host, whichever rule
     /// decided.
@@ -353,6 +356,8 @@ struct Mask {
     columns: Vec<String>,
     /// The detectors the names resolved to (presets expanded), in order.
     detectors: Vec<String>,
+    /// The JSON paths of a response mask, as written.
+    fields: Vec<String>,
 }
 
 impl Mask {
@@ -365,6 +370,9 @@ impl Mask {
         }
         if !self.detectors.is_empty() {
             parts.push(format!("detectors {}", self.detectors.join(", ")));
+        }
+        if !self.fields.is_empty() {
+            parts.push(format!("fields {}", self.fields.join(", ")));
         }
         parts.join(" and ")
     }
@@ -1000,6 +1008,7 @@ impl Policy {
             reason: None,
             redact: None,
             mask_response: None,
+            mask_any_json: false,
             credential: self.credential_for(req.destination, req.host).cloned(),
             prompts: self.prompts,
         };
@@ -1034,6 +1043,7 @@ impl Policy {
             None => {
                 decision.redact = rule.redact_prompt.as_ref().map(PromptRedact::redact);
                 decision.mask_response = rule.mask_response.as_ref().map(|m| Arc::clone(&m.masker));
+                decision.mask_any_json = decision.mask_response.is_some();
             }
         }
         decision

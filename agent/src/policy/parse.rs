@@ -2171,6 +2171,7 @@ impl<'de> Keys<'de> for MaskKeys<'_> {
             &format!("the mask of {owner}"),
             self.columns.unwrap_or_default(),
             &self.detectors.unwrap_or_default(),
+            Vec::new(),
         )
         .map_err(fail)?;
         Ok(MaskDef { compiled })
@@ -2186,6 +2187,7 @@ fn compile_mask(
     what: &str,
     columns: Vec<String>,
     names: &[String],
+    json_paths: Vec<masking::JsonPath>,
 ) -> Result<Option<Mask>, String> {
     let Some(known) = ctx
         .names
@@ -2198,7 +2200,9 @@ fn compile_mask(
     };
     let specs = masking::resolve(names, &known.detectors, &known.presets)
         .map_err(|e| format!("{what}: {e}"))?;
-    let masker = Masker::new(&columns, &specs).map_err(|e| format!("{what}: {e}"))?;
+    let masker = Masker::new(&columns, &specs)
+        .map_err(|e| format!("{what}: {e}"))?
+        .with_json_paths(json_paths.clone());
     let detectors = specs
         .iter()
         .map(|spec| match spec {
@@ -2210,6 +2214,7 @@ fn compile_mask(
         masker: Arc::new(masker),
         columns,
         detectors,
+        fields: json_paths.iter().map(ToString::to_string).collect(),
     }))
 }
 

@@ -17,6 +17,7 @@
 //! server's, and when the server closes the connection the client's is
 //! closed too, after the request in flight.
 use std::{
+    borrow::Cow,
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
@@ -48,6 +49,7 @@ use crate::{
     audit::{AuditSink, HttpFields, LlmFields, RequestRow},
     identity::Identity,
     lineage::{Exchange as Proposer, HttpTarget, Lineage},
+    masking::Masker,
     policy::{
         Action, Credential, CredentialHeader, HttpDecision, HttpRequest, LlmInfo, OnDetect, Policy,
         PromptAudit,
@@ -369,6 +371,11 @@ impl Exchange {
         if let Some(credential) = &decision.credential {
             inject(&mut parts.headers, credential, provider);
         }
+        let mask_json = call.is_none() && !upgrade && decision.mask_any_json;
+        if mask_json {
+            // The answer is read to be masked: it must come uncompressed.
+            parts.headers.remove(header::ACCEPT_ENCODING);
+        }
 
         // 5. forward
         let req = match self.upstream_request(parts, body.take().unwrap_or_else(empty), upgrade) {
@@ -431,6 +438,39 @@ impl Exchange {
                 s.audit.record_request(row);
                 Response::from_parts(parts, full(bytes))
             }
+            None if mask_json && is_json(resp.headers()) => {
+                let (mut parts, body) = resp.into_parts();
+                if parts
+                    .headers
+                    .get(header::CONTENT_ENCODING)
+                    .is_some_and(|e| e.as_bytes() != b"identity")
+                {
+                    let message = "the server compressed an answer that the policy masks; Warden \
+                                   asked for it uncompressed and does not pass on what it cannot read";
+                    return self.refuse(row, None, StatusCode::BAD_GATEWAY, message);
+                }
+                let bytes = match Limited::new(body, MAX_INSPECTED_BODY).collect().await {
+                    Ok(c) => c.to_bytes(),
+                    Err(e) => {
+                        let message = format!(
+                            "reading the server's answer, which the policy masks (at most {} MiB): {e}",
+                            MAX_INSPECTED_BODY >> 20
+                        );
+                        return self.refuse(row, None, StatusCode::BAD_GATEWAY, &message);
+                    }
+                };
+                let bytes = match &decision.mask_response {
+                    Some(masker) => mask_json_body(masker, bytes, &mut row),
+                    None => bytes,
+                };
+                parts.headers.remove(header::CONTENT_LENGTH);
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                row.end_time = Utc::now();
+                s.audit.record_request(row);
+                Response::from_parts(parts, full(bytes))
+            }
             None => {
                 if upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     let server_upgrade = hyper::upgrade::on(&mut resp);
@@ -470,7 +510,7 @@ impl Exchange {
                     // what it says must still not leave the host unchecked.
                     Err(_) => match std::str::from_utf8(&sent) {
                         Ok(text) => match redact.masker.mask_text(text) {
-                            (std::borrow::Cow::Owned(masked), n) => Some((masked.into_bytes(), n)),
+                            (Cow::Owned(masked), n) => Some((masked.into_bytes(), n)),
                             _ => None,
                         },
                         Err(_) => None,
@@ -636,6 +676,36 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     })?;
     let host = raw.trim_start_matches('[').trim_end_matches(']');
     Some(host.to_ascii_lowercase())
+}
+
+/// `application/json` or a `+json` type.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| ct.split(';').next())
+        .map(|ct| ct.trim().to_ascii_lowercase())
+        .is_some_and(|ct| ct == "application/json" || ct.ends_with("+json"))
+}
+
+/// A JSON answer with the mask's fields and detector findings masked; an
+/// answer that is not JSON after all is scanned as text.
+fn mask_json_body(masker: &Masker, bytes: Bytes, row: &mut RequestRow) -> Bytes {
+    if let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+        let masked = masker.mask_json(&mut value);
+        row.masked += u64::from(masked);
+        return match serde_json::to_vec(&value) {
+            Ok(out) if masked > 0 => Bytes::from(out),
+            _ => bytes,
+        };
+    }
+    match std::str::from_utf8(&bytes).map(|text| masker.mask_text(text)) {
+        Ok((Cow::Owned(text), n)) => {
+            row.masked += u64::from(n);
+            Bytes::from(text)
+        }
+        _ => bytes,
+    }
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {

@@ -13,6 +13,7 @@ use super::{
     Ctx, Fields, Flag, GlobP, Keys, Many, Mapping, MaskNameP, NameGlobP, One, Parse, compile_mask,
     fail,
 };
+use crate::masking::JsonPath;
 use crate::policy::{
     CredentialHeader, HttpMatcher, LLM_ENDPOINTS, LLM_PROVIDERS, Limits, LlmMatcher, Mask,
     OnDetect, PromptRedact, Protocol, SecretKind, glob::Glob,
@@ -119,7 +120,7 @@ pub(crate) const REDACT: Fields = Fields {
 
 pub(crate) const RESPONSE_MASK: Fields = Fields {
     what: "in a response mask",
-    known: &["detectors"],
+    known: &["detectors", "fields"],
     later: &[],
     instead: &[
         (
@@ -376,9 +377,11 @@ impl<'c> DetectorsSeed<'c> {
     fn compile<E: de::Error>(
         &self,
         names: Vec<String>,
+        fields: Vec<JsonPath>,
         on_detect: OnDetect,
     ) -> Result<DetectorsDef, E> {
-        let compiled = compile_mask(self.ctx, &self.what(), Vec::new(), &names).map_err(fail)?;
+        let compiled =
+            compile_mask(self.ctx, &self.what(), Vec::new(), &names, fields).map_err(fail)?;
         Ok(DetectorsDef {
             compiled,
             on_detect,
@@ -387,7 +390,7 @@ impl<'c> DetectorsSeed<'c> {
 
     /// The names of a list (or of one name), read by [`Many`].
     fn list<E: de::Error>(&self, names: Result<Vec<String>, E>) -> Result<DetectorsDef, E> {
-        self.compile(names?, OnDetect::Redact)
+        self.compile(names?, Vec::new(), OnDetect::Redact)
     }
 }
 
@@ -415,6 +418,7 @@ impl<'de> Visitor<'de> for DetectorsSeed<'_> {
         Mapping(DetectorsKeys {
             seed: self,
             detectors: None,
+            fields: None,
             on_detect: None,
         })
         .visit_map(map)
@@ -446,6 +450,8 @@ impl<'de> Visitor<'de> for DetectorsSeed<'_> {
 struct DetectorsKeys<'c> {
     seed: DetectorsSeed<'c>,
     detectors: Option<Vec<String>>,
+    /// A response mask's JSON paths.
+    fields: Option<Vec<JsonPath>>,
     on_detect: Option<OnDetect>,
 }
 
@@ -464,7 +470,7 @@ impl<'de> Keys<'de> for DetectorsKeys<'_> {
         if self.seed.redacts() {
             "a prompt redaction: a mapping with detectors, and optionally on_detect".into()
         } else {
-            "a response mask: a mapping with detectors".into()
+            "a response mask: a mapping with detectors and/or fields (JSON paths)".into()
         }
     }
 
@@ -472,21 +478,25 @@ impl<'de> Keys<'de> for DetectorsKeys<'_> {
         match key {
             "detectors" => self.detectors = Some(map.next_value_seed(self.seed.names())?),
             "on_detect" => self.on_detect = Some(map.next_value_seed(One(OnDetectP))?),
+            "fields" => self.fields = Some(map.next_value_seed(Many::new(JsonPathP, "JSON path"))?),
             _ => unreachable!("{key} is in REDACT.known or RESPONSE_MASK.known"),
         }
         Ok(())
     }
 
     fn finish<E: de::Error>(self) -> Result<DetectorsDef, E> {
-        let Some(detectors) = self.detectors else {
+        if self.detectors.is_none() && self.fields.is_none() {
             return Err(fail(format!(
                 "{} names no detectors; write e.g. `{{ detectors: [payment, ssn, secrets] }}`, \
                  or just the list: `[payment, ssn, secrets]`",
                 self.seed.what()
             )));
-        };
-        self.seed
-            .compile(detectors, self.on_detect.unwrap_or(OnDetect::Redact))
+        }
+        self.seed.compile(
+            self.detectors.unwrap_or_default(),
+            self.fields.unwrap_or_default(),
+            self.on_detect.unwrap_or(OnDetect::Redact),
+        )
     }
 }
 
@@ -774,6 +784,21 @@ impl Parse for KeyFileP<'_, '_> {
                 key.replace("_file", "_env")
             )),
         }
+    }
+}
+
+/// A JSON path of a response mask's `fields`.
+#[derive(Clone, Copy)]
+struct JsonPathP;
+
+impl Parse for JsonPathP {
+    type Out = JsonPath;
+    fn expecting(&self) -> String {
+        "a JSON path such as $.customers[*].card".into()
+    }
+    fn text(&self, s: &str) -> Result<JsonPath, String> {
+        s.parse()
+            .map_err(|e: crate::masking::JsonPathError| e.to_string())
     }
 }
 
