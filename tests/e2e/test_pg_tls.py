@@ -1,6 +1,10 @@
 """PostgreSQL clients that ask for TLS: the agent ends their TLS with its own
 CA (which `warden run` makes trusted through PGSSLROOTCERT), and the session
 inside is decoded, decided and audited as a plaintext one would be."""
+import json
+import os
+import pwd
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -11,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "peers"))
 from pg import PostgresServer  # noqa: E402
 from pki import make_provider_pki  # noqa: E402
 
-from conftest import read_audit, read_requests, warden_run  # noqa: E402
+from conftest import WARDEN, read_audit, read_requests, warden_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +85,6 @@ def test_without_interception_tls_is_refused_and_prefer_falls_back(pg, audit_dir
 def pg_ssl_only(tmp_path_factory):
     """A server that takes TLS connections only (hostssl), with a certificate
     for 127.0.0.1 and localhost from a CA of its own."""
-    import os
-    import pwd
-
     server = PostgresServer()
     pki = make_provider_pki(tmp_path_factory.mktemp("pg-pki"))
     owner = pwd.getpwnam("postgres")
@@ -125,15 +126,9 @@ SERVER_SIDE = textwrap.dedent("""
 
 
 def run_program(audit_dir, dsn, *args):
-    import subprocess
-
-    from conftest import WARDEN
-
     proc = subprocess.run([WARDEN, "run", "--audit-dir", str(audit_dir), *args, "--", sys.executable, "-c",
                            SERVER_SIDE, dsn], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    import json
-
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -141,8 +136,6 @@ def test_the_agent_speaks_tls_to_a_server_that_requires_it(pg_ssl_only, audit_di
     pg, ca = pg_ssl_only
     plain = f"host=127.0.0.1 port={pg.port} dbname={pg.database} user={pg.user} password={pg.password} sslmode=disable"
     # Without the agent, plaintext is refused by the server.
-    import subprocess
-
     direct = subprocess.run([sys.executable, "-c", SERVER_SIDE, plain], capture_output=True, text=True)
     assert "no encryption" in direct.stdout, direct.stdout
     # Through the agent: the client in clear, the agent in TLS, verified against the server's CA.
@@ -162,8 +155,6 @@ def test_tls_on_both_sides_with_a_certificate_name_and_the_agents_login(pg_ssl_o
     full = f"host=127.0.0.1 port={pg.port} dbname={pg.database} user=placeholder password=placeholder sslmode=verify-full"
     policy = upstream_tls_policy(tmp_path, pg, ", tls_name: localhost")
     policy.write_text(policy.read_text() + "credentials:\n  crm: { user: app, password_env: WARDEN_TEST_PG_PASSWORD }\n")
-    import os
-
     os.environ["WARDEN_TEST_PG_PASSWORD"] = pg.password
     try:
         report = run_program(audit_dir, full, "--policy", str(policy), "--upstream-ca", str(ca))
