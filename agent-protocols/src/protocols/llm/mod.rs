@@ -25,7 +25,7 @@ mod hold;
 mod json;
 mod request;
 mod response;
-mod sse;
+pub mod sse;
 pub mod stream;
 
 #[cfg(test)]

@@ -9,8 +9,11 @@
 
 /// Cuts a byte stream into event blocks. A block is kept until it is
 /// complete, whatever its size (the caller bounds the body).
+///
+/// Public for the fuzz targets (`agent-protocols/fuzz`); the proxy uses it
+/// through [`super::StreamMasker`].
 #[derive(Debug, Default)]
-pub(crate) struct Framer {
+pub struct Framer {
     buf: Vec<u8>,
     /// Where the current block starts (the bytes before it are handed out,
     /// and dropped at the next push: one shift per chunk, not per block).
@@ -22,7 +25,8 @@ pub(crate) struct Framer {
 }
 
 impl Framer {
-    pub(crate) fn push(&mut self, chunk: &[u8]) {
+    /// Appends the next chunk of the body.
+    pub fn push(&mut self, chunk: &[u8]) {
         if self.start > 0 {
             self.buf.drain(..self.start);
             self.scan -= self.start;
@@ -33,7 +37,7 @@ impl Framer {
     }
 
     /// The next complete block (its lines and the empty line after them).
-    pub(crate) fn next_block(&mut self) -> Option<Vec<u8>> {
+    pub fn next_block(&mut self) -> Option<Vec<u8>> {
         loop {
             let rel = self.buf[self.scan..]
                 .iter()
@@ -60,7 +64,7 @@ impl Framer {
     }
 
     /// What is left at the end of the body (an unterminated block), if any.
-    pub(crate) fn take_rest(&mut self) -> Option<Vec<u8>> {
+    pub fn take_rest(&mut self) -> Option<Vec<u8>> {
         let rest = self.buf.split_off(self.start);
         self.buf.clear();
         self.start = 0;
@@ -107,12 +111,13 @@ fn field(line: &[u8]) -> (&[u8], &[u8]) {
 /// The `event` and `data` of a block (data lines joined with `\n`); `None`
 /// fields when absent, or not UTF-8.
 #[derive(Debug, Default, PartialEq)]
-pub(crate) struct Fields {
-    pub(crate) event: Option<String>,
-    pub(crate) data: Option<String>,
+pub struct Fields {
+    pub event: Option<String>,
+    pub data: Option<String>,
 }
 
-pub(crate) fn fields(block: &[u8]) -> Fields {
+/// Reads a block's [`Fields`].
+pub fn fields(block: &[u8]) -> Fields {
     let mut out = Fields::default();
     let mut data: Option<Vec<u8>> = None;
     for (line, _) in lines(block) {
@@ -140,7 +145,7 @@ pub(crate) fn fields(block: &[u8]) -> Fields {
 /// `block` with its data lines replaced by `data` (one `data:` line per line
 /// of it, at the first data line's place and in its style); other lines
 /// (`event:`, `id:`, comments) are kept byte for byte.
-pub(crate) fn with_data(block: &[u8], data: &str) -> Vec<u8> {
+pub fn with_data(block: &[u8], data: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(block.len() + data.len());
     let mut written = false;
     for (line, term) in lines(block) {
@@ -154,6 +159,13 @@ pub(crate) fn with_data(block: &[u8], data: &str) -> Vec<u8> {
                 };
                 let term: &[u8] = if term.is_empty() { b"\n" } else { term };
                 for part in data.split('\n') {
+                    // A reader drops one space after `data:`: a line that
+                    // starts with a space needs `data: ` in either style.
+                    let prefix = if part.starts_with(' ') {
+                        b"data: "
+                    } else {
+                        prefix
+                    };
                     out.extend_from_slice(prefix);
                     out.extend_from_slice(part.as_bytes());
                     out.extend_from_slice(term);
@@ -169,13 +181,20 @@ pub(crate) fn with_data(block: &[u8], data: &str) -> Vec<u8> {
 
 /// Ends `block` with a line end and an empty line, if it does not already
 /// (an extra event built from the unterminated last event of a body).
-pub(crate) fn terminate(block: &mut Vec<u8>) {
+pub fn terminate(block: &mut Vec<u8>) {
     let ends_line = |b: &[u8]| matches!(b.last(), Some(b'\n' | b'\r'));
     if !ends_line(block) {
         block.push(b'\n');
     }
     let last_end = if block.ends_with(b"\r\n") { 2 } else { 1 };
-    if !ends_line(&block[..block.len() - last_end]) {
+    let before = &block[..block.len() - last_end];
+    // An empty `before`: the block is one empty line, already an end.
+    if !before.is_empty() && !ends_line(before) {
+        if block.ends_with(b"\r") {
+            // A `\n` right after a lone `\r` is the same line end, not an
+            // empty line: end the line with `\r\n` first.
+            block.push(b'\n');
+        }
         block.push(b'\n');
     }
 }
@@ -235,6 +254,13 @@ mod tests {
             b"event: e\r\ndata: new\r\nid: 7\r\n\r\n"
         );
         assert_eq!(with_data(b"data:x\n\n", "a\nb"), b"data:a\ndata:b\n\n");
+        // The `sse` fuzz target's round trip: a line of the data that starts
+        // with a space keeps it (a reader drops the one after `data:`).
+        let block = b"data:x\ndata:  y\n\n";
+        let data = fields(block).data.unwrap();
+        assert_eq!(data, "x\n y");
+        assert_eq!(with_data(block, &data), b"data:x\ndata:  y\n\n");
+        assert_eq!(fields(&with_data(block, &data)).data.unwrap(), data);
     }
 
     #[test]
@@ -246,10 +272,18 @@ mod tests {
             (b"data: x\n\n", b"data: x\n\n"),
             (b"data: x\r\n\r\n", b"data: x\r\n\r\n"),
             (b"data: x\r\r", b"data: x\r\r"),
+            (b"data: x\r", b"data: x\r\n\n"),
+            (b"\r", b"\r"),
+            (b"\n", b"\n"),
         ] {
             let mut block = block.to_vec();
             terminate(&mut block);
             assert_eq!(block, want);
+            // It stays one event when another follows.
+            let mut framer = Framer::default();
+            framer.push(&block);
+            framer.push(b"data: next\n\n");
+            assert_eq!(framer.next_block(), Some(block));
         }
     }
 }

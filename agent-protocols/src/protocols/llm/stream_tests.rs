@@ -926,6 +926,48 @@ fn an_unterminated_stream_is_flushed_by_finish() {
 }
 
 #[test]
+fn an_unterminated_last_event_ending_in_cr_stays_an_event() {
+    // The `sse` fuzz target's check that a terminated block stays one
+    // event: `\r` ends the last data line of a body cut short; the empty
+    // line `finish` adds must not turn it into `\r\n` and merge the extra
+    // event that carries the held text into it.
+    let input = chat_stream(&["My card is 4111 1111 1111 1111 ok"], &[]);
+    let text = String::from_utf8(input).unwrap();
+    let cut = text.match_indices("\n\n").nth(1).unwrap().0;
+    let body = format!("{}\r", &text[..cut]);
+    for chunking in [Chunking::Whole, Chunking::Bytes] {
+        let (out, _) = run(
+            Provider::OpenAi,
+            Endpoint::Chat,
+            body.as_bytes(),
+            chunking,
+            Some(masker_arc()),
+        );
+        // Read as a client does: each event one JSON chunk.
+        let mut framer = sse::Framer::default();
+        framer.push(&out);
+        let (mut client, mut n) = (String::new(), 0);
+        while let Some(block) = framer.next_block() {
+            let data = sse::fields(&block).data.expect("an event with data");
+            let chunk: Value = serde_json::from_str(&data).expect("one JSON chunk per event");
+            client.push_str(
+                chunk["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .unwrap_or(""),
+            );
+            n += 1;
+        }
+        assert_eq!(
+            framer.take_rest(),
+            None,
+            "the output ends with a whole event"
+        );
+        assert_eq!(n, 3);
+        assert_eq!(client, "My card is **** **** **** 1111 ok");
+    }
+}
+
+#[test]
 fn several_choices_are_kept_apart() {
     let chunk = |i: u32, t: &str| {
         format!(

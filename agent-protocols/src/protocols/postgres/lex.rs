@@ -230,7 +230,7 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
         match t.kind {
             Kind::Punct if text == ";" && parens == 0 && atomic == 0 => {
                 if has_content {
-                    out.push(sql[piece_start..t.start].trim());
+                    out.push(trim_space(&sql[piece_start..t.start]));
                 }
                 piece_start = t.end;
                 has_content = false;
@@ -265,9 +265,17 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
         has_content = true;
     }
     if has_content {
-        out.push(sql[piece_start..].trim());
+        out.push(trim_space(&sql[piece_start..]));
     }
     out
+}
+
+/// `s` without the whitespace around it that the lexer (as the server)
+/// calls space: ASCII blanks and `\v`. Not `str::trim`, which also takes
+/// Unicode spaces: the server reads those as identifier characters, and a
+/// piece of nothing but them came out empty.
+fn trim_space(s: &str) -> &str {
+    s.trim_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b')
 }
 
 /// How hard a statement is on a recursive parser, estimated from its tokens.
@@ -548,6 +556,12 @@ mod tests {
             ("select 1); drop table t", &["select 1)", "drop table t"]),
             ("", &[]),
             ("  ;  ", &[]),
+            ("\x0bselect 1\x0b;\t\x0c", &["select 1"]),
+            // The `postgres_frontend` fuzz target's check that no statement
+            // is empty: the server reads Unicode spaces as identifier
+            // characters, not blanks; trimming them left an empty statement.
+            ("\u{a0}", &["\u{a0}"]),
+            ("select 1;\u{3000}", &["select 1", "\u{3000}"]),
         ];
         for (sql, want) in cases {
             assert_eq!(&split_statements(sql), want, "{sql}");
