@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | build | test | bench | demo`.
+//! Project tasks: `cargo xtask setup | build | test | bench | demo | fuzz`.
 //!
 //! Every task installs what it needs first (idempotently), so that each one
 //! works on a fresh machine; a failing step says which step and what to do.
 mod bench;
 mod bench_http;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -27,7 +28,7 @@ enum Task {
     Setup,
     /// Build the eBPF programs and target/release/warden.
     Build,
-    /// Lints, unit tests, then the end-to-end tests (root and real eBPF).
+    /// Lints, unit tests, the end-to-end tests (root and real eBPF), then each fuzz target briefly.
     Test {
         /// Only the end-to-end tests whose names match (pytest -k).
         #[arg(short = 'k')]
@@ -37,6 +38,8 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Run the demo: a LangChain app under `warden run`, then its audit.
     Demo,
+    /// Fuzz the decoders (cargo-fuzz, nightly) from the seed corpus of real sessions.
+    Fuzz(fuzz::FuzzArgs),
     /// Internal: the benchmark's client, run inside the managed cgroup.
     #[command(hide = true)]
     BenchClient(bench::ClientArgs),
@@ -65,6 +68,7 @@ fn main() -> anyhow::Result<()> {
             )
         }
         Task::Demo => demo(),
+        Task::Fuzz(args) => fuzz::main(&args),
         Task::BenchClient(args) => bench::client(&args),
         Task::BenchHttpClient(args) => bench_http::client(&args),
     }
@@ -135,6 +139,11 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     )?;
     build_release()?;
 
+    end_to_end(&env, filter)?;
+    fuzz::run(fuzz::TARGETS, fuzz::TEST_SECONDS, fuzz::Corpus::Fresh)
+}
+
+fn end_to_end(env: &setup::PythonEnv, filter: Option<String>) -> anyhow::Result<()> {
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     if !is_root() {
         if in_ci {

@@ -30,15 +30,23 @@ impl PythonEnv {
     }
 }
 
+/// The cargo-fuzz that builds and runs the fuzz targets (`cargo xtask fuzz`).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 pub fn all() -> anyhow::Result<PythonEnv> {
     toolchain()?;
+    cargo_fuzz()?;
     debian_packages()?;
     python_env()
 }
 
-/// Nightly's rust-src (for -Z build-std) and a bpf-linker built against the
-/// LLVM that nightly rustc ships, so that both agree on the bitcode.
-pub fn toolchain() -> anyhow::Result<()> {
+/// What the fuzz targets need: nightly and cargo-fuzz.
+pub fn fuzz_tools() -> anyhow::Result<()> {
+    nightly()?;
+    cargo_fuzz()
+}
+
+fn nightly() -> anyhow::Result<()> {
     if output("rustup", &["--version"]).is_err() {
         bail!(
             "rustup is not installed: install it from https://rustup.rs, then run `cargo xtask setup` again"
@@ -56,6 +64,32 @@ pub fn toolchain() -> anyhow::Result<()> {
             ]),
         )?;
     }
+    Ok(())
+}
+
+/// cargo-fuzz at the pinned version (installed if missing or another).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let installed = output("cargo", &["fuzz", "--version"]).unwrap_or_default();
+    if installed.split_whitespace().nth(1) == Some(CARGO_FUZZ_VERSION) {
+        return Ok(());
+    }
+    step(
+        &format!("install cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)"),
+        Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--force",
+            "--version",
+            &format!("={CARGO_FUZZ_VERSION}"),
+        ]),
+    )
+}
+
+/// Nightly's rust-src (for -Z build-std) and a bpf-linker built against the
+/// LLVM that nightly rustc ships, so that both agree on the bitcode.
+pub fn toolchain() -> anyhow::Result<()> {
+    nightly()?;
     let sysroot = PathBuf::from(output("rustc", &["+nightly", "--print", "sysroot"])?.trim());
     if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
         step(
