@@ -27,21 +27,7 @@ fn frame_all(chunks: &[&[u8]], negotiation: bool) -> (Vec<Frame>, Option<Protoco
     if negotiation {
         framer.expect_negotiation_reply();
     }
-    let mut frames = Vec::new();
-    for chunk in chunks {
-        framer.push(chunk);
-        loop {
-            match framer.next() {
-                Ok(Some(frame)) => frames.push(frame),
-                Ok(None) => break,
-                Err(e) => {
-                    assert_eq!(framer.next(), Err(e.clone()), "errors are sticky");
-                    return (frames, Some(e), framer.buffered());
-                }
-            }
-        }
-    }
-    (frames, None, framer.buffered())
+    common::frame_all(framer, chunks)
 }
 
 fuzz_target!(|data: &[u8]| {

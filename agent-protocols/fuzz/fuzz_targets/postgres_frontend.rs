@@ -23,22 +23,7 @@ use warden_protocols::protocols::postgres::{
 
 /// The frames of `chunks` pushed in order, and the error that stopped them.
 fn frame_all(chunks: &[&[u8]]) -> (Vec<Frame>, Option<ProtocolError>, usize) {
-    let mut framer = FrontendFramer::new();
-    let mut frames = Vec::new();
-    for chunk in chunks {
-        framer.push(chunk);
-        loop {
-            match framer.next() {
-                Ok(Some(frame)) => frames.push(frame),
-                Ok(None) => break,
-                Err(e) => {
-                    assert_eq!(framer.next(), Err(e.clone()), "errors are sticky");
-                    return (frames, Some(e), framer.buffered());
-                }
-            }
-        }
-    }
-    (frames, None, framer.buffered())
+    common::frame_all(FrontendFramer::new(), chunks)
 }
 
 /// Whether this process classified `sql` already. The seeds are whole

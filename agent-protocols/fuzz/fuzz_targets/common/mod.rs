@@ -10,6 +10,61 @@
 use std::sync::{Arc, OnceLock};
 
 use warden_protocols::masking::{DetectorSpec, Masker, builtin_detector_names};
+use warden_protocols::protocols::postgres::{BackendFramer, Frame, FrontendFramer, ProtocolError};
+
+/// The two PostgreSQL framers, for [`frame_all`].
+pub trait Framing {
+    fn push(&mut self, bytes: &[u8]);
+    fn next(&mut self) -> Result<Option<Frame>, ProtocolError>;
+    fn buffered(&self) -> usize;
+}
+
+impl Framing for FrontendFramer {
+    fn push(&mut self, bytes: &[u8]) {
+        FrontendFramer::push(self, bytes)
+    }
+    fn next(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        FrontendFramer::next(self)
+    }
+    fn buffered(&self) -> usize {
+        FrontendFramer::buffered(self)
+    }
+}
+
+impl Framing for BackendFramer {
+    fn push(&mut self, bytes: &[u8]) {
+        BackendFramer::push(self, bytes)
+    }
+    fn next(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        BackendFramer::next(self)
+    }
+    fn buffered(&self) -> usize {
+        BackendFramer::buffered(self)
+    }
+}
+
+/// The frames of `chunks` pushed in order into `framer`, the error that
+/// stopped them (checked to be sticky), and the bytes left buffered.
+pub fn frame_all(
+    mut framer: impl Framing,
+    chunks: &[&[u8]],
+) -> (Vec<Frame>, Option<ProtocolError>, usize) {
+    let mut frames = Vec::new();
+    for chunk in chunks {
+        framer.push(chunk);
+        loop {
+            match framer.next() {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break,
+                Err(e) => {
+                    assert_eq!(framer.next(), Err(e.clone()), "errors are sticky");
+                    return (frames, Some(e), framer.buffered());
+                }
+            }
+        }
+    }
+    (frames, None, framer.buffered())
+}
 
 /// FNV-1a of the input: the chunking's seed.
 pub fn hash(data: &[u8]) -> u64 {
