@@ -15,10 +15,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use warden_common::UdpDenied;
 
 use crate::{
+    approvals::{Approvals, Fetcher, control},
     audit::{AuditConfig, AuditSink, AuditWriter, ConnectionRow, Event, EventRow},
     capture::{Capture, Listener},
     identity::Origin,
-    policy::{ConnectionRequest, Policy, Transport},
+    policy::{ApprovalSettings, ConnectionRequest, Policy, Transport},
     proxy::{Proxy, detect::Protocol, intercept::Interceptor},
 };
 
@@ -31,6 +32,11 @@ pub struct AgentOptions {
     pub pin_dir: PathBuf,
     /// TLS interception; None relays TLS as opaque bytes.
     pub tls: Option<Interceptor>,
+    /// Extra CAs the agent trusts for its own TLS (servers, the identity
+    /// provider, the approvals webhook).
+    pub upstream_ca: Vec<PathBuf>,
+    /// The control API's socket, served when the policy has `approvals:`.
+    pub control_socket: PathBuf,
 }
 
 pub struct Agent {
@@ -40,6 +46,7 @@ pub struct Agent {
     tracker: TaskTracker,
     cancel: CancellationToken,
     listener: SocketAddr,
+    approvals: Option<Arc<Approvals>>,
 }
 
 /// What a stop left behind, for the caller to report.
@@ -77,15 +84,30 @@ impl Agent {
             ),
         ));
         let policy = Arc::new(options.policy);
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let approvals = match policy.approvals() {
+            Some(settings) => Some(
+                start_approvals(
+                    settings,
+                    &policy,
+                    &sink,
+                    &options.upstream_ca,
+                    options.control_socket,
+                    cancel.clone(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let proxy = Arc::new(Proxy {
             capture: capture.clone(),
             policy: policy.clone(),
             audit: sink.clone(),
             tls: options.tls,
             lineage: Arc::default(),
+            approvals: approvals.clone(),
         });
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
         tokio::spawn(proxy.clone().serve(v4, tracker.clone(), cancel.clone()));
         tokio::spawn(proxy.serve(v6, tracker.clone(), cancel.clone()));
         if let Some(ring) = capture.take_udp_denials() {
@@ -104,6 +126,7 @@ impl Agent {
             tracker,
             cancel,
             listener: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            approvals,
         })
     }
 
@@ -127,6 +150,11 @@ impl Agent {
     /// what is in them), so that nothing slips through unredirected.
     pub async fn stop(self, grace: Duration) -> anyhow::Result<StopReport> {
         self.cancel.cancel();
+        // Held requests are refused now rather than cut at the end of the
+        // grace: their clients get the reason.
+        if let Some(approvals) = &self.approvals {
+            approvals.abandon_all("the agent stopped before a reviewer decided");
+        }
         self.tracker.close();
         let connections_cut = tokio::time::timeout(grace, self.tracker.wait())
             .await
@@ -151,6 +179,28 @@ impl Agent {
             connections_cut,
         })
     }
+}
+
+/// The approvals broker and its control socket; the identity provider is
+/// read now so that a wrong issuer shows at start (the agent serves on
+/// without it: reviews fail until it answers).
+async fn start_approvals(
+    settings: &ApprovalSettings,
+    policy: &Arc<Policy>,
+    sink: &AuditSink,
+    upstream_ca: &[PathBuf],
+    socket: PathBuf,
+    cancel: CancellationToken,
+) -> anyhow::Result<Arc<Approvals>> {
+    let tls = crate::tls::upstream_config(upstream_ca, &[b"http/1.1".to_vec()])?;
+    let approvals = Approvals::new(settings, policy.clone(), sink.clone(), Fetcher::new(tls));
+    if let Err(error) = approvals.verifier().discover().await {
+        tracing::warn!(%error, "reviewers cannot sign in until the identity provider answers");
+    }
+    let listener = control::bind(&socket).await?;
+    tracing::info!(socket = %socket.display(), "control API listening");
+    tokio::spawn(control::serve(listener, socket, approvals.clone(), cancel));
+    Ok(approvals)
 }
 
 /// Each proxied connection holds two sockets and two pipes: lift the soft

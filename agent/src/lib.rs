@@ -11,10 +11,12 @@
 //!   (crate `warden-protocols`, with [`masking`]);
 //! - [`policy`]: decide per connection and per request;
 //! - [`lineage`]: link statements to the LLM answers that proposed them;
+//! - [`approvals`]: hold requests until OIDC-authenticated reviewers decide;
 //! - [`audit`]: write every connection and decision to Parquet;
 //! - [`agent`]: wire the stages together;
 //! - [`run`]: `warden run`, one program in a fresh cgroup.
 pub mod agent;
+pub mod approvals;
 pub mod audit;
 pub mod capture;
 pub mod cgroup;

@@ -60,6 +60,9 @@ enum Command {
         /// A unix socket, or a directory of them, the program must not reach (the agent sees TCP only); PostgreSQL's usual ones are always hidden. Repeatable.
         #[arg(long)]
         hide_path: Vec<PathBuf>,
+        /// The control API's unix socket (root only), served when the policy has `approvals:`.
+        #[arg(long, env = "WARDEN_CONTROL_SOCKET", default_value = warden::approvals::control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<OsString>,
@@ -79,6 +82,15 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Requests held for approval: list them, show one, approve or reject it as a reviewer
+    /// signed in with the identity provider (docs/approvals.md).
+    Approvals {
+        /// The agent's control socket.
+        #[arg(long, global = true, env = "WARDEN_CONTROL_SOCKET", default_value = warden::approvals::control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
     /// Release cgroups left failing closed by agents that died.
     Cleanup {
         /// Also kill the processes still in those cgroups.
@@ -89,7 +101,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Run SQL (DataFusion) over the audit's `connections` and `requests` tables (docs/audit.md), e.g.
+    /// Run SQL (DataFusion) over the audit's `connections`, `requests`, `approvals` and `events` tables (docs/audit.md), e.g.
     /// "SELECT protocol, decision, count(*) FROM connections GROUP BY ALL".
     Sql {
         #[command(flatten)]
@@ -153,7 +165,45 @@ enum TailFormat {
 enum TableArg {
     Requests,
     Connections,
+    Approvals,
     Events,
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCommand {
+    /// The requests waiting, oldest first.
+    List {
+        /// Print the JSON the control API answers.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One request with everything a reviewer needs: who, which process, where, the full
+    /// statement or request, the rule, the LLM exchange that proposed it.
+    Show { id: String },
+    /// Approve a request; with the rule's quorum reached, it runs.
+    Approve {
+        id: String,
+        #[command(flatten)]
+        token: TokenArg,
+    },
+    /// Reject a request; the requester gets the reason.
+    Reject {
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        token: TokenArg,
+    },
+}
+
+#[derive(clap::Args)]
+struct TokenArg {
+    /// A file holding your OIDC ID token (from signing in with the identity provider).
+    #[arg(long, conflicts_with = "id_token")]
+    id_token_file: Option<PathBuf>,
+    /// Your OIDC ID token; prefer --id-token-file or the variable, which stay out of `ps`.
+    #[arg(long, env = "WARDEN_ID_TOKEN", hide_env_values = true)]
+    id_token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -188,6 +238,7 @@ fn main() -> ExitCode {
             upstream_ca,
             no_tls_intercept,
             hide_path,
+            control_socket,
             command,
         } => {
             let runtime = match tokio::runtime::Runtime::new() {
@@ -205,6 +256,7 @@ fn main() -> ExitCode {
                 upstream_ca,
                 intercept_tls: !no_tls_intercept,
                 hide_paths: hide_path,
+                control_socket,
             };
             match runtime.block_on(run::run(opts)) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -239,6 +291,7 @@ fn main() -> ExitCode {
             Err(e) => fail(&e.into()),
         },
         Command::Audit { command } => audit(command),
+        Command::Approvals { socket, command } => approvals(socket, command),
         Command::Cleanup { kill } => match cleanup(kill) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
@@ -249,6 +302,124 @@ fn main() -> ExitCode {
 fn fail(e: &anyhow::Error) -> ExitCode {
     eprintln!("warden: {e:#}");
     ExitCode::from(run::EXIT_WARDEN_FAILED as u8)
+}
+
+/// `warden approvals ...`: exit code 1 on any refusal, with the agent's
+/// reason on stderr.
+fn approvals(socket: PathBuf, command: ApprovalsCommand) -> ExitCode {
+    use warden::approvals::control::Client;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&anyhow::anyhow!("starting the runtime: {e}")),
+    };
+    let client = Client::new(socket);
+    let result = runtime.block_on(async {
+        let token = |arg: &TokenArg| -> anyhow::Result<String> {
+            match (&arg.id_token_file, &arg.id_token) {
+                (Some(file), _) => std::fs::read_to_string(file)
+                    .map(|t| t.trim().to_string())
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display())),
+                (None, Some(token)) => Ok(token.clone()),
+                (None, None) => anyhow::bail!(
+                    "a reviewer signs in: pass --id-token-file FILE (or set WARDEN_ID_TOKEN) with your OIDC ID token"
+                ),
+            }
+        };
+        let (method, path, token, body) = match &command {
+            ApprovalsCommand::List { .. } => (http::Method::GET, "/v1/approvals".to_string(), None, None),
+            ApprovalsCommand::Show { id } => (http::Method::GET, format!("/v1/approvals/{id}"), None, None),
+            ApprovalsCommand::Approve { id, token: t } => {
+                (http::Method::POST, format!("/v1/approvals/{id}/approve"), Some(token(t)?), None)
+            }
+            ApprovalsCommand::Reject { id, reason, token: t } => (
+                http::Method::POST,
+                format!("/v1/approvals/{id}/reject"),
+                Some(token(t)?),
+                Some(serde_json::json!({ "reason": reason })),
+            ),
+        };
+        let (status, answer) = client.call(method, &path, token.as_deref(), body).await?;
+        if !status.is_success() {
+            let why = answer
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("the agent refused");
+            anyhow::bail!("{why}");
+        }
+        Ok(answer)
+    });
+    match result {
+        Ok(answer) => {
+            print!("{}", approvals_text(&command, &answer));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("warden: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// What `warden approvals` prints: a line per request for `list`, the whole
+/// request for `show`, the outcome for `approve` and `reject`.
+fn approvals_text(command: &ApprovalsCommand, answer: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value, key: &str| {
+        v.get(key)
+            .and_then(|x| x.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    match command {
+        ApprovalsCommand::List { json: true } | ApprovalsCommand::Show { .. } => {
+            format!(
+                "{}\n",
+                serde_json::to_string_pretty(answer).unwrap_or_default()
+            )
+        }
+        ApprovalsCommand::List { json: false } => {
+            let items = answer.as_array().cloned().unwrap_or_default();
+            if items.is_empty() {
+                return "no request waits for approval\n".to_string();
+            }
+            let mut out = String::new();
+            for p in items {
+                let requester = &p["requester"];
+                let who = requester["workload"]
+                    .as_str()
+                    .or(requester["exe"].as_str())
+                    .unwrap_or("?");
+                let mut request = s(&p, "request").replace('\n', " ");
+                if request.chars().count() > 80 {
+                    request = request.chars().take(79).collect::<String>() + "…";
+                }
+                out.push_str(&format!(
+                    "{}  {}  {} -> {}  rule {}  {}/{} approvals  expires {}\n    {}\n",
+                    s(&p, "id"),
+                    s(&p, "protocol"),
+                    who,
+                    s(&p, "destination"),
+                    s(&p, "rule"),
+                    p["approved_by"].as_array().map_or(0, |a| a.len()),
+                    p["quorum"].as_u64().unwrap_or(1),
+                    s(&p, "expires_at"),
+                    request
+                ));
+            }
+            out
+        }
+        ApprovalsCommand::Approve { id, .. } => match s(answer, "state").as_str() {
+            "released" => format!("approved: request {id} runs now\n"),
+            _ => format!(
+                "approved: request {id} has {} of {} approvals and waits for more\n",
+                answer["approvals"].as_u64().unwrap_or(0),
+                answer["quorum"].as_u64().unwrap_or(0)
+            ),
+        },
+        ApprovalsCommand::Reject { id, .. } => format!("rejected: request {id} will not run\n"),
+    }
 }
 
 /// `warden audit ...`: exit code 1 on any error (bad SQL included), with
@@ -307,6 +478,7 @@ fn audit(command: AuditCommand) -> ExitCode {
                     table: match table {
                         TableArg::Requests => AuditTable::Requests,
                         TableArg::Connections => AuditTable::Connections,
+                        TableArg::Approvals => AuditTable::Approvals,
                         TableArg::Events => AuditTable::Events,
                     },
                     format: match format {

@@ -41,6 +41,8 @@ pub struct RunOptions {
     /// Unix sockets and socket directories the program must not reach,
     /// besides PostgreSQL's usual ones ([`UNIX_SOCKETS_HIDDEN`]).
     pub hide_paths: Vec<PathBuf>,
+    /// The control API's socket (served when the policy has `approvals:`).
+    pub control_socket: PathBuf,
 }
 
 /// Where PostgreSQL's unix sockets usually are. The TCP hooks do not see
@@ -131,12 +133,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
         })
         .map(|(name, _)| name)
         .collect();
+    // The program never reaches the control API: it could read what waits.
+    let mut hide_paths = opts.hide_paths.clone();
+    if policy.approvals().is_some() {
+        hide_paths.push(opts.control_socket.clone());
+    }
     let agent = Agent::start(AgentOptions {
         listen_port: opts.listen_port,
         policy,
         audit,
         pin_dir: host.bpffs.join("warden").join(format!("agent-{me}")),
         tls: interceptor,
+        upstream_ca: opts.upstream_ca.clone(),
+        control_socket: opts.control_socket.clone(),
     })
     .await?;
     let cgroup = ManagedCgroup::create(&host.cgroup_root, &format!("run-{me}"))?;
@@ -150,7 +159,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
             &child_env,
             &hidden,
             fd_limit,
-            &out_of_reach(&opts.hide_paths)?,
+            &out_of_reach(&hide_paths)?,
         )?;
         supervise(&mut child).await
     }

@@ -1,16 +1,18 @@
 //! Audit: every connection, every request in it, and the decisions become
 //! Parquet rows.
 //!
-//! The proxy hands a [`ConnectionRow`] (when a connection ends) or a
-//! [`RequestRow`] (when a request inside one completes) to an [`AuditSink`],
+//! The proxy hands a [`ConnectionRow`] (when a connection ends), a
+//! [`RequestRow`] (when a request inside one completes) or an
+//! [`ApprovalRow`] (at each step of a request held for approval) to an
+//! [`AuditSink`],
 //! which only pushes it into a bounded channel: a full channel drops the row
 //! (and counts it) rather than slow the data path. The [`AuditWriter`]'s task
 //! buffers the rows per table and, at each of a table's rotations, writes
 //! them as zstd Parquet files, Hive-partitioned by the rows' start time:
 //! `<dir>/<table>/date=YYYY-MM-DD/hour=HH/part-<yyyymmddThhmmss>-<host>-<pid>-<seq>.parquet`
-//! where `<table>` is `connections` or `requests`.
+//! where `<table>` is `connections`, `requests`, `approvals` or `events`.
 //!
-//! Both row types implement the private `schema::Table` trait; everything
+//! Every row type implements the private `schema::Table` trait; everything
 //! below it (buffering, rotation, retries, files) is generic over it, so a
 //! new table is a row type, its schema, and a variant of `AuditRow`.
 //! docs/audit.md describes the layout and the columns for analysts.
@@ -46,9 +48,9 @@ use tokio::{
 pub use self::{
     files::AuditError,
     schema::{
-        CONNECTIONS_TABLE, EVENTS_SCHEMA_VERSION, EVENTS_TABLE, META_SCHEMA_VERSION, META_TABLE,
-        REQUESTS_SCHEMA_VERSION, REQUESTS_TABLE, SCHEMA_VERSION, connections_schema, events_schema,
-        requests_schema,
+        APPROVALS_SCHEMA_VERSION, APPROVALS_TABLE, CONNECTIONS_TABLE, EVENTS_SCHEMA_VERSION,
+        EVENTS_TABLE, META_SCHEMA_VERSION, META_TABLE, REQUESTS_SCHEMA_VERSION, REQUESTS_TABLE,
+        SCHEMA_VERSION, approvals_schema, connections_schema, events_schema, requests_schema,
     },
 };
 use self::{files::TableWriter, journal::Journal, schema::Table};
@@ -130,6 +132,9 @@ pub struct RequestRow {
     /// The LLM exchange whose answer proposed this request, and how the two
     /// matched ([`crate::lineage`]).
     pub caused_by: Option<Link>,
+    /// The approval that held this request, when a rule said approve: joins
+    /// the `approvals` table.
+    pub approval_id: Option<String>,
 }
 
 /// The HTTP columns of a `requests` row.
@@ -165,6 +170,74 @@ pub struct LlmFields {
     pub output_tokens: Option<u64>,
     /// Findings redacted from the request before it left the host.
     pub redacted: u64,
+}
+
+/// One row of the `approvals` table: one step in the life of a request a
+/// rule held for approval. Every step of one request shares its
+/// `approval_id`, and the request's own `requests` row carries it too.
+#[derive(Clone, Debug)]
+pub struct ApprovalRow {
+    pub time: DateTime<Utc>,
+    pub approval_id: String,
+    pub step: ApprovalStep,
+    /// The held request's session: joins `connections` and `requests`.
+    pub session_id: String,
+    /// "postgres" or "http".
+    pub protocol: &'static str,
+    /// Who asked: the requesting process, from the kernel.
+    pub identity: Identity,
+    pub workload: Option<String>,
+    pub destination: SocketAddr,
+    /// The rule that held the request.
+    pub rule: String,
+    /// What is held: the SQL statement, or `METHOD host/path`.
+    pub request: String,
+    /// The reviewer of an approved, rejected or refused step: the ID
+    /// token's subject, email and groups.
+    pub reviewer: Option<String>,
+    pub reviewer_email: Option<String>,
+    pub reviewer_groups: Vec<String>,
+    /// Distinct approvals so far, and how many the rule needs.
+    pub approvals: u32,
+    pub quorum: u32,
+    /// A rejection's reason, why a reviewer was refused, why it expired.
+    pub reason: Option<String>,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApprovalStep {
+    /// The rule held the request; reviewers were asked.
+    Requested,
+    /// One reviewer approved; with the quorum reached the request is
+    /// released.
+    Approved,
+    Rejected,
+    /// Nobody decided before the rule's `expires`.
+    Expired,
+    /// A reviewer's decision was refused (not in the groups, a workload
+    /// owner or the requester, a token that failed verification): the
+    /// request still waits.
+    Refused,
+    /// The request was released and sent on.
+    Executed,
+    /// The requester went away (connection closed, agent stopped) while
+    /// the request waited.
+    Abandoned,
+}
+
+impl ApprovalStep {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalStep::Requested => "requested",
+            ApprovalStep::Approved => "approved",
+            ApprovalStep::Rejected => "rejected",
+            ApprovalStep::Expired => "expired",
+            ApprovalStep::Refused => "refused",
+            ApprovalStep::Executed => "executed",
+            ApprovalStep::Abandoned => "abandoned",
+        }
+    }
 }
 
 /// One row of the `events` table: what happened to the agent itself (its
@@ -220,8 +293,8 @@ impl EventRow {
 
 #[derive(Clone, Debug)]
 pub struct AuditConfig {
-    /// The audit directory; the tables live in `<dir>/connections` and
-    /// `<dir>/requests`.
+    /// The audit directory; the tables live in `<dir>/connections`,
+    /// `<dir>/requests`, `<dir>/approvals` and `<dir>/events`.
     pub dir: PathBuf,
     /// Write a table's file at the latest this long after its first
     /// buffered row.
@@ -259,7 +332,7 @@ impl Default for AuditConfig {
     }
 }
 
-/// Rows (of both tables together) the channel between the sinks and the
+/// Rows (of all the tables together) the channel between the sinks and the
 /// writer holds.
 pub const CHANNEL_CAPACITY: usize = 65_536;
 
@@ -269,11 +342,12 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// What goes through the channel: a row of one of the tables (boxed: the
-/// channel holds many, and the two differ in size).
+/// channel holds many, and they differ in size).
 enum AuditRow {
     Connection(Box<ConnectionRow>),
     Request(Box<RequestRow>),
     Event(Box<EventRow>),
+    Approval(Box<ApprovalRow>),
 }
 
 /// Cheap to clone; never blocks the data path.
@@ -298,6 +372,11 @@ impl AuditSink {
         self.send(AuditRow::Request(Box::new(row)));
     }
 
+    /// Queues an `approvals` row, like [`AuditSink::record`].
+    pub fn record_approval(&self, row: ApprovalRow) {
+        self.send(AuditRow::Approval(Box::new(row)));
+    }
+
     /// Queues an `events` row, like [`AuditSink::record`].
     pub fn record_event(&self, row: EventRow) {
         self.send(AuditRow::Event(Box::new(row)));
@@ -317,7 +396,7 @@ impl AuditSink {
         }
     }
 
-    /// Rows (of either table) dropped so far: channel full, writer shut
+    /// Rows (of any table) dropped so far: channel full, writer shut
     /// down, or a write that kept failing until the retained rows exceeded
     /// their bound.
     pub fn dropped(&self) -> u64 {
@@ -334,8 +413,8 @@ pub struct AuditWriter {
 }
 
 impl AuditWriter {
-    /// Creates `<dir>/connections` and `<dir>/requests`, removes files a
-    /// crash left half-written, and starts the writer task. Must be called
+    /// Creates the tables' directories under `<dir>`, removes files a
+    /// crash left half-written, writes the rows of dead agents' journals, and starts the writer task. Must be called
     /// inside a tokio runtime.
     pub fn start(config: AuditConfig) -> anyhow::Result<(AuditSink, AuditWriter)> {
         Self::start_with_capacity(config, CHANNEL_CAPACITY)
@@ -354,10 +433,13 @@ impl AuditWriter {
             TableState::open(&config, host.clone(), dropped.clone())?;
         let (requests, recovered_requests) =
             TableState::open(&config, host.clone(), dropped.clone())?;
+        let (approvals, recovered_approvals) =
+            TableState::open(&config, host.clone(), dropped.clone())?;
         let (events, recovered_events) = TableState::open(&config, host, dropped.clone())?;
         let mut state = WriterState {
             connections,
             requests,
+            approvals,
             events,
             dropped: dropped.clone(),
             dropped_reported: 0,
@@ -369,6 +451,7 @@ impl AuditWriter {
         for (table, done) in [
             (CONNECTIONS_TABLE, recovered_connections),
             (REQUESTS_TABLE, recovered_requests),
+            (APPROVALS_TABLE, recovered_approvals),
             (EVENTS_TABLE, recovered_events),
         ] {
             if done.rows > 0 {
@@ -413,7 +496,8 @@ impl AuditWriter {
 
     /// Writes every row recorded before this call and stops the writer.
     /// Rows recorded afterwards are dropped. Returns how many rows the writer
-    /// wrote in total, both tables together.
+    /// wrote in total, of `connections`, `requests` and `approvals` together
+    /// (not `events`).
     pub async fn shutdown(self) -> anyhow::Result<u64> {
         if let Some(retention) = &self.retention {
             retention.abort();
@@ -433,6 +517,7 @@ type Failure = (String, usize, AuditError);
 struct WriterState {
     connections: TableState<ConnectionRow>,
     requests: TableState<RequestRow>,
+    approvals: TableState<ApprovalRow>,
     events: TableState<EventRow>,
     dropped: Arc<AtomicU64>,
     dropped_reported: u64,
@@ -498,6 +583,12 @@ impl WriterState {
                     self.requests.flush().await;
                 }
             }
+            AuditRow::Approval(row) => {
+                if self.approvals.push(*row) {
+                    self.report_drops();
+                    self.approvals.flush().await;
+                }
+            }
             AuditRow::Event(row) => {
                 if self.events.push(*row) {
                     self.events.flush().await;
@@ -519,6 +610,7 @@ impl WriterState {
         let failing = [
             self.connections.failure(),
             self.requests.failure(),
+            self.approvals.failure(),
             self.events.failure(),
         ]
         .into_iter()
@@ -567,6 +659,7 @@ impl WriterState {
             self.journal_at,
             self.connections.deadline(),
             self.requests.deadline(),
+            self.approvals.deadline(),
             self.events.deadline(),
         ]
         .into_iter()
@@ -582,9 +675,11 @@ impl WriterState {
             self.journal_at = None;
             self.connections.journal();
             self.requests.journal();
+            self.approvals.journal();
             self.events.journal();
             if self.connections.journal_broken
                 || self.requests.journal_broken
+                || self.approvals.journal_broken
                 || self.events.journal_broken
             {
                 self.journal_at = Some(now + RETRY_FIRST);
@@ -597,25 +692,30 @@ impl WriterState {
         if self.requests.is_due(now) {
             self.requests.flush().await;
         }
+        if self.approvals.is_due(now) {
+            self.approvals.flush().await;
+        }
         if self.events.is_due(now) {
             self.events.flush().await;
         }
         self.check_health();
     }
 
-    /// The final flush of both tables: one last attempt. Rows that fail
+    /// The final flush of every table: one last attempt. Rows that fail
     /// stay in their table's journal for the next agent to write; only
     /// those that cannot be kept there either are lost (and counted).
     async fn finish(mut self) -> anyhow::Result<u64> {
         self.report_drops();
         let mut failed = self.connections.write_buffer().await;
         failed.extend(self.requests.write_buffer().await);
+        failed.extend(self.approvals.write_buffer().await);
         failed.extend(self.events.write_buffer().await);
         // Events are about the agent, not the traffic: not counted here.
-        let written = self.connections.written + self.requests.written;
+        let written = self.connections.written + self.requests.written + self.approvals.written;
         let kept = [
             self.connections.close_journal(),
             self.requests.close_journal(),
+            self.approvals.close_journal(),
             self.events.close_journal(),
         ];
         let lost: usize = kept.iter().filter_map(|k| k.as_ref().err()).sum();
@@ -943,6 +1043,7 @@ pub fn recover(dir: &Path) -> anyhow::Result<Recovery> {
     let mut total = recover_table(&TableWriter::<ConnectionRow>::new(dir, host.clone()))?;
     for done in [
         recover_table(&TableWriter::<RequestRow>::new(dir, host.clone()))?,
+        recover_table(&TableWriter::<ApprovalRow>::new(dir, host.clone()))?,
         recover_table(&TableWriter::<EventRow>::new(dir, host))?,
     ] {
         total.journals += done.journals;

@@ -1,8 +1,9 @@
 //! `warden audit sql` and `warden audit tail`: the audit files read back
 //! with SQL (DataFusion), on the host that wrote them.
 //!
-//! [`AuditQuery`] registers the tables, `connections`, `requests` and `events`,
-//! as listing tables over `<dir>/connections/` and `<dir>/requests/`: every
+//! [`AuditQuery`] registers the tables, `connections`, `requests`,
+//! `approvals` and `events`, as listing tables over `<dir>/connections/`,
+//! `<dir>/requests/` and so on: every
 //! `*.parquet` file under them (the writer's `.<name>.tmp` files never
 //! match), with the Hive partitions `date=YYYY-MM-DD/hour=H` as the
 //! columns `date` (a date) and `hour` (an integer), as DuckDB's and Spark's
@@ -39,17 +40,18 @@ use datafusion::{
 use futures::StreamExt;
 
 use super::{
-    CONNECTIONS_TABLE, EVENTS_TABLE, REQUESTS_TABLE, connections_schema, events_schema,
-    requests_schema,
+    APPROVALS_TABLE, CONNECTIONS_TABLE, EVENTS_TABLE, REQUESTS_TABLE, approvals_schema,
+    connections_schema, events_schema, requests_schema,
 };
 
 /// Where the tables are documented; said with every error about a query.
-pub const TABLES_HINT: &str = "The audit has three tables: `connections` (one row per connection; \
+pub const TABLES_HINT: &str = "The audit has four tables: `connections` (one row per connection; \
 docs/audit.md, \"The `connections` table\"), `requests` (one row per SQL statement, HTTP request \
-or LLM call; docs/audit.md, \"The `requests` table\") and `events` (the agent's own: start, stop, \
-audit outages; docs/audit.md, \"The `events` table\"), all with the partition columns `date` and \
-`hour`. `connections` and `requests` join on `session_id`. `DESCRIBE requests` lists a table's \
-columns.";
+or LLM call; docs/audit.md, \"The `requests` table\"), `approvals` (one row per step of a request \
+held for approval; docs/audit.md, \"The `approvals` table\") and `events` (the agent's own: start, \
+stop, audit outages; docs/audit.md, \"The `events` table\"), all with the partition columns `date` \
+and `hour`. `connections` and `requests` join on `session_id`, `requests` and `approvals` on \
+`approval_id`. `DESCRIBE requests` lists a table's columns.";
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +69,7 @@ pub enum Format {
 pub enum AuditTable {
     Connections,
     Requests,
+    Approvals,
     Events,
 }
 
@@ -75,6 +78,7 @@ impl AuditTable {
         match self {
             AuditTable::Connections => CONNECTIONS_TABLE,
             AuditTable::Requests => REQUESTS_TABLE,
+            AuditTable::Approvals => APPROVALS_TABLE,
             AuditTable::Events => EVENTS_TABLE,
         }
     }
@@ -86,6 +90,7 @@ impl AuditTable {
         let schema = match self {
             AuditTable::Connections => connections_schema(),
             AuditTable::Requests => requests_schema(),
+            AuditTable::Approvals => approvals_schema(),
             AuditTable::Events => events_schema(),
         };
         let fields: Vec<Field> = schema
@@ -180,8 +185,9 @@ pub struct AuditQuery {
 }
 
 impl AuditQuery {
-    /// Registers `connections`, `requests` and `events` over `<dir>`. A table whose
-    /// directory is missing is an empty table.
+    /// Registers `connections`, `requests`, `approvals` and `events` over
+    /// `<dir>`. A table whose directory is missing (an audit written before
+    /// the table existed) is an empty table.
     pub fn open(dir: &Path) -> Result<Self, QueryError> {
         let config = SessionConfig::new()
             .with_information_schema(true)
@@ -190,6 +196,7 @@ impl AuditQuery {
         for table in [
             AuditTable::Connections,
             AuditTable::Requests,
+            AuditTable::Approvals,
             AuditTable::Events,
         ] {
             let provider = table_provider(&ctx, &dir.join(table.name()), table)?;
@@ -664,8 +671,8 @@ mod tests {
     use super::*;
     use crate::{
         audit::{
-            AuditConfig, AuditWriter, ConnectionRow, HttpFields, LlmFields,
-            REQUESTS_SCHEMA_VERSION, RequestRow, replay::replay,
+            ApprovalRow, ApprovalStep, AuditConfig, AuditWriter, ConnectionRow, HttpFields,
+            LlmFields, REQUESTS_SCHEMA_VERSION, RequestRow, replay::replay,
         },
         identity::Identity,
     };
@@ -739,6 +746,7 @@ mod tests {
             http: None,
             llm: None,
             caused_by: None,
+            approval_id: None,
         }
     }
 
@@ -781,8 +789,46 @@ mod tests {
         }
     }
 
+    /// A step of approval `id` of session `session`'s held DELETE.
+    fn step(
+        id: &str,
+        session: &str,
+        step: ApprovalStep,
+        time: DateTime<Utc>,
+        reviewer: Option<&str>,
+    ) -> ApprovalRow {
+        ApprovalRow {
+            time,
+            approval_id: id.into(),
+            step,
+            session_id: session.into(),
+            protocol: "postgres",
+            identity: identity(4242),
+            workload: Some("bot".into()),
+            destination: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)), 5432),
+            rule: "deletes-need-review".into(),
+            request: "DELETE FROM crm.customers WHERE id = 42".into(),
+            reviewer: reviewer.map(str::to_string),
+            reviewer_email: reviewer.map(|r| format!("{r}@example.com")),
+            reviewer_groups: reviewer.map_or_else(Vec::new, |_| vec!["dba".to_string()]),
+            approvals: 0,
+            quorum: 2,
+            reason: None,
+            expires_at: at(6, 0, 0, 0),
+        }
+    }
+
     /// Writes the rows with the real writer, as the agent does.
     async fn write(dir: &Path, conns: Vec<ConnectionRow>, reqs: Vec<RequestRow>) {
+        write_all(dir, conns, reqs, Vec::new()).await;
+    }
+
+    async fn write_all(
+        dir: &Path,
+        conns: Vec<ConnectionRow>,
+        reqs: Vec<RequestRow>,
+        steps: Vec<ApprovalRow>,
+    ) {
         let config = AuditConfig {
             dir: dir.to_path_buf(),
             rotate_every: Duration::from_secs(3600),
@@ -796,6 +842,9 @@ mod tests {
         }
         for r in reqs {
             sink.record_request(r);
+        }
+        for a in steps {
+            sink.record_approval(a);
         }
         writer.shutdown().await.unwrap();
     }
@@ -940,11 +989,52 @@ mod tests {
         assert!(describe.contains("hour,Int32"), "{describe}");
     }
 
-    /// The columns requests files of schema version 1 had.
-    fn v1_columns() -> Vec<usize> {
-        let schema = requests_schema();
-        let first_v2 = schema.index_of("http_method").unwrap();
-        (0..first_v2).collect()
+    /// Writes `row` as a `requests` file of an older schema `version` in
+    /// `dest`: a file the writer made, cut down to the columns before
+    /// `first_missing` (the first column the version lacked). Returns what
+    /// it wrote.
+    async fn old_requests_file(
+        dest: &Path,
+        row: RequestRow,
+        version: i16,
+        first_missing: &str,
+    ) -> RecordBatch {
+        let scratch = tempfile::tempdir().unwrap();
+        write(scratch.path(), Vec::new(), vec![row]).await;
+        let mut dirs = vec![scratch.path().join("requests")];
+        let mut file = None;
+        while let Some(dir) = dirs.pop() {
+            for entry in fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "parquet") {
+                    file = Some(path);
+                }
+            }
+        }
+        let file = file.expect("the writer wrote a file");
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(fs::File::open(&file).unwrap()).unwrap();
+        let batch = reader.build().unwrap().next().unwrap().unwrap();
+        let kept: Vec<usize> = (0..requests_schema().index_of(first_missing).unwrap()).collect();
+        let old = batch.project(&kept).unwrap();
+        let mut columns = old.columns().to_vec();
+        columns[0] = Arc::new(Int16Array::from(vec![version; old.num_rows()]));
+        let old = RecordBatch::try_new(old.schema(), columns).unwrap();
+        fs::create_dir_all(dest).unwrap();
+        let props = WriterProperties::builder()
+            .set_key_value_metadata(Some(vec![
+                KeyValue::new("warden.schema_version".into(), version.to_string()),
+                KeyValue::new("warden.table".into(), "requests".to_string()),
+            ]))
+            .build();
+        let name = format!("part-20250304T050100-1-{version:06}.parquet");
+        let out = fs::File::create(dest.join(name)).unwrap();
+        let mut writer = ArrowWriter::try_new(out, old.schema(), Some(props)).unwrap();
+        writer.write(&old).unwrap();
+        writer.close().unwrap();
+        old
     }
 
     #[tokio::test]
@@ -958,35 +1048,14 @@ mod tests {
             vec![llm_call("s-new", 1, at(7, 0, 0, 0))],
         )
         .await;
-        let scratch = tempfile::tempdir().unwrap();
-        write(
-            scratch.path(),
-            Vec::new(),
-            vec![statement("s-old", 1, at(5, 0, 0, 0), "SELECT old")],
+        let old = old_requests_file(
+            &tmp.path().join("requests/date=2025-03-04/hour=05"),
+            statement("s-old", 1, at(5, 0, 0, 0), "SELECT old"),
+            1,
+            "http_method",
         )
         .await;
-        let part = scratch.path().join("requests/date=2025-03-04/hour=5");
-        let file = fs::read_dir(&part).unwrap().next().unwrap().unwrap().path();
-        let reader =
-            ParquetRecordBatchReaderBuilder::try_new(fs::File::open(&file).unwrap()).unwrap();
-        let batch = reader.build().unwrap().next().unwrap().unwrap();
-        let old = batch.project(&v1_columns()).unwrap();
-        let mut columns = old.columns().to_vec();
-        columns[0] = Arc::new(Int16Array::from(vec![1i16; old.num_rows()]));
-        let old = RecordBatch::try_new(old.schema(), columns).unwrap();
         assert!(old.schema().index_of("tool_calls").is_err());
-        let dest = tmp.path().join("requests/date=2025-03-04/hour=05");
-        fs::create_dir_all(&dest).unwrap();
-        let props = WriterProperties::builder()
-            .set_key_value_metadata(Some(vec![
-                KeyValue::new("warden.schema_version".into(), "1".to_string()),
-                KeyValue::new("warden.table".into(), "requests".to_string()),
-            ]))
-            .build();
-        let out = fs::File::create(dest.join("part-20250304T050100-1-000000.parquet")).unwrap();
-        let mut writer = ArrowWriter::try_new(out, old.schema(), Some(props)).unwrap();
-        writer.write(&old).unwrap();
-        writer.close().unwrap();
 
         let q = AuditQuery::open(tmp.path()).unwrap();
         let current = format!(
@@ -1017,19 +1086,49 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let missing = tmp.path().join("nothing-here");
         let q = AuditQuery::open(&missing).unwrap();
-        let sql =
-            "SELECT (SELECT count(*) FROM connections) AS c, (SELECT count(*) FROM requests) AS r";
-        assert_eq!(json(&q, sql).await, [r#"{"c":0,"r":0}"#]);
+        let sql = "SELECT (SELECT count(*) FROM connections) AS c, (SELECT count(*) FROM requests) AS r, \
+             (SELECT count(*) FROM approvals) AS a";
+        assert_eq!(json(&q, sql).await, [r#"{"c":0,"r":0,"a":0}"#]);
         // The columns are there even so.
         assert_eq!(
             json(&q, "SELECT session_id, date, hour FROM requests").await,
             Vec::<String>::new()
         );
-        // The writer makes both directories even without rows.
+        assert_eq!(
+            json(
+                &q,
+                "SELECT step, count(*) AS n FROM approvals GROUP BY step"
+            )
+            .await,
+            Vec::<String>::new()
+        );
+        // The writer makes every directory even without rows.
         write(tmp.path(), Vec::new(), Vec::new()).await;
         assert!(tmp.path().join("requests").is_dir());
+        assert!(tmp.path().join("approvals").is_dir());
         let q = AuditQuery::open(tmp.path()).unwrap();
-        assert_eq!(json(&q, sql).await, [r#"{"c":0,"r":0}"#]);
+        assert_eq!(json(&q, sql).await, [r#"{"c":0,"r":0,"a":0}"#]);
+        // An audit written before the approvals table existed: no
+        // directory, an empty table, and joins on it still plan.
+        fs::remove_dir(tmp.path().join("approvals")).unwrap();
+        write(
+            tmp.path(),
+            Vec::new(),
+            vec![statement("s-1", 1, at(5, 0, 0, 0), "SELECT 1")],
+        )
+        .await;
+        fs::remove_dir(tmp.path().join("approvals")).unwrap();
+        let q = AuditQuery::open(tmp.path()).unwrap();
+        assert_eq!(json(&q, sql).await, [r#"{"c":0,"r":1,"a":0}"#]);
+        assert_eq!(
+            json(
+                &q,
+                "SELECT r.statement, a.reviewer FROM requests r \
+                 LEFT JOIN approvals a ON a.approval_id = r.approval_id"
+            )
+            .await,
+            [r#"{"statement":"SELECT 1","reviewer":null}"#]
+        );
         let table = text(&q, "SELECT session_id FROM connections", Format::Table).await;
         assert!(
             table.contains("session_id") && table.contains("0 rows"),
@@ -1391,6 +1490,286 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("| a "), "{text}");
+    }
+
+    /// Session s-1: a DELETE held, refused to its requester, approved by
+    /// bob and dave, then run; session s-2: a DROP held and rejected.
+    async fn approvals_sample(dir: &Path) {
+        let mut refused = step(
+            "ap-1",
+            "s-1",
+            ApprovalStep::Refused,
+            at(5, 0, 5, 0),
+            Some("alice"),
+        );
+        refused.reason = Some("the requester cannot approve".into());
+        let mut bob = step(
+            "ap-1",
+            "s-1",
+            ApprovalStep::Approved,
+            at(5, 0, 10, 0),
+            Some("bob"),
+        );
+        bob.approvals = 1;
+        let mut dave = step(
+            "ap-1",
+            "s-1",
+            ApprovalStep::Approved,
+            at(5, 0, 20, 0),
+            Some("dave"),
+        );
+        dave.approvals = 2;
+        let mut executed = step(
+            "ap-1",
+            "s-1",
+            ApprovalStep::Executed,
+            at(5, 0, 20, 1_000),
+            None,
+        );
+        executed.approvals = 2;
+        let mut rejected = step(
+            "ap-2",
+            "s-2",
+            ApprovalStep::Rejected,
+            at(6, 1, 0, 0),
+            Some("carol"),
+        );
+        rejected.request = "DROP TABLE crm.orders".into();
+        rejected.reason = Some("not during the freeze".into());
+        let mut held = statement(
+            "s-1",
+            2,
+            at(5, 0, 0, 2_000),
+            "DELETE FROM crm.customers WHERE id = 42",
+        );
+        held.statement_class = Some("write");
+        held.end_time = at(5, 0, 20, 3_000);
+        held.approval_id = Some("ap-1".into());
+        let mut dropped = statement("s-2", 1, at(6, 0, 0, 0), "DROP TABLE crm.orders");
+        dropped.statement_class = Some("ddl");
+        dropped.decision = "deny";
+        dropped.rule = "deletes-need-review".into();
+        dropped.rows = None;
+        dropped.approval_id = Some("ap-2".into());
+        write_all(
+            dir,
+            vec![conn("s-1", at(5, 0, 0, 0), "postgres")],
+            vec![
+                statement("s-1", 1, at(5, 0, 0, 1_000), "SELECT 1"),
+                held,
+                dropped,
+            ],
+            vec![
+                // Recorded out of order: queries sort.
+                executed,
+                step(
+                    "ap-1",
+                    "s-1",
+                    ApprovalStep::Requested,
+                    at(5, 0, 0, 2_000),
+                    None,
+                ),
+                refused,
+                bob,
+                dave,
+                step("ap-2", "s-2", ApprovalStep::Requested, at(6, 0, 0, 0), None),
+                rejected,
+            ],
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn approvals_group_by_step_and_join_requests_on_approval_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        approvals_sample(tmp.path()).await;
+        let q = AuditQuery::open(tmp.path()).unwrap();
+        assert_eq!(
+            json(
+                &q,
+                "SELECT step, count(*) AS n FROM approvals GROUP BY step ORDER BY step"
+            )
+            .await,
+            [
+                r#"{"step":"approved","n":2}"#,
+                r#"{"step":"executed","n":1}"#,
+                r#"{"step":"refused","n":1}"#,
+                r#"{"step":"rejected","n":1}"#,
+                r#"{"step":"requested","n":2}"#,
+            ]
+        );
+        // Who approved (or rejected) which statement.
+        assert_eq!(
+            json(
+                &q,
+                "SELECT r.session_id, r.seq, r.statement, a.step, a.reviewer, a.reviewer_groups, \
+                 a.approvals, a.quorum, a.reason FROM requests r \
+                 JOIN approvals a ON a.approval_id = r.approval_id \
+                 WHERE a.step IN ('approved', 'rejected') ORDER BY a.start_time"
+            )
+            .await,
+            [
+                r#"{"session_id":"s-1","seq":2,"statement":"DELETE FROM crm.customers WHERE id = 42","step":"approved","reviewer":"bob","reviewer_groups":["dba"],"approvals":1,"quorum":2,"reason":null}"#,
+                r#"{"session_id":"s-1","seq":2,"statement":"DELETE FROM crm.customers WHERE id = 42","step":"approved","reviewer":"dave","reviewer_groups":["dba"],"approvals":2,"quorum":2,"reason":null}"#,
+                r#"{"session_id":"s-2","seq":1,"statement":"DROP TABLE crm.orders","step":"rejected","reviewer":"carol","reviewer_groups":["dba"],"approvals":0,"quorum":2,"reason":"not during the freeze"}"#,
+            ]
+        );
+        // Partitions, the requester's identity and the time columns.
+        assert_eq!(
+            json(
+                &q,
+                "SELECT date, hour, approval_id, comm, user, dst_addr, dst_port, expires_at \
+                 FROM approvals WHERE step = 'requested' ORDER BY start_time"
+            )
+            .await,
+            [
+                r#"{"date":"2025-03-04","hour":5,"approval_id":"ap-1","comm":"python3","user":"alice","dst_addr":"10.0.0.5","dst_port":5432,"expires_at":"2025-03-04T06:00:00Z"}"#,
+                r#"{"date":"2025-03-04","hour":6,"approval_id":"ap-2","comm":"python3","user":"alice","dst_addr":"10.0.0.5","dst_port":5432,"expires_at":"2025-03-04T06:00:00Z"}"#,
+            ]
+        );
+        // How long approvals took, from the request to the last step.
+        assert_eq!(
+            json(
+                &q,
+                "SELECT approval_id, max(start_time) - min(start_time) AS waited \
+                 FROM approvals GROUP BY approval_id ORDER BY approval_id"
+            )
+            .await
+            .len(),
+            2
+        );
+        let describe = text(&q, "DESCRIBE approvals", Format::Csv).await;
+        assert!(describe.contains("reviewer_groups,List("), "{describe}");
+        assert!(describe.contains("hour,Int32"), "{describe}");
+    }
+
+    #[tokio::test]
+    async fn requests_files_before_and_after_the_approval_id_column_read_together() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut held = statement("s-new", 1, at(7, 0, 0, 0), "DELETE FROM t");
+        held.approval_id = Some("ap-9".into());
+        write_all(
+            tmp.path(),
+            Vec::new(),
+            vec![held],
+            vec![step(
+                "ap-9",
+                "s-new",
+                ApprovalStep::Executed,
+                at(7, 0, 1, 0),
+                Some("bob"),
+            )],
+        )
+        .await;
+        // A version 3 file: every column but approval_id.
+        let old = old_requests_file(
+            &tmp.path().join("requests/date=2025-03-04/hour=5"),
+            statement("s-old", 1, at(5, 0, 0, 0), "SELECT old"),
+            3,
+            "approval_id",
+        )
+        .await;
+        assert!(old.schema().index_of("approval_id").is_err());
+        assert!(old.schema().index_of("caused_by_match").is_ok());
+        let q = AuditQuery::open(tmp.path()).unwrap();
+        assert_eq!(
+            json(
+                &q,
+                "SELECT schema_version, session_id, approval_id FROM requests ORDER BY schema_version"
+            )
+            .await,
+            [
+                r#"{"schema_version":3,"session_id":"s-old","approval_id":null}"#.to_string(),
+                format!(
+                    r#"{{"schema_version":{REQUESTS_SCHEMA_VERSION},"session_id":"s-new","approval_id":"ap-9"}}"#
+                ),
+            ]
+        );
+        assert_eq!(
+            json(
+                &q,
+                "SELECT r.session_id, a.reviewer FROM requests r \
+                 LEFT JOIN approvals a ON a.approval_id = r.approval_id ORDER BY r.session_id"
+            )
+            .await,
+            [
+                r#"{"session_id":"s-new","reviewer":"bob"}"#,
+                r#"{"session_id":"s-old","reviewer":null}"#,
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn replay_shows_the_approval_steps_of_the_session_in_time_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        approvals_sample(tmp.path()).await;
+        let q = AuditQuery::open(tmp.path()).unwrap();
+        let out = replayed(&q, "s-1").await.unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        let requests: Vec<&str> = lines
+            .iter()
+            .skip_while(|l| !l.starts_with("requests: 2"))
+            .skip(1)
+            .take(2)
+            .copied()
+            .collect();
+        assert_eq!(
+            requests,
+            [
+                "  +1.000 ms      2.500 ms  allow allow-crm  #1 SQL read: SELECT 1 -> 1 row",
+                "  +2.000 ms  20001.000 ms  allow allow-crm  #2 SQL write: DELETE FROM crm.customers WHERE id = 42 -> 1 row | approval ap-1",
+            ],
+            "{out}"
+        );
+        let steps: Vec<&str> = lines
+            .iter()
+            .skip_while(|l| !l.starts_with("approvals: 5"))
+            .skip(1)
+            .copied()
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                "      +2.000 ms  requested  ap-1  rule deletes-need-review, quorum 2, expires 2025-03-04T06:00:00Z: DELETE FROM crm.customers WHERE id = 42",
+                "   +5000.000 ms  refused    ap-1  by alice <alice@example.com>, reason: the requester cannot approve",
+                "  +10000.000 ms  approved   ap-1  by bob <bob@example.com>, 1/2 approvals",
+                "  +20000.000 ms  approved   ap-1  by dave <dave@example.com>, 2/2 approvals",
+                "  +20001.000 ms  executed   ap-1  2/2 approvals",
+            ],
+            "{out}"
+        );
+        // A session whose held request has no row yet (it still waits):
+        // its steps are its timeline.
+        write_all(
+            tmp.path(),
+            Vec::new(),
+            Vec::new(),
+            vec![step(
+                "ap-3",
+                "s-waiting",
+                ApprovalStep::Requested,
+                at(8, 0, 0, 0),
+                None,
+            )],
+        )
+        .await;
+        let q = AuditQuery::open(tmp.path()).unwrap();
+        let out = replayed(&q, "s-wait").await.unwrap();
+        assert!(out.starts_with("session s-waiting\n"), "{out}");
+        assert!(
+            out.contains("offsets are from its first approval step"),
+            "{out}"
+        );
+        assert!(out.contains("  who       pid 4242 python3"), "{out}");
+        assert!(out.contains("  where     10.0.0.5:5432\n"), "{out}");
+        assert!(
+            out.contains("requests: none decoded\napprovals: 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("  +0.000 ms  requested  ap-3  rule deletes-need-review"),
+            "{out}"
+        );
     }
 
     #[test]

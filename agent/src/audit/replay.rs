@@ -2,8 +2,9 @@
 //! HTTP keep-alive connection...) as a timeline: its connection row (who,
 //! where, decision, bytes, times), then its requests in `seq` order, each
 //! with its offset from the session's start, its duration, decision and rule,
-//! and what it was. It reads through the same tables as `warden audit sql`
-//! ([`AuditQuery`]), with SQL.
+//! and what it was, then the steps of the approvals its requests waited for
+//! (`approvals`), in time order. It reads through the same tables as
+//! `warden audit sql` ([`AuditQuery`]), with SQL.
 use std::{collections::HashMap, fmt::Write as _, io::Write, sync::Arc};
 
 use arrow::{
@@ -26,20 +27,34 @@ pub async fn replay(
     session: &str,
     out: &mut dyn Write,
 ) -> Result<(), QueryError> {
-    let (mut conn, mut reqs) = load(query, session).await?;
+    let mut rows = load(query, session).await?;
     let mut id = session.to_string();
-    if conn.is_empty() && reqs.is_empty() {
+    if rows.is_empty() {
         id = resolve_prefix(query, session).await?;
-        (conn, reqs) = load(query, &id).await?;
+        rows = load(query, &id).await?;
     }
-    out.write_all(render(&id, &conn, &reqs).as_bytes())?;
+    out.write_all(render(&id, &rows).as_bytes())?;
     out.flush()?;
     Ok(())
 }
 
-/// The session's connection rows (at most one, normally) and its requests
-/// in order.
-async fn load(query: &AuditQuery, session: &str) -> Result<(Cells, Cells), QueryError> {
+/// A session's rows.
+struct Session {
+    /// Its connection rows (at most one, normally).
+    conn: Cells,
+    /// Its requests in order.
+    reqs: Cells,
+    /// The steps of its approvals, in time order.
+    steps: Cells,
+}
+
+impl Session {
+    fn is_empty(&self) -> bool {
+        self.conn.is_empty() && self.reqs.is_empty() && self.steps.is_empty()
+    }
+}
+
+async fn load(query: &AuditQuery, session: &str) -> Result<Session, QueryError> {
     let id = sql_string(session);
     let conn = query
         .collect(&format!(
@@ -51,7 +66,16 @@ async fn load(query: &AuditQuery, session: &str) -> Result<(Cells, Cells), Query
             "SELECT * FROM requests WHERE session_id = {id} ORDER BY seq, start_time"
         ))
         .await?;
-    Ok((Cells::new(conn)?, Cells::new(reqs)?))
+    let steps = query
+        .collect(&format!(
+            "SELECT * FROM approvals WHERE session_id = {id} ORDER BY start_time"
+        ))
+        .await?;
+    Ok(Session {
+        conn: Cells::new(conn)?,
+        reqs: Cells::new(reqs)?,
+        steps: Cells::new(steps)?,
+    })
 }
 
 /// The one session whose id starts with `prefix`.
@@ -75,7 +99,8 @@ async fn resolve_prefix(query: &AuditQuery, prefix: &str) -> Result<String, Quer
         query
             .collect(&format!(
                 "SELECT DISTINCT session_id FROM (SELECT session_id FROM connections \
-                 UNION ALL SELECT session_id FROM requests) WHERE session_id LIKE {pattern} \
+                 UNION ALL SELECT session_id FROM requests UNION ALL SELECT session_id FROM approvals) \
+                 WHERE session_id LIKE {pattern} \
                  ORDER BY session_id LIMIT 6"
             ))
             .await?,
@@ -100,36 +125,50 @@ fn sql_string(s: &str) -> String {
 }
 
 /// The timeline as text.
-fn render(id: &str, conn: &Cells, reqs: &Cells) -> String {
+fn render(id: &str, session: &Session) -> String {
+    let Session { conn, reqs, steps } = session;
     let mut s = String::new();
     let _ = writeln!(s, "session {id}");
     let start = if !conn.is_empty() {
         connection(&mut s, conn, reqs);
         conn.micros("start_time", 0)
     } else {
+        // A request held for approval has no `requests` row before it
+        // completes: its steps say who and where then.
+        let (first, what) = if reqs.is_empty() {
+            (steps, "approval step")
+        } else {
+            (reqs, "request")
+        };
         let _ = writeln!(
             s,
             "connection: no row yet (the connection is still open, or the agent stopped before it \
-             ended); offsets are from its first request"
+             ended); offsets are from its first {what}"
         );
-        who(&mut s, reqs);
+        who(&mut s, first);
         if let Some(line) = database(reqs) {
             let _ = writeln!(s, "  database  {line}");
         }
-        reqs.micros("start_time", 0)
+        first.micros("start_time", 0)
     };
+    let start = start.unwrap_or_default();
     if reqs.is_empty() {
         let _ = writeln!(s, "requests: none decoded");
-        return s;
+    } else {
+        requests(&mut s, reqs, start);
     }
+    if !steps.is_empty() {
+        approvals(&mut s, steps, start);
+    }
+    s
+}
+
+/// The requests, one per line.
+fn requests(s: &mut String, reqs: &Cells, start: i64) {
     let _ = writeln!(s, "requests: {}", reqs.len());
-    let start = start.unwrap_or_default();
     let lines: Vec<[String; 4]> = (0..reqs.len())
         .map(|i| {
-            let offset = reqs.micros("start_time", i).map_or_else(
-                || "?".to_string(),
-                |t| format!("+{:.3} ms", (t - start) as f64 / 1000.0),
-            );
+            let offset = offset(reqs, i, start);
             let duration = reqs
                 .float("duration_ms", i)
                 .map_or_else(|| "?".to_string(), |d| format!("{d:.3} ms"));
@@ -155,7 +194,83 @@ fn render(id: &str, conn: &Cells, reqs: &Cells) -> String {
             "  {offset:>w0$}  {duration:>w1$}  {verdict:<w2$}  {what}"
         );
     }
+}
+
+/// The approval steps, one per line: offset, step, approval id, details.
+fn approvals(s: &mut String, steps: &Cells, start: i64) {
+    let _ = writeln!(s, "approvals: {}", steps.len());
+    let lines: Vec<[String; 4]> = (0..steps.len())
+        .map(|i| {
+            [
+                offset(steps, i, start),
+                steps.str("step", i).unwrap_or_default(),
+                steps.str("approval_id", i).unwrap_or_default(),
+                approval_step(steps, i),
+            ]
+        })
+        .collect();
+    let width = |k: usize| {
+        lines
+            .iter()
+            .map(|l| l[k].chars().count())
+            .max()
+            .unwrap_or(0)
+    };
+    let (w0, w1, w2) = (width(0), width(1), width(2));
+    for [offset, step, id, what] in &lines {
+        let line = format!("  {offset:>w0$}  {step:<w1$}  {id:<w2$}  {what}");
+        let _ = writeln!(s, "{}", line.trim_end());
+    }
+}
+
+/// What step `i` of an approval says: the held request when it starts, the
+/// reviewer and the count of approvals later, the reason if any.
+fn approval_step(a: &Cells, i: usize) -> String {
+    let step = a.str("step", i).unwrap_or_default();
+    let count = || {
+        format!(
+            "{}/{} approvals",
+            a.int("approvals", i).unwrap_or_default(),
+            a.int("quorum", i).unwrap_or_default()
+        )
+    };
+    let mut parts = Vec::new();
+    if step == "requested" {
+        parts.push(format!("rule {}", a.str("rule", i).unwrap_or_default()));
+        parts.push(format!("quorum {}", a.int("quorum", i).unwrap_or_default()));
+        parts.push(format!("expires {}", time(a.micros("expires_at", i))));
+    } else {
+        if let Some(reviewer) = a.str("reviewer", i) {
+            let mut by = format!("by {reviewer}");
+            if let Some(email) = a.str("reviewer_email", i) {
+                let _ = write!(by, " <{email}>");
+            }
+            parts.push(by);
+        }
+        if matches!(step.as_str(), "approved" | "executed") {
+            parts.push(count());
+        }
+    }
+    if let Some(reason) = a.str("reason", i) {
+        parts.push(format!("reason: {}", one_line(&reason)));
+    }
+    let mut s = parts.join(", ");
+    if step == "requested" {
+        let _ = write!(
+            s,
+            ": {}",
+            one_line(&a.str("request", i).unwrap_or_default())
+        );
+    }
     s
+}
+
+/// Row `i`'s start as an offset from the session's.
+fn offset(c: &Cells, i: usize, start: i64) -> String {
+    c.micros("start_time", i).map_or_else(
+        || "?".to_string(),
+        |t| format!("+{:.3} ms", (t - start) as f64 / 1000.0),
+    )
 }
 
 /// The connection's row: who, where, decision, bytes, times, error.
@@ -211,7 +326,8 @@ fn connection(s: &mut String, c: &Cells, reqs: &Cells) {
     }
 }
 
-/// The process (both tables carry it): pid, command, user, unit, workload.
+/// The process (every table of traffic carries it): pid, command, user,
+/// unit, workload.
 fn who(s: &mut String, c: &Cells) {
     if c.is_empty() {
         return;
@@ -317,6 +433,9 @@ fn request(r: &Cells, i: usize) -> String {
         }
     } else {
         let _ = write!(s, "{protocol} request");
+    }
+    if let Some(approval) = r.str("approval_id", i) {
+        let _ = write!(s, " | approval {approval}");
     }
     match (r.str("sqlstate", i), r.str("error", i)) {
         (Some(state), Some(e)) => {

@@ -12,7 +12,7 @@ use std::{
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 
-use super::schema::{CONNECTIONS_TABLE, EVENTS_TABLE, REQUESTS_TABLE};
+use super::schema::{APPROVALS_TABLE, CONNECTIONS_TABLE, EVENTS_TABLE, REQUESTS_TABLE};
 
 pub const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
@@ -32,7 +32,12 @@ pub fn sweep(dir: &Path, keep: Duration, now: DateTime<Utc>) -> io::Result<Swept
         return Ok(Swept::default());
     };
     let mut swept = Swept::default();
-    for table in [CONNECTIONS_TABLE, REQUESTS_TABLE, EVENTS_TABLE] {
+    for table in [
+        CONNECTIONS_TABLE,
+        REQUESTS_TABLE,
+        APPROVALS_TABLE,
+        EVENTS_TABLE,
+    ] {
         for (date_dir, date) in partitions(&dir.join(table), "date=", |v| {
             NaiveDate::parse_from_str(v, "%Y-%m-%d").ok()
         })? {
@@ -122,6 +127,7 @@ mod tests {
         touch(d, "connections/date=2025-03-01/hour=23/part-b.parquet");
         touch(d, "connections/date=2025-03-01/hour=23/part-c.parquet");
         touch(d, "requests/date=2025-03-01/hour=23/part-d.parquet");
+        touch(d, "approvals/date=2025-03-01/hour=23/part-g.parquet");
         touch(d, "requests/date=2025-03-02/hour=00/part-e.parquet");
         touch(d, "requests/date=2025-03-02/hour=01/part-f.parquet");
         touch(d, "requests/notes/keep.txt");
@@ -134,12 +140,13 @@ mod tests {
         assert_eq!(
             swept,
             Swept {
-                partitions: 3,
-                files: 4
+                partitions: 4,
+                files: 5
             }
         );
         assert!(!d.join("connections/date=2025-03-01").exists());
         assert!(!d.join("requests/date=2025-03-01").exists());
+        assert!(!d.join("approvals/date=2025-03-01").exists());
         assert!(
             d.join("requests/date=2025-03-02/hour=00/part-e.parquet")
                 .exists()

@@ -1,6 +1,6 @@
-//! The Arrow schemas of the audit tables (`connections`, `requests`) and the
-//! conversion of rows into record batches. docs/audit.md documents every
-//! column.
+//! The Arrow schemas of the audit tables (`connections`, `requests`,
+//! `events`, `approvals`) and the conversion of rows into record batches.
+//! docs/audit.md documents every column.
 //!
 //! Each row type implements [`Table`]; the writer and the file code only
 //! know that trait. Adding a column to a table means: its field in the
@@ -19,7 +19,8 @@ use arrow::{
 };
 use chrono::{DateTime, Utc};
 
-use super::{ConnectionRow, EventRow, RequestRow};
+use super::{ApprovalRow, ConnectionRow, EventRow, RequestRow};
+use crate::identity::Identity;
 
 /// The version of the `connections` schema, written in the `schema_version`
 /// column and in the file's `warden.schema_version` key-value metadata.
@@ -28,7 +29,7 @@ pub const SCHEMA_VERSION: i16 = 1;
 
 /// The version of the `requests` schema (see [`SCHEMA_VERSION`]); the two
 /// tables' versions move independently.
-pub const REQUESTS_SCHEMA_VERSION: i16 = 3;
+pub const REQUESTS_SCHEMA_VERSION: i16 = 4;
 
 /// The `connections` table's name: its directory under the audit directory
 /// and the file's `warden.table` key-value metadata.
@@ -42,6 +43,13 @@ pub const EVENTS_TABLE: &str = "events";
 
 /// The version of the `events` schema (see [`SCHEMA_VERSION`]).
 pub const EVENTS_SCHEMA_VERSION: i16 = 1;
+
+/// The `approvals` table's name: the steps of the requests a rule held for
+/// approval.
+pub const APPROVALS_TABLE: &str = "approvals";
+
+/// The version of the `approvals` schema (see [`SCHEMA_VERSION`]).
+pub const APPROVALS_SCHEMA_VERSION: i16 = 1;
 
 /// Key-value metadata key holding the table's schema version.
 pub const META_SCHEMA_VERSION: &str = "warden.schema_version";
@@ -167,8 +175,109 @@ impl Table for EventRow {
     }
 }
 
+static APPROVALS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields = vec![
+        Field::new("schema_version", DataType::Int16, false),
+        Field::new("start_time", utc_micros(), false),
+        Field::new("host", DataType::Utf8, false),
+        Field::new("agent_pid", DataType::Int64, false),
+        Field::new("approval_id", DataType::Utf8, false),
+        Field::new("step", DataType::Utf8, false),
+        Field::new("session_id", DataType::Utf8, false),
+        Field::new("protocol", DataType::Utf8, false),
+    ];
+    fields.extend(requester_fields());
+    fields.extend([
+        Field::new("workload", DataType::Utf8, true),
+        Field::new("dst_addr", DataType::Utf8, false),
+        Field::new("dst_port", DataType::Int32, false),
+        Field::new("rule", DataType::Utf8, false),
+        Field::new("request", DataType::Utf8, false),
+        Field::new("reviewer", DataType::Utf8, true),
+        Field::new("reviewer_email", DataType::Utf8, true),
+        Field::new("reviewer_groups", string_list(), false),
+        Field::new("approvals", DataType::Int64, false),
+        Field::new("quorum", DataType::Int64, false),
+        Field::new("reason", DataType::Utf8, true),
+        Field::new("expires_at", utc_micros(), false),
+    ]);
+    Arc::new(Schema::new(fields))
+});
+
+/// The Arrow schema of the `approvals` table (without the partition columns).
+pub fn approvals_schema() -> SchemaRef {
+    APPROVALS_SCHEMA.clone()
+}
+
+impl Table for ApprovalRow {
+    const NAME: &'static str = APPROVALS_TABLE;
+    const SCHEMA_VERSION: i16 = APPROVALS_SCHEMA_VERSION;
+
+    fn schema() -> SchemaRef {
+        approvals_schema()
+    }
+
+    fn start_time(&self) -> &DateTime<Utc> {
+        &self.time
+    }
+
+    fn estimated_size(&self) -> u64 {
+        // Fixed-width columns (2 + 8 * 7 + 4 bytes, 4 bytes of list
+        // offsets) plus string offsets (4 bytes for each of 16 strings) plus
+        // the short constant strings.
+        const FIXED: usize = 62 + 4 + 64 + 40;
+        let variable = self.approval_id.len()
+            + self.session_id.len()
+            + requester_len(&self.identity)
+            + opt_len(&self.workload)
+            + self.rule.len()
+            + self.request.len()
+            + opt_len(&self.reviewer)
+            + opt_len(&self.reviewer_email)
+            + list_len(&self.reviewer_groups)
+            + opt_len(&self.reason);
+        (FIXED + variable) as u64
+    }
+
+    fn to_record_batch(rows: &[Self], host: &str) -> Result<RecordBatch, ArrowError> {
+        let pid = i64::from(std::process::id());
+        let mut columns = vec![
+            ("schema_version", versions(rows, Self::SCHEMA_VERSION)),
+            ("start_time", times(rows, |r| &r.time)),
+            ("host", strings(rows, |_| host)),
+            ("agent_pid", ints(rows, |_| pid)),
+            ("approval_id", strings(rows, |r| &r.approval_id)),
+            ("step", strings(rows, |r| r.step.as_str())),
+            ("session_id", strings(rows, |r| &r.session_id)),
+            ("protocol", strings(rows, |r| r.protocol)),
+        ];
+        columns.extend(requester_columns(rows, |r| &r.identity));
+        columns.extend([
+            ("workload", opt_strings(rows, |r| r.workload.as_deref())),
+            ("dst_addr", addrs(rows, |r| r.destination.ip())),
+            ("dst_port", ports(rows, |r| r.destination.port())),
+            ("rule", strings(rows, |r| &r.rule)),
+            ("request", strings(rows, |r| &r.request)),
+            ("reviewer", opt_strings(rows, |r| r.reviewer.as_deref())),
+            (
+                "reviewer_email",
+                opt_strings(rows, |r| r.reviewer_email.as_deref()),
+            ),
+            (
+                "reviewer_groups",
+                string_lists(rows, |r| &r.reviewer_groups),
+            ),
+            ("approvals", ints(rows, |r| r.approvals.into())),
+            ("quorum", ints(rows, |r| r.quorum.into())),
+            ("reason", opt_strings(rows, |r| r.reason.as_deref())),
+            ("expires_at", times(rows, |r| &r.expires_at)),
+        ]);
+        batch(Self::schema(), columns)
+    }
+}
+
 static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("schema_version", DataType::Int16, false),
         Field::new("session_id", DataType::Utf8, false),
         Field::new("seq", DataType::Int64, false),
@@ -176,14 +285,9 @@ static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("end_time", utc_micros(), false),
         Field::new("duration_ms", DataType::Float64, false),
         Field::new("host", DataType::Utf8, false),
-        Field::new("pid", DataType::Int64, false),
-        Field::new("uid", DataType::Int64, false),
-        Field::new("user", DataType::Utf8, true),
-        Field::new("comm", DataType::Utf8, false),
-        Field::new("exe", DataType::Utf8, true),
-        Field::new("cgroup_path", DataType::Utf8, true),
-        Field::new("unit", DataType::Utf8, true),
-        Field::new("container_id", DataType::Utf8, true),
+    ];
+    fields.extend(requester_fields());
+    fields.extend([
         Field::new("workload", DataType::Utf8, true),
         Field::new("dst_addr", DataType::Utf8, false),
         Field::new("dst_port", DataType::Int32, false),
@@ -220,7 +324,9 @@ static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("caused_by_session_id", DataType::Utf8, true),
         Field::new("caused_by_seq", DataType::Int64, true),
         Field::new("caused_by_match", DataType::Utf8, true),
-    ]))
+        Field::new("approval_id", DataType::Utf8, true),
+    ]);
+    Arc::new(Schema::new(fields))
 });
 
 /// The Arrow schema of the `connections` table (without the `date` and
@@ -349,28 +455,22 @@ impl Table for RequestRow {
     fn estimated_size(&self) -> u64 {
         // Fixed-width columns (2 + 8 * 8 + 4 bytes, and 4 bytes of list
         // offsets for each of 3 lists) plus string offsets (4 bytes for each
-        // of 21 strings) plus the short constant strings.
-        const FIXED: usize = 70 + 12 + 84 + 40;
-        let id = &self.identity;
-        let list = |l: &[String]| l.iter().map(|s| s.len() + 4).sum::<usize>();
+        // of 22 strings) plus the short constant strings.
+        const FIXED: usize = 70 + 12 + 88 + 40;
         let variable = self.session_id.len()
             + self.rule.len()
-            + id.comm.len()
-            + opt_len(&id.user)
-            + opt_len(&id.exe)
-            + opt_len(&id.cgroup_path)
-            + opt_len(&id.unit)
-            + opt_len(&id.container_id)
+            + requester_len(&self.identity)
             + opt_len(&self.workload)
+            + opt_len(&self.approval_id)
             + opt_len(&self.database)
             + opt_len(&self.db_user)
             + opt_len(&self.statement)
             + opt_len(&self.fingerprint)
             + opt_len(&self.error)
             + opt_len(&self.sqlstate)
-            + list(&self.tables_read)
-            + list(&self.tables_written)
-            + list(&self.functions)
+            + list_len(&self.tables_read)
+            + list_len(&self.tables_written)
+            + list_len(&self.functions)
             + self.http.as_ref().map_or(0, |h| {
                 h.method.len() + opt_len(&h.host) + h.path.len() + 3 * 4 + 4
             })
@@ -379,7 +479,7 @@ impl Table for RequestRow {
                     + opt_len(&l.prompt)
                     + opt_len(&l.prompt_sha256)
                     + opt_len(&l.response)
-                    + list(&l.tool_calls)
+                    + list_len(&l.tool_calls)
                     + 16
                     + 8 * 4
             });
@@ -387,152 +487,189 @@ impl Table for RequestRow {
     }
 
     fn to_record_batch(rows: &[Self], host: &str) -> Result<RecordBatch, ArrowError> {
-        batch(
-            Self::schema(),
-            vec![
-                ("schema_version", versions(rows, Self::SCHEMA_VERSION)),
-                ("session_id", strings(rows, |r| &r.session_id)),
-                ("seq", ints(rows, |r| saturating_i64(r.seq))),
-                ("start_time", times(rows, |r| &r.start_time)),
-                ("end_time", times(rows, |r| &r.end_time)),
-                (
-                    "duration_ms",
-                    durations_ms(rows, |r| (&r.start_time, &r.end_time)),
-                ),
-                ("host", strings(rows, |_| host)),
-                ("pid", ints(rows, |r| r.identity.pid.into())),
-                ("uid", ints(rows, |r| r.identity.uid.into())),
-                ("user", opt_strings(rows, |r| r.identity.user.as_deref())),
-                ("comm", strings(rows, |r| &r.identity.comm)),
-                ("exe", opt_strings(rows, |r| r.identity.exe.as_deref())),
-                (
-                    "cgroup_path",
-                    opt_strings(rows, |r| r.identity.cgroup_path.as_deref()),
-                ),
-                ("unit", opt_strings(rows, |r| r.identity.unit.as_deref())),
-                (
-                    "container_id",
-                    opt_strings(rows, |r| r.identity.container_id.as_deref()),
-                ),
-                ("workload", opt_strings(rows, |r| r.workload.as_deref())),
-                ("dst_addr", addrs(rows, |r| r.destination.ip())),
-                ("dst_port", ports(rows, |r| r.destination.port())),
-                ("protocol", strings(rows, |r| r.protocol)),
-                ("database", opt_strings(rows, |r| r.database.as_deref())),
-                ("db_user", opt_strings(rows, |r| r.db_user.as_deref())),
-                ("statement", opt_strings(rows, |r| r.statement.as_deref())),
-                ("statement_class", opt_strings(rows, |r| r.statement_class)),
-                ("tables_read", string_lists(rows, |r| &r.tables_read)),
-                ("tables_written", string_lists(rows, |r| &r.tables_written)),
-                ("functions", string_lists(rows, |r| &r.functions)),
-                (
-                    "fingerprint",
-                    opt_strings(rows, |r| r.fingerprint.as_deref()),
-                ),
-                ("rows", opt_ints(rows, |r| r.rows.map(saturating_i64))),
-                ("masked", ints(rows, |r| saturating_i64(r.masked))),
-                ("decision", strings(rows, |r| r.decision)),
-                ("rule", strings(rows, |r| &r.rule)),
-                ("error", opt_strings(rows, |r| r.error.as_deref())),
-                ("sqlstate", opt_strings(rows, |r| r.sqlstate.as_deref())),
-                (
-                    "http_method",
-                    opt_strings(rows, |r| r.http.as_ref().map(|h| h.method.as_str())),
-                ),
-                (
-                    "http_host",
-                    opt_strings(rows, |r| r.http.as_ref().and_then(|h| h.host.as_deref())),
-                ),
-                (
-                    "http_path",
-                    opt_strings(rows, |r| r.http.as_ref().map(|h| h.path.as_str())),
-                ),
-                (
-                    "http_status",
-                    Arc::new(Int32Array::from_iter(
-                        rows.iter()
-                            .map(|r| r.http.as_ref().and_then(|h| h.status).map(i32::from)),
-                    )),
-                ),
-                (
-                    "llm_provider",
-                    opt_strings(rows, |r| r.llm.as_ref().map(|l| l.provider)),
-                ),
-                (
-                    "llm_endpoint",
-                    opt_strings(rows, |r| r.llm.as_ref().map(|l| l.endpoint)),
-                ),
-                (
-                    "llm_model",
-                    opt_strings(rows, |r| r.llm.as_ref().and_then(|l| l.model.as_deref())),
-                ),
-                (
-                    "llm_stream",
-                    Arc::new(BooleanArray::from_iter(
-                        rows.iter().map(|r| r.llm.as_ref().map(|l| l.stream)),
-                    )),
-                ),
-                (
-                    "prompt",
-                    opt_strings(rows, |r| r.llm.as_ref().and_then(|l| l.prompt.as_deref())),
-                ),
-                (
-                    "prompt_sha256",
-                    opt_strings(rows, |r| {
-                        r.llm.as_ref().and_then(|l| l.prompt_sha256.as_deref())
-                    }),
-                ),
-                (
-                    "response",
-                    opt_strings(rows, |r| r.llm.as_ref().and_then(|l| l.response.as_deref())),
-                ),
-                (
-                    "tool_calls",
-                    string_lists(rows, |r| r.llm.as_ref().map_or(&[][..], |l| &l.tool_calls)),
-                ),
-                (
-                    "input_tokens",
-                    opt_ints(rows, |r| {
-                        r.llm
-                            .as_ref()
-                            .and_then(|l| l.input_tokens)
-                            .map(saturating_i64)
-                    }),
-                ),
-                (
-                    "output_tokens",
-                    opt_ints(rows, |r| {
-                        r.llm
-                            .as_ref()
-                            .and_then(|l| l.output_tokens)
-                            .map(saturating_i64)
-                    }),
-                ),
-                (
-                    "redacted",
-                    ints(rows, |r| {
-                        saturating_i64(r.llm.as_ref().map_or(0, |l| l.redacted))
-                    }),
-                ),
-                (
-                    "caused_by_session_id",
-                    opt_strings(rows, |r| {
-                        r.caused_by.as_ref().map(|c| c.exchange.session_id.as_str())
-                    }),
-                ),
-                (
-                    "caused_by_seq",
-                    opt_ints(rows, |r| {
-                        r.caused_by.as_ref().map(|c| saturating_i64(c.exchange.seq))
-                    }),
-                ),
-                (
-                    "caused_by_match",
-                    opt_strings(rows, |r| r.caused_by.as_ref().map(|c| c.kind.as_str())),
-                ),
-            ],
-        )
+        let mut columns = vec![
+            ("schema_version", versions(rows, Self::SCHEMA_VERSION)),
+            ("session_id", strings(rows, |r| &r.session_id)),
+            ("seq", ints(rows, |r| saturating_i64(r.seq))),
+            ("start_time", times(rows, |r| &r.start_time)),
+            ("end_time", times(rows, |r| &r.end_time)),
+            (
+                "duration_ms",
+                durations_ms(rows, |r| (&r.start_time, &r.end_time)),
+            ),
+            ("host", strings(rows, |_| host)),
+        ];
+        columns.extend(requester_columns(rows, |r| &r.identity));
+        columns.extend([
+            ("workload", opt_strings(rows, |r| r.workload.as_deref())),
+            ("dst_addr", addrs(rows, |r| r.destination.ip())),
+            ("dst_port", ports(rows, |r| r.destination.port())),
+            ("protocol", strings(rows, |r| r.protocol)),
+            ("database", opt_strings(rows, |r| r.database.as_deref())),
+            ("db_user", opt_strings(rows, |r| r.db_user.as_deref())),
+            ("statement", opt_strings(rows, |r| r.statement.as_deref())),
+            ("statement_class", opt_strings(rows, |r| r.statement_class)),
+            ("tables_read", string_lists(rows, |r| &r.tables_read)),
+            ("tables_written", string_lists(rows, |r| &r.tables_written)),
+            ("functions", string_lists(rows, |r| &r.functions)),
+            (
+                "fingerprint",
+                opt_strings(rows, |r| r.fingerprint.as_deref()),
+            ),
+            ("rows", opt_ints(rows, |r| r.rows.map(saturating_i64))),
+            ("masked", ints(rows, |r| saturating_i64(r.masked))),
+            ("decision", strings(rows, |r| r.decision)),
+            ("rule", strings(rows, |r| &r.rule)),
+            ("error", opt_strings(rows, |r| r.error.as_deref())),
+            ("sqlstate", opt_strings(rows, |r| r.sqlstate.as_deref())),
+            (
+                "http_method",
+                opt_strings(rows, |r| r.http.as_ref().map(|h| h.method.as_str())),
+            ),
+            (
+                "http_host",
+                opt_strings(rows, |r| r.http.as_ref().and_then(|h| h.host.as_deref())),
+            ),
+            (
+                "http_path",
+                opt_strings(rows, |r| r.http.as_ref().map(|h| h.path.as_str())),
+            ),
+            (
+                "http_status",
+                Arc::new(Int32Array::from_iter(
+                    rows.iter()
+                        .map(|r| r.http.as_ref().and_then(|h| h.status).map(i32::from)),
+                )),
+            ),
+            (
+                "llm_provider",
+                opt_strings(rows, |r| r.llm.as_ref().map(|l| l.provider)),
+            ),
+            (
+                "llm_endpoint",
+                opt_strings(rows, |r| r.llm.as_ref().map(|l| l.endpoint)),
+            ),
+            (
+                "llm_model",
+                opt_strings(rows, |r| r.llm.as_ref().and_then(|l| l.model.as_deref())),
+            ),
+            (
+                "llm_stream",
+                Arc::new(BooleanArray::from_iter(
+                    rows.iter().map(|r| r.llm.as_ref().map(|l| l.stream)),
+                )),
+            ),
+            (
+                "prompt",
+                opt_strings(rows, |r| r.llm.as_ref().and_then(|l| l.prompt.as_deref())),
+            ),
+            (
+                "prompt_sha256",
+                opt_strings(rows, |r| {
+                    r.llm.as_ref().and_then(|l| l.prompt_sha256.as_deref())
+                }),
+            ),
+            (
+                "response",
+                opt_strings(rows, |r| r.llm.as_ref().and_then(|l| l.response.as_deref())),
+            ),
+            (
+                "tool_calls",
+                string_lists(rows, |r| r.llm.as_ref().map_or(&[][..], |l| &l.tool_calls)),
+            ),
+            (
+                "input_tokens",
+                opt_ints(rows, |r| {
+                    r.llm
+                        .as_ref()
+                        .and_then(|l| l.input_tokens)
+                        .map(saturating_i64)
+                }),
+            ),
+            (
+                "output_tokens",
+                opt_ints(rows, |r| {
+                    r.llm
+                        .as_ref()
+                        .and_then(|l| l.output_tokens)
+                        .map(saturating_i64)
+                }),
+            ),
+            (
+                "redacted",
+                ints(rows, |r| {
+                    saturating_i64(r.llm.as_ref().map_or(0, |l| l.redacted))
+                }),
+            ),
+            (
+                "caused_by_session_id",
+                opt_strings(rows, |r| {
+                    r.caused_by.as_ref().map(|c| c.exchange.session_id.as_str())
+                }),
+            ),
+            (
+                "caused_by_seq",
+                opt_ints(rows, |r| {
+                    r.caused_by.as_ref().map(|c| saturating_i64(c.exchange.seq))
+                }),
+            ),
+            (
+                "caused_by_match",
+                opt_strings(rows, |r| r.caused_by.as_ref().map(|c| c.kind.as_str())),
+            ),
+            (
+                "approval_id",
+                opt_strings(rows, |r| r.approval_id.as_deref()),
+            ),
+        ]);
+        batch(Self::schema(), columns)
     }
+}
+
+/// The columns of the process that made a request, as `requests` and
+/// `approvals` write them (`connections` has more: `tid`, `gid`,
+/// `cmdline`, `cgroup_id`).
+fn requester_fields() -> [Field; 8] {
+    [
+        Field::new("pid", DataType::Int64, false),
+        Field::new("uid", DataType::Int64, false),
+        Field::new("user", DataType::Utf8, true),
+        Field::new("comm", DataType::Utf8, false),
+        Field::new("exe", DataType::Utf8, true),
+        Field::new("cgroup_path", DataType::Utf8, true),
+        Field::new("unit", DataType::Utf8, true),
+        Field::new("container_id", DataType::Utf8, true),
+    ]
+}
+
+/// The arrays of [`requester_fields`], in their order.
+fn requester_columns<R>(rows: &[R], id: impl Fn(&R) -> &Identity) -> [(&'static str, ArrayRef); 8] {
+    [
+        ("pid", ints(rows, |r| id(r).pid.into())),
+        ("uid", ints(rows, |r| id(r).uid.into())),
+        ("user", opt_strings(rows, |r| id(r).user.as_deref())),
+        ("comm", strings(rows, |r| &id(r).comm)),
+        ("exe", opt_strings(rows, |r| id(r).exe.as_deref())),
+        (
+            "cgroup_path",
+            opt_strings(rows, |r| id(r).cgroup_path.as_deref()),
+        ),
+        ("unit", opt_strings(rows, |r| id(r).unit.as_deref())),
+        (
+            "container_id",
+            opt_strings(rows, |r| id(r).container_id.as_deref()),
+        ),
+    ]
+}
+
+/// The variable part of [`requester_columns`] for one row.
+fn requester_len(id: &Identity) -> usize {
+    id.comm.len()
+        + opt_len(&id.user)
+        + opt_len(&id.exe)
+        + opt_len(&id.cgroup_path)
+        + opt_len(&id.unit)
+        + opt_len(&id.container_id)
 }
 
 /// Builds the batch, checking that the arrays come in the schema's order
@@ -605,6 +742,11 @@ fn string_lists<'a, R>(rows: &'a [R], f: impl Fn(&'a R) -> &'a [String]) -> Arra
         builder.append(true);
     }
     Arc::new(builder.finish())
+}
+
+/// A list's strings and their offsets.
+fn list_len(l: &[String]) -> usize {
+    l.iter().map(|s| s.len() + 4).sum()
 }
 
 fn opt_len(s: &Option<String>) -> usize {

@@ -17,6 +17,8 @@ use parquet::{arrow::arrow_reader::ParquetRecordBatchReaderBuilder, basic::Compr
 
 use super::*;
 
+/// The `approvals` table: the steps of requests held for approval.
+mod approvals;
 /// The `events` table: the audit's outages, recoveries.
 mod events;
 /// The journal: rows on disk before their rotation, recovered after a crash.

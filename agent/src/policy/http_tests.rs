@@ -1123,7 +1123,8 @@ fn request_options_only_on_request_rules_that_allow() {
             "version: 1\nrules:\n  - name: too-big\n    when: { llm: {} }\n    action: deny\n    limits: { max_tokens: 4000 }\n"
         ),
         "policy.yaml:6:5: rule `too-big` denies, and limits applies to the requests a rule \
-         allows; limits goes with `action: allow`: make the rule allow, or remove its limits"
+         allows; limits goes with `action: allow` or `action: approve`: make the rule allow, or \
+         remove its limits"
     );
     // Wherever the action is.
     assert_err(
@@ -1448,5 +1449,178 @@ fn a_rules_mask_response_masks_json_fields_of_any_answer() {
         8,
         54,
         "\"ssn\" is not a JSON path Warden reads (it does not start with `$`)",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Holding for approval
+
+const HOLDING: &str = "\
+version: 1
+approvals:
+  oidc: { issuer: \"http://127.0.0.1:9400\", client_id: warden }
+workloads:
+  bot: { match: { unit: \"support-bot.service\" }, owners: [alice] }
+targets:
+  openai: { host: api.openai.com, protocol: llm }
+  internal: { address: \"127.0.0.1\", port: 8080, protocol: http }
+rules:
+  - name: big-models-need-a-lead
+    when: { workload: bot, target: openai, llm: { endpoint: chat } }
+    action: approve
+    approve: { groups: [leads], expires: 5m }
+    limits: { models: [\"gpt-4.1*\"], max_tokens: 4000 }
+    redact_prompt: { detectors: [secrets], on_detect: deny }
+    mask_response: [payment]
+  - name: admin-needs-ops
+    when: { target: internal, http: { path: \"/admin/*\" } }
+    action: approve
+    approve: { groups: [ops, sre], quorum: 2 }
+  - name: no-deletes
+    when: { target: internal, http: { method: DELETE } }
+    action: deny
+";
+
+#[test]
+fn an_approving_rule_holds_the_request_with_its_approve() {
+    let p = policy(HOLDING);
+    let call = Req::new()
+        .llm("openai", "chat", Some("gpt-4.1"))
+        .max_tokens(1000);
+    let d = call.on(&p);
+    assert_eq!(
+        (d.action, d.rule.as_str(), d.workload.as_deref()),
+        (Action::Approve, "big-models-need-a-lead", Some("bot"))
+    );
+    assert_eq!(d.reason, None);
+    let approval = d.approval.expect("who approves");
+    assert_eq!(
+        *approval,
+        ApprovalRule {
+            groups: vec!["leads".into()],
+            quorum: 1,
+            expires: Duration::from_secs(300),
+            message: None,
+        }
+    );
+    // What an allow would carry applies once released.
+    let redact = d.redact.expect("the rule redacts");
+    assert_eq!(redact.on_detect, OnDetect::Deny);
+    assert!(d.mask_response.is_some() && d.mask_any_json);
+    assert!(Arc::ptr_eq(&call.on(&p).approval.unwrap(), &approval));
+    // A plain HTTP request.
+    let admin = Req::new()
+        .to("127.0.0.1:8080", Some("localhost"))
+        .http("POST", "/admin/reindex");
+    let d = admin.on(&p);
+    assert_eq!(
+        (d.action, d.rule.as_str()),
+        (Action::Approve, "admin-needs-ops")
+    );
+    let approval = d.approval.unwrap();
+    assert_eq!((approval.groups.len(), approval.quorum), (2, 2));
+    assert!(d.redact.is_none() && d.mask_response.is_none());
+    // Every other decision carries none.
+    for req in [
+        Req::new()
+            .to("127.0.0.1:8080", Some("localhost"))
+            .http("DELETE", "/x"),
+        Req::new().to("127.0.0.1:8080", Some("localhost")),
+        Req::new().uid(1000).llm("openai", "chat", Some("gpt-4.1")),
+    ] {
+        let d = req.on(&p);
+        assert_ne!(d.action, Action::Approve);
+        assert!(d.approval.is_none(), "{d:?}");
+    }
+    assert_eq!(p.owners_of("bot"), ["alice"]);
+    assert_eq!(
+        p.summary(),
+        "3 rules, 3 of them for HTTP requests, 2 holding for approval, 1 workload, 2 targets; \
+         approvals by http://127.0.0.1:9400"
+    );
+}
+
+#[test]
+fn limits_still_deny_on_an_approving_rule() {
+    let p = policy(HOLDING);
+    let call = |model| Req::new().llm("openai", "chat", Some(model));
+    let d = call("gpt-5").on(&p);
+    assert_eq!(
+        (d.action, d.rule.as_str(), d.reason.as_deref()),
+        (
+            Action::Deny,
+            "big-models-need-a-lead",
+            Some(
+                "model \"gpt-5\" is not allowed by rule \"big-models-need-a-lead\" (allowed: \
+                 gpt-4.1*)"
+            )
+        )
+    );
+    assert!(d.approval.is_none() && d.redact.is_none() && d.mask_response.is_none());
+    let d = call("gpt-4.1").max_tokens(9000).on(&p);
+    assert_eq!(
+        (d.action, d.reason.as_deref()),
+        (
+            Action::Deny,
+            Some("max_tokens 9000 is over the limit 4000 of rule \"big-models-need-a-lead\"")
+        )
+    );
+    assert!(d.approval.is_none());
+}
+
+#[test]
+fn request_options_and_mask_go_on_approving_rules_too() {
+    // A statement rule that approves may mask; a request rule that approves
+    // may have limits, redact_prompt and mask_response (HOLDING above).
+    policy(
+        "version: 1\napprovals:\n  oidc: { issuer: \"https://x\", client_id: w }\nrules:\n  - { name: r, when: { sql: {} }, action: approve, approve: { groups: [dba] }, mask: { detectors: [payment] } }\n",
+    );
+    // Never on a rule of the other kind.
+    assert_err(
+        "version: 1\napprovals:\n  oidc: { issuer: \"https://x\", client_id: w }\nrules:\n  - name: r\n    when: { sql: {} }\n    action: approve\n    approve: { groups: [dba] }\n    limits: { max_tokens: 10 }\n",
+        9,
+        5,
+        "rule `r` has a sql matcher, so it decides PostgreSQL statements; limits applies to \
+         HTTP requests",
+    );
+    assert_err(
+        "version: 1\napprovals:\n  oidc: { issuer: \"https://x\", client_id: w }\nrules:\n  - name: r\n    when: { http: {} }\n    mask: { columns: [a] }\n    action: approve\n    approve: { groups: [dba] }\n",
+        7,
+        5,
+        "rule `r` decides HTTP requests",
+    );
+    // A request rule that approves is a request rule by its options alone.
+    let p = policy(
+        "version: 1\napprovals:\n  oidc: { issuer: \"https://x\", client_id: w }\nrules:\n  - { name: r, action: approve, approve: { groups: [dba] }, limits: { max_tokens: 10 } }\n",
+    );
+    assert_eq!(p.request_rule_count(), 1);
+    assert_eq!(
+        Req::new().llm("openai", "chat", None).decided(&p),
+        (Action::Approve, "r".to_string())
+    );
+}
+
+#[test]
+fn the_approvals_example_holds_large_models() {
+    let p = Policy::load(&policies_dir().join("examples/approvals.yaml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let call = |model| Req::new().llm("openai", "chat", Some(model));
+    let d = call("gpt-5-mini").on(&p);
+    assert_eq!(
+        (d.action, d.rule.as_str()),
+        (Action::Approve, "bot-large-models")
+    );
+    assert_eq!(d.approval.unwrap().groups, ["team-leads"]);
+    assert!(d.redact.is_some());
+    assert_eq!(
+        call("gpt-4.1").max_tokens(9000).decided(&p),
+        deny("bot-large-models")
+    );
+    assert_eq!(call("gpt-4.1-mini").decided(&p), allow("default"));
+    assert_eq!(
+        p.summary(),
+        "3 rules, 2 of them for SQL statements, 2 holding for approval, 1 of them for HTTP \
+         requests, 1 holding for approval, 1 workload, 2 targets; approvals by \
+         https://login.example.com/realms/ops"
     );
 }

@@ -266,7 +266,8 @@ rules:
     assert_eq!(
         err(src),
         "policy.yaml:6:5: rule `no-cards` denies, and a denied statement returns no rows to \
-         mask; mask goes with `action: allow`: make the rule allow, or remove its mask"
+         mask; mask goes with `action: allow` or `action: approve`: make the rule allow, or \
+         remove its mask"
     );
     // The action after the mask: still at the mask.
     assert_err(

@@ -18,6 +18,13 @@
 //!   `http_default`, `prompt_redact` and `response_mask` do the same for the
 //!   requests no rule decides ([`HttpDecision`]).
 //!
+//! Statement and request rules may also say `action: approve`: the
+//! statement or request is held until reviewers release it, as the rule's
+//! `approve` says ([`ApprovalRule`]), with what an allow would carry (mask,
+//! limits, redaction); the `approvals` section says how reviewers sign in
+//! ([`ApprovalSettings`]), and a workload's `owners` may never approve its
+//! requests.
+//!
 //! `credentials` give targets the API key the agent puts in their requests;
 //! the secrets are read when the policy is loaded and never printed.
 //!
@@ -272,15 +279,74 @@ impl CredentialHeader {
 pub enum Action {
     Allow,
     Deny,
+    /// Hold the statement or request until reviewers approve it
+    /// ([`ApprovalRule`]); statement and request rules only.
+    Approve,
 }
 
 impl Action {
-    /// "allow" or "deny", as the audit writes it.
+    /// "allow", "deny" or "approve", as the audit writes it.
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Allow => "allow",
             Action::Deny => "deny",
+            Action::Approve => "approve",
         }
+    }
+}
+
+/// A rule's `approve:`: who may release what it holds, and for how long it
+/// waits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApprovalRule {
+    /// The reviewer's groups (from the ID token's groups claim) must
+    /// include one of these.
+    pub groups: Vec<String>,
+    /// Distinct reviewers needed; at least 1.
+    pub quorum: u32,
+    /// How long the request waits before it expires and is refused.
+    pub expires: Duration,
+    /// What the requester is told while it waits (a PostgreSQL notice, an
+    /// HTTP header), if the rule says.
+    pub message: Option<String>,
+}
+
+impl ApprovalRule {
+    pub const DEFAULT_QUORUM: u32 = 1;
+    pub const DEFAULT_EXPIRES: Duration = Duration::from_secs(15 * 60);
+}
+
+/// The `approvals:` section: how reviewers are authenticated and told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApprovalSettings {
+    /// The identity provider reviewers sign in with.
+    pub oidc: OidcSettings,
+    /// Posted a Slack-style `{"text": ...}` for every new pending request.
+    pub webhook: Option<String>,
+}
+
+/// Its Debug never shows the client secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OidcSettings {
+    /// The issuer URL; its `/.well-known/openid-configuration` is read.
+    pub issuer: String,
+    /// The client id ID tokens must be issued to (their `aud`).
+    pub client_id: String,
+    /// The client secret for the reviewer page's sign-in, from an
+    /// environment variable or a file, if the provider wants one.
+    pub client_secret: Option<String>,
+    /// The claim that lists a reviewer's groups; default "groups".
+    pub groups_claim: String,
+}
+
+impl fmt::Debug for OidcSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OidcSettings")
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret.as_ref().map(|_| "***"))
+            .field("groups_claim", &self.groups_claim)
+            .finish()
     }
 }
 
@@ -292,20 +358,25 @@ pub struct Decision {
     pub rule: String,
     /// The first workload the identity matches, if any.
     pub workload: Option<String>,
-    /// For an allowed statement: how to mask the rows it returns, from the
-    /// deciding rule's `mask`, or from `sql_mask` when no rule decided.
+    /// For an allowed statement (or one held for approval, once released):
+    /// how to mask the rows it returns, from the deciding rule's `mask`, or
+    /// from `sql_mask` when no rule decided.
     /// None for connections, for denied statements, and for statements
     /// whose rule has no mask: their rows pass unchanged.
     pub mask: Option<Arc<Masker>>,
+    /// Some with [`Action::Approve`]: who may release the statement.
+    pub approval: Option<Arc<ApprovalRule>>,
 }
 
-/// Two decisions are equal when they say the same, and carry the same
-/// compiled mask (one rule's, or `sql_mask`), or none.
+/// Two decisions are equal when they say the same, carry the same
+/// compiled mask (one rule's, or `sql_mask`), or none, and the same
+/// approval, or none.
 impl PartialEq for Decision {
     fn eq(&self, other: &Decision) -> bool {
         self.action == other.action
             && self.rule == other.rule
             && self.workload == other.workload
+            && self.approval == other.approval
             && match (&self.mask, &other.mask) {
                 (None, None) => true,
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -328,13 +399,15 @@ pub struct HttpDecision {
     /// For a deny: one sentence for the client, naming the rule: `denied by
     /// rule "no-deletes"`, `model "gpt-5" is not allowed by rule "small"
     /// (allowed: gpt-4.1-mini*)`, `denied by http_default`. None for an
-    /// allow.
+    /// allow or an approve.
     pub reason: Option<String>,
-    /// For an allow: how to redact the prompt, from the rule's
-    /// `redact_prompt`, or `prompt_redact` when no rule decided.
+    /// For an allow (or an approve, once released): how to redact the
+    /// prompt, from the rule's `redact_prompt`, or `prompt_redact` when no
+    /// rule decided.
     pub redact: Option<Redact>,
-    /// For an allow: how to mask the response, from the rule's
-    /// `mask_response`, or `response_mask` when no rule decided.
+    /// For an allow (or an approve, once released): how to mask the
+    /// response, from the rule's `mask_response`, or `response_mask` when no
+    /// rule decided.
     pub mask_response: Option<Arc<Masker>>,
     /// A rule's `mask_response` masks the JSON answers of any HTTP request
     /// it decides; `response_mask`, only LLM answers.
@@ -345,6 +418,8 @@ pub struct HttpDecision {
     pub credential: Option<Arc<Credential>>,
     /// How much of an LLM prompt the audit keeps (`audit.prompts`).
     pub prompts: PromptAudit,
+    /// Some with [`Action::Approve`]: who may release the request.
+    pub approval: Option<Arc<ApprovalRule>>,
 }
 
 /// A rule's `mask`, or `sql_mask`, compiled: the masker, and what the file
@@ -534,6 +609,9 @@ impl Selector {
 struct Workload {
     name: String,
     selector: Selector,
+    /// `owners:`: the people (OIDC subjects, emails or usernames) the
+    /// workload acts for; none of them may approve its requests.
+    owners: Vec<String>,
 }
 
 /// Whether a key of globs holds for a value: no key holds for anything; a
@@ -831,9 +909,13 @@ struct Rule {
     http: Option<HttpMatcher>,
     llm: Option<LlmMatcher>,
     action: Action,
-    /// Only on a statement rule that allows (checked at load).
+    /// Some exactly when the action is [`Action::Approve`], which only
+    /// statement and request rules say (checked at load).
+    approval: Option<Arc<ApprovalRule>>,
+    /// Only on a statement rule that allows or approves (checked at load).
     mask: Option<Mask>,
-    /// Only on a request rule that allows (checked at load), as the next two.
+    /// Only on a request rule that allows or approves (checked at load), as
+    /// the next two.
     limits: Option<Limits>,
     redact_prompt: Option<PromptRedact>,
     mask_response: Option<Mask>,
@@ -895,6 +977,7 @@ pub struct Policy {
     udp_ports: Vec<u16>,
     audit: AuditSettings,
     prompts: PromptAudit,
+    approvals: Option<ApprovalSettings>,
 }
 
 impl Policy {
@@ -923,7 +1006,8 @@ impl Policy {
 
     /// Decides one connection. TCP: the first connection rule whose `when`
     /// holds decides, else the default; statement rules are passed over. UDP:
-    /// `udp.allow_ports` decides, as the kernel does.
+    /// `udp.allow_ports` decides, as the kernel does. Never
+    /// [`Action::Approve`]: only statement and request rules say it.
     pub fn decide_connection(&self, req: &ConnectionRequest) -> Decision {
         let hits = self.workload_hits(req.identity);
         let workload = self.first_workload(&hits);
@@ -934,6 +1018,7 @@ impl Policy {
                 rule: UDP_RULE.to_string(),
                 workload,
                 mask: None,
+                approval: None,
             };
         }
         let rule = self
@@ -947,12 +1032,14 @@ impl Policy {
                 rule: rule.name.clone(),
                 workload,
                 mask: None,
+                approval: None,
             },
             None => Decision {
                 action: self.default.action(),
                 rule: DEFAULT_RULE.to_string(),
                 workload,
                 mask: None,
+                approval: None,
             },
         }
     }
@@ -960,9 +1047,11 @@ impl Policy {
     /// Decides one statement of a PostgreSQL session whose connection was
     /// allowed: the first statement rule (in file order) whose whole `when`
     /// holds (workload, target, address, port and the `sql` matcher)
-    /// decides, with its `mask` if it has one; else `sql_default` (allow
-    /// unless the file says deny), with the rule "default" and `sql_mask`.
-    /// Connection rules, request rules and `default` play no part.
+    /// decides, with its `mask` if it has one, and with its `approve` if it
+    /// says `action: approve` (the caller holds the statement until
+    /// reviewers release it); else `sql_default` (allow unless the file says
+    /// deny), with the rule "default" and `sql_mask`. Connection rules,
+    /// request rules and `default` play no part.
     pub fn decide_statement(&self, req: &StatementRequest) -> Decision {
         let hits = self.workload_hits(req.identity);
         let workload = self.first_workload(&hits);
@@ -979,12 +1068,14 @@ impl Policy {
                 rule: rule.name.clone(),
                 workload,
                 mask: masker(&rule.mask),
+                approval: rule.approval.clone(),
             },
             None => Decision {
                 action: self.sql_default,
                 rule: DEFAULT_RULE.to_string(),
                 workload,
                 mask: masker(&self.sql_mask),
+                approval: None,
             },
         }
     }
@@ -992,9 +1083,10 @@ impl Policy {
     /// Decides one HTTP request of a connection that was allowed: the first
     /// request rule (in file order) whose whole `when` holds (workload,
     /// target with its host, address, port, `http` and `llm` matchers)
-    /// decides. A rule that allows checks its `limits`: a request outside
-    /// them is denied by the rule, with the reason; else it is allowed with
-    /// the rule's `redact_prompt` and `mask_response` (none if the rule has
+    /// decides. A rule that allows or approves checks its `limits`: a
+    /// request outside them is denied by the rule, with the reason; else it
+    /// is allowed (or held for approval, with the rule's `approve`) with the
+    /// rule's `redact_prompt` and `mask_response` (none if the rule has
     /// none). When no rule holds, `http_default` decides, with the rule
     /// "default", `prompt_redact` and `response_mask`. Connection and
     /// statement rules play no part. The credential is that of the first
@@ -1011,6 +1103,7 @@ impl Policy {
             mask_any_json: false,
             credential: self.credential_for(req.destination, req.host).cloned(),
             prompts: self.prompts,
+            approval: None,
         };
         let rule = self
             .rules
@@ -1030,7 +1123,7 @@ impl Policy {
         decision.rule = rule.name.clone();
         let violation = match rule.action {
             Action::Deny => Some(format!("denied by rule {:?}", rule.name)),
-            Action::Allow => rule
+            Action::Allow | Action::Approve => rule
                 .limits
                 .as_ref()
                 .and_then(|limits| limits.violation(&rule.name, req.llm.as_ref())),
@@ -1041,6 +1134,8 @@ impl Policy {
                 decision.reason = Some(reason);
             }
             None => {
+                decision.action = rule.action;
+                decision.approval = rule.approval.clone();
                 decision.redact = rule.redact_prompt.as_ref().map(PromptRedact::redact);
                 decision.mask_response = rule.mask_response.as_ref().map(|m| Arc::clone(&m.masker));
                 decision.mask_any_json = decision.mask_response.is_some();
@@ -1120,10 +1215,18 @@ impl Policy {
         self.credentials.len()
     }
 
-    /// Every credential's key: `warden run` keeps them out of the program's
-    /// environment, whatever variable holds them.
+    /// Every secret the policy read, each credential's key and the OIDC
+    /// client secret of `approvals`: `warden run` keeps them out of the
+    /// program's environment, whatever variable holds them.
     pub fn credential_secrets(&self) -> impl Iterator<Item = &str> {
-        self.credentials.iter().map(|(_, c)| c.secret.as_str())
+        self.credentials
+            .iter()
+            .map(|(_, c)| c.secret.as_str())
+            .chain(
+                self.approvals
+                    .iter()
+                    .filter_map(|a| a.oidc.client_secret.as_deref()),
+            )
     }
 
     /// The credential of the target named `target`, if it has one.
@@ -1147,6 +1250,14 @@ impl Policy {
     /// How many statement rules have a `mask`.
     pub fn masking_rule_count(&self) -> usize {
         self.rules.iter().filter(|r| r.mask.is_some()).count()
+    }
+
+    /// How many rules of `kind` say `action: approve`.
+    fn approving_rule_count(&self, kind: RuleKind) -> usize {
+        self.rules
+            .iter()
+            .filter(|r| r.kind == kind && r.action == Action::Approve)
+            .count()
     }
 
     /// `sql_mask`, compiled: how the rows of statements no statement rule
@@ -1176,6 +1287,21 @@ impl Policy {
         hits.iter()
             .position(|&hit| hit)
             .map(|i| self.workloads[i].name.clone())
+    }
+
+    /// `approvals:`: how reviewers sign in; None when the file has none
+    /// (then no rule says `action: approve`, checked at load).
+    pub fn approvals(&self) -> Option<&ApprovalSettings> {
+        self.approvals.as_ref()
+    }
+
+    /// The `owners:` of the workload named `workload`; none for an unknown
+    /// name.
+    pub fn owners_of(&self, workload: &str) -> &[String] {
+        self.workloads
+            .iter()
+            .find(|w| w.name == workload)
+            .map_or(&[], |w| w.owners.as_slice())
     }
 
     /// The first workload whose match holds for `identity`, if any.
@@ -1225,12 +1351,14 @@ impl Policy {
     /// "3 rules, 2 workloads, 2 targets", as `warden policy check` prints
     /// it; with statement rules, "3 rules, 2 of them for SQL statements, ...",
     /// with masks "..., 2 of them for SQL statements, 1 with a mask, ...",
-    /// with request rules "..., 1 of them for HTTP requests, ...", with
-    /// credentials "..., 2 targets, 1 credential", and then what applies to
-    /// what no rule decides: "; sql_mask masks columns \"*email*\" and
-    /// detectors card, iban" (presets expanded), "; http_default: deny",
-    /// "; prompt_redact redacts detectors ...", "; response_mask masks ...".
-    /// Never a secret.
+    /// with rules that hold for approval "..., 1 holding for approval, ..."
+    /// after the statement and the request counts, with request rules
+    /// "..., 1 of them for HTTP requests, ...", with credentials "...,
+    /// 2 targets, 1 credential", and then what applies to what no rule
+    /// decides: "; sql_mask masks columns \"*email*\" and detectors card,
+    /// iban" (presets expanded), "; http_default: deny", "; prompt_redact
+    /// redacts detectors ...", "; response_mask masks ...", and last, with
+    /// an `approvals` section, "; approvals by <issuer>". Never a secret.
     pub fn summary(&self) -> String {
         fn count(n: usize, noun: &str) -> String {
             format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
@@ -1239,13 +1367,20 @@ impl Policy {
             0 => String::new(),
             n => format!(", {n} with a mask"),
         };
+        let held = |kind| match self.approving_rule_count(kind) {
+            0 => String::new(),
+            n => format!(", {n} holding for approval"),
+        };
         let statements = match self.statement_rule_count() {
             0 => String::new(),
-            n => format!(", {n} of them for SQL statements{masks}"),
+            n => format!(
+                ", {n} of them for SQL statements{masks}{}",
+                held(RuleKind::Statement)
+            ),
         };
         let requests = match self.request_rule_count() {
             0 => String::new(),
-            n => format!(", {n} of them for HTTP requests"),
+            n => format!(", {n} of them for HTTP requests{}", held(RuleKind::Request)),
         };
         let credentials = match self.credential_count() {
             0 => String::new(),
@@ -1270,6 +1405,9 @@ impl Policy {
         }
         if let Some(mask) = &self.response_mask {
             defaults.push_str(&format!("; response_mask masks {}", mask.describe()));
+        }
+        if let Some(approvals) = &self.approvals {
+            defaults.push_str(&format!("; approvals by {}", approvals.oidc.issuer));
         }
         format!(
             "{}{statements}{requests}, {}, {}{credentials}{defaults}",

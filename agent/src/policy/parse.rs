@@ -17,10 +17,12 @@
 //! each rule does, the custom detectors and the presets) and checks
 //! everything else; the second checks the references, with the names known,
 //! that a rule's protocol matchers go only with targets that speak their
-//! protocol, that `mask` goes only on statement rules that allow and
-//! `limits`, `redact_prompt` and `mask_response` only on request rules that
-//! allow, compiles each mask into a [`Masker`], and reads the credentials'
-//! secrets. The request rules' parts are in [`request`].
+//! protocol, that `mask` goes only on statement rules that allow or approve
+//! and `limits`, `redact_prompt` and `mask_response` only on request rules
+//! that allow or approve, that `action: approve` goes only on statement and
+//! request rules, with an `approve` and an `approvals` section, compiles
+//! each mask into a [`Masker`], and reads the credentials' secrets. The
+//! request rules' parts are in [`request`], the approvals' in [`approval`].
 
 use std::{
     cell::{Cell, RefCell},
@@ -35,13 +37,17 @@ use ipnet::IpNet;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::{
-    Action, AuditSettings, Credential, DefaultAction, HttpMatcher, Limits, LlmMatcher, Mask,
-    OnAuditFailure, Policy, PolicyError, PortRange, PromptAudit, Protocol, Rule, RuleKind,
-    STATEMENT_CLASSES, Selector, SqlMatcher, Target, Workload, glob::Glob,
+    Action, ApprovalRule, ApprovalSettings, AuditSettings, Credential, DefaultAction, HttpMatcher,
+    Limits, LlmMatcher, Mask, OnAuditFailure, Policy, PolicyError, PortRange, PromptAudit,
+    Protocol, Rule, RuleKind, STATEMENT_CLASSES, Selector, SqlMatcher, Target, Workload,
+    glob::Glob,
 };
 use crate::masking::{self, Checksum, DetectorSpec, MaskError, Masker};
 
+mod approval;
 mod request;
+
+use approval::{ApprovalsKeys, ApproveKeys, OwnerP};
 
 #[cfg(test)]
 pub(crate) use request::with_test_env;
@@ -87,6 +93,7 @@ pub(crate) const TOP: Fields = Fields {
         "udp",
         "rules",
         "audit",
+        "approvals",
     ],
     later: &[],
     instead: &[
@@ -111,14 +118,37 @@ pub(crate) const TOP: Fields = Fields {
             "write `http_default:`, which decides the HTTP requests, LLM calls included, no \
              rule matches",
         ),
+        (
+            "approval",
+            "write `approvals:`, with `oidc: { issuer, client_id }`",
+        ),
+        (
+            "oidc",
+            "oidc goes under approvals: `approvals: { oidc: { issuer: ..., client_id: ... } }`",
+        ),
+        (
+            "approve",
+            "approve goes in a rule that says `action: approve`; how reviewers sign in goes \
+             under `approvals:`",
+        ),
     ],
 };
 
 pub(crate) const WORKLOAD: Fields = Fields {
     what: "in a workload",
-    known: &["match"],
+    known: &["match", "owners"],
     later: &[],
-    instead: &[],
+    instead: &[
+        ("owner", "write `owners:`, which takes one name or a list"),
+        (
+            "uid",
+            "what a process must be goes under match: `match: { uid: 1000 }`",
+        ),
+        (
+            "unit",
+            "what a process must be goes under match: `match: { unit: \"bot.service\" }`",
+        ),
+    ],
 };
 
 pub(crate) const MATCH: Fields = Fields {
@@ -199,13 +229,26 @@ pub(crate) const RULE: Fields = Fields {
         "name",
         "when",
         "action",
+        "approve",
         "mask",
         "limits",
         "redact_prompt",
         "mask_response",
     ],
-    later: &[("approve", "approvals")],
+    later: &[],
     instead: &[
+        (
+            "approval",
+            "write `approve:`, with `action: approve`: `approve: { groups: [dba] }`",
+        ),
+        (
+            "approvers",
+            "write `approve: { groups: [dba] }`, with `action: approve`",
+        ),
+        (
+            "reviewers",
+            "write `approve: { groups: [dba] }`, with `action: approve`",
+        ),
         (
             "sql",
             "a rule's sql matcher goes under when: `when: { sql: { ... } }`",
@@ -368,6 +411,9 @@ pub(crate) const SCHEMA_OBJECTS: &[(&str, &Fields)] = &[
     ("/$defs/redactMapping", &request::REDACT),
     ("/$defs/responseMaskMapping", &request::RESPONSE_MASK),
     ("/$defs/credential", &request::CREDENTIAL),
+    ("/$defs/approve", &approval::APPROVE),
+    ("/$defs/approvals", &approval::APPROVALS),
+    ("/$defs/oidc", &approval::OIDC),
 ];
 
 // ---------------------------------------------------------------------------
@@ -466,6 +512,8 @@ struct Names {
     rule_shapes: Vec<RuleShape>,
     sql_default: Action,
     http_default: Action,
+    /// Whether the file has an `approvals` section (which has an `oidc`).
+    approvals: bool,
     /// The custom detectors: (name, pattern, checksum), as
     /// [`masking::resolve`] takes them.
     detectors: Vec<(String, String, Option<Checksum>)>,
@@ -473,12 +521,14 @@ struct Names {
     presets: Vec<(String, Vec<String>)>,
 }
 
-/// What the first reading learnt of a rule, for checking its `mask`,
-/// `limits`, `redact_prompt` and `mask_response`.
+/// What the first reading learnt of a rule, for checking its action,
+/// `approve`, `mask`, `limits`, `redact_prompt` and `mask_response`.
 #[derive(Clone)]
 struct RuleShape {
     action: Action,
     kind: RuleKind,
+    /// Whether it has an `approve`.
+    approve: bool,
     /// The first target it names that cannot have HTTP requests, and what
     /// that target speaks.
     not_http_target: Option<(String, Protocol)>,
@@ -500,6 +550,7 @@ impl Names {
             .map(|r| RuleShape {
                 action: r.action,
                 kind: r.kind(&first.targets),
+                approve: r.approval.is_some(),
                 not_http_target: r.targets.iter().find_map(|t| {
                     protocol(t)
                         .filter(|&p| !Protocol::speaks_http(Some(p)))
@@ -521,6 +572,7 @@ impl Names {
             rule_shapes,
             sql_default: first.sql_default,
             http_default: first.http_default,
+            approvals: first.approvals.is_some(),
             detectors: first.detectors,
             presets: first.presets,
         }
@@ -780,7 +832,7 @@ impl Ctx {
     }
 
     /// On the second reading: the error for a `mask` on the current rule, if
-    /// it is not a statement rule that allows.
+    /// it is not a statement rule that allows or approves.
     fn mask_rule_error(&self) -> Option<String> {
         let shape = self.shape()?;
         let rule = self.current_rule();
@@ -798,7 +850,8 @@ impl Ctx {
             )),
             RuleKind::Statement if shape.action == Action::Deny => Some(format!(
                 "rule `{rule}` denies, and a denied statement returns no rows to mask; mask goes \
-                 with `action: allow`: make the rule allow, or remove its mask"
+                 with `action: allow` or `action: approve`: make the rule allow, or remove its \
+                 mask"
             )),
             RuleKind::Statement => None,
         }
@@ -806,7 +859,8 @@ impl Ctx {
 
     /// On the second reading: the error for `limits`, `redact_prompt` or
     /// `mask_response` (`key`) on the current rule, if it is not a request
-    /// rule that allows, with targets that can have HTTP requests.
+    /// rule that allows or approves, with targets that can have HTTP
+    /// requests.
     fn request_option_error(&self, key: &str) -> Option<String> {
         let shape = self.shape()?;
         let rule = self.current_rule();
@@ -825,7 +879,8 @@ impl Ctx {
         if shape.action == Action::Deny {
             return Some(format!(
                 "rule `{rule}` denies, and {key} applies to the requests a rule allows; {key} \
-                 goes with `action: allow`: make the rule allow, or remove its {key}"
+                 goes with `action: allow` or `action: approve`: make the rule allow, or remove \
+                 its {key}"
             ));
         }
         if let Some((target, protocol)) = &shape.not_http_target {
@@ -837,6 +892,53 @@ impl Ctx {
             ));
         }
         None
+    }
+
+    /// On the second reading: the error for `action: approve` on the current
+    /// rule, if it is a connection rule, has no `approve`, or the file has
+    /// no `approvals` section.
+    fn approve_action_error(&self) -> Option<String> {
+        let shape = self.shape()?;
+        let names = self.names.as_ref()?;
+        let rule = self.current_rule();
+        if shape.kind == RuleKind::Connection {
+            return Some(format!(
+                "rule `{rule}` has no sql, http or llm matcher, so it decides connections; \
+                 approve holds one statement or request, and a connection rule decides whole \
+                 connections: add an sql, http or llm matcher, e.g. `when: {{ ..., sql: {{ \
+                 class: write }} }}`"
+            ));
+        }
+        if !shape.approve {
+            return Some(format!(
+                "rule `{rule}` says `action: approve` but not who may approve; write `approve: \
+                 {{ groups: [dba] }}` next to its action (reviewers in one of these OIDC groups \
+                 approve)"
+            ));
+        }
+        if !names.approvals {
+            return Some(format!(
+                "rule `{rule}` says `action: approve`, but the file has no approvals section, \
+                 so nobody could approve: add an `approvals:` section with `oidc: {{ issuer, \
+                 client_id }}`, the identity provider reviewers sign in with"
+            ));
+        }
+        None
+    }
+
+    /// On the second reading: the error for an `approve` on the current
+    /// rule, if it does not say `action: approve`.
+    fn approve_key_error(&self) -> Option<String> {
+        let shape = self.shape()?;
+        let rule = self.current_rule();
+        (shape.action != Action::Approve).then(|| {
+            format!(
+                "rule `{rule}` says `action: {}`, and approve says who releases what a rule \
+                 holds; approve goes with `action: approve`: make the rule approve, or remove \
+                 its approve",
+                shape.action.as_str()
+            )
+        })
     }
 
     /// On the second reading: the error for a credential named `name`, if
@@ -884,6 +986,7 @@ struct FileDef {
     rules: Vec<RuleDef>,
     audit: AuditSettings,
     prompts: PromptAudit,
+    approvals: Option<ApprovalSettings>,
 }
 
 impl Default for FileDef {
@@ -906,6 +1009,7 @@ impl Default for FileDef {
             rules: Vec::new(),
             audit: AuditSettings::default(),
             prompts: PromptAudit::default(),
+            approvals: None,
         }
     }
 }
@@ -920,6 +1024,7 @@ struct RuleDef {
     http: Option<HttpMatcher>,
     llm: Option<LlmMatcher>,
     action: Action,
+    approval: Option<ApprovalRule>,
     mask: Option<MaskDef>,
     limits: Option<Limits>,
     redact_prompt: Option<DetectorsDef>,
@@ -985,6 +1090,7 @@ impl FileDef {
                 http: r.http,
                 llm: r.llm,
                 action: r.action,
+                approval: r.approval.map(Arc::new),
                 mask: r.mask.and_then(|m| m.compiled),
                 limits: r.limits,
                 redact_prompt: r.redact_prompt.and_then(DetectorsDef::redact),
@@ -1021,6 +1127,7 @@ impl FileDef {
             udp_ports: self.udp_ports,
             audit: self.audit,
             prompts: self.prompts,
+            approvals: self.approvals,
         }
     }
 }
@@ -1212,11 +1319,15 @@ impl<'de> Keys<'de> for FileKeys<'_> {
                     .next_value_seed(NamedMap {
                         kind: "workload",
                         section: "workloads",
-                        seed: |_: &str| Mapping(WorkloadKeys(None)),
+                        seed: |_: &str| Mapping(WorkloadKeys::default()),
                         reserved: &|_| Ok(()),
                     })?
                     .into_iter()
-                    .map(|(name, selector)| Workload { name, selector })
+                    .map(|(name, (selector, owners))| Workload {
+                        name,
+                        selector,
+                        owners,
+                    })
                     .collect()
             }
             "targets" => {
@@ -1274,6 +1385,9 @@ impl<'de> Keys<'de> for FileKeys<'_> {
             "audit" => {
                 (file.audit, file.prompts) =
                     map.next_value_seed(Mapping(AuditKeys(Default::default())))?
+            }
+            "approvals" => {
+                file.approvals = Some(map.next_value_seed(Mapping(ApprovalsKeys::new(ctx)))?)
             }
             _ => unreachable!("{key} is in TOP.known"),
         }
@@ -1399,35 +1513,41 @@ fn check_name(kind: &str, name: &str) -> Result<(), String> {
     }
 }
 
-/// A workload: its `match`.
-struct WorkloadKeys(Option<Selector>);
+/// A workload: its `match`, and its `owners`.
+#[derive(Default)]
+struct WorkloadKeys {
+    selector: Option<Selector>,
+    owners: Vec<String>,
+}
 
 impl<'de> Keys<'de> for WorkloadKeys {
-    type Value = Selector;
+    type Value = (Selector, Vec<String>);
 
     fn fields(&self) -> &'static Fields {
         &WORKLOAD
     }
 
     fn expecting(&self) -> String {
-        "a workload: a mapping with match".into()
+        "a workload: a mapping with match, and optionally owners".into()
     }
 
     fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
         match key {
-            "match" => self.0 = Some(map.next_value_seed(Mapping(MatchKeys::default()))?),
+            "match" => self.selector = Some(map.next_value_seed(Mapping(MatchKeys::default()))?),
+            "owners" => self.owners = map.next_value_seed(Many::new(OwnerP, "owner"))?,
             _ => unreachable!("{key} is in WORKLOAD.known"),
         }
         Ok(())
     }
 
-    fn finish<E: de::Error>(self) -> Result<Selector, E> {
-        self.0.ok_or_else(|| {
+    fn finish<E: de::Error>(self) -> Result<Self::Value, E> {
+        let selector = self.selector.ok_or_else(|| {
             fail(
                 "a workload needs a match; write e.g. `match: { unit: \"support-bot.service\" }` \
                  or `match: { uid: [1000] }`",
             )
-        })
+        })?;
+        Ok((selector, self.owners))
     }
 }
 
@@ -1650,6 +1770,7 @@ struct RuleKeys<'c> {
     name: Option<String>,
     when: Option<WhenDef>,
     action: Option<Action>,
+    approval: Option<ApprovalRule>,
     mask: Option<MaskDef>,
     limits: Option<Limits>,
     redact_prompt: Option<DetectorsDef>,
@@ -1663,6 +1784,7 @@ impl<'c> RuleKeys<'c> {
             name: None,
             when: None,
             action: None,
+            approval: None,
             mask: None,
             limits: None,
             redact_prompt: None,
@@ -1686,12 +1808,15 @@ impl<'de> Keys<'de> for RuleKeys<'_> {
         self.ctx.rules_started.set(self.ctx.rules_started.get() + 1);
     }
 
-    /// `mask` on a rule that is not a statement rule, or that denies, and
+    /// `mask` on a rule that is not a statement rule, or that denies,
     /// `limits`, `redact_prompt`, `mask_response` on a rule that is not a
-    /// request rule, or that denies: at the key, wherever `when` and
-    /// `action` are (the first reading learnt them).
+    /// request rule, or that denies, and `approve` on a rule that does not
+    /// approve: at the key, wherever `when` and `action` are (the first
+    /// reading learnt them). (`action: approve` where it may not be: at the
+    /// action, by ActionP.)
     fn check(&self, key: &'static str) -> Result<(), String> {
         let error = match key {
+            "approve" => self.ctx.approve_key_error(),
             "mask" => self.ctx.mask_rule_error(),
             "limits" | "redact_prompt" | "mask_response" => self.ctx.request_option_error(key),
             _ => None,
@@ -1704,7 +1829,8 @@ impl<'de> Keys<'de> for RuleKeys<'_> {
         match key {
             "name" => self.name = Some(map.next_value_seed(One(RuleNameP { ctx }))?),
             "when" => self.when = Some(map.next_value_seed(Mapping(WhenKeys::new(ctx)))?),
-            "action" => self.action = Some(map.next_value_seed(One(ActionP))?),
+            "action" => self.action = Some(map.next_value_seed(One(ActionP { ctx }))?),
+            "approve" => self.approval = Some(map.next_value_seed(Mapping(ApproveKeys::new(ctx)))?),
             "mask" => self.mask = Some(map.next_value_seed(Mapping(MaskKeys::new(ctx, "rule")))?),
             "limits" => self.limits = Some(map.next_value_seed(Mapping(LimitsKeys::new(ctx)))?),
             "redact_prompt" => {
@@ -1730,7 +1856,8 @@ impl<'de> Keys<'de> for RuleKeys<'_> {
         };
         let Some(action) = self.action else {
             return Err(fail(format!(
-                "rule `{name}` has no action; write `action: allow` or `action: deny`"
+                "rule `{name}` has no action; write `action: allow`, `action: deny` or `action: \
+                 approve`"
             )));
         };
         let when = self.when.unwrap_or_default();
@@ -1744,6 +1871,7 @@ impl<'de> Keys<'de> for RuleKeys<'_> {
             http: when.http,
             llm: when.llm,
             action,
+            approval: self.approval,
             mask: self.mask,
             limits: self.limits,
             redact_prompt: self.redact_prompt,
@@ -2394,6 +2522,8 @@ struct Many<P> {
     /// "port": for the message about an empty list.
     noun: &'static str,
     allow_empty: bool,
+    /// The message about an empty list, when "leave the key out" is wrong.
+    when_empty: Option<&'static str>,
 }
 
 impl<P> Many<P> {
@@ -2402,6 +2532,7 @@ impl<P> Many<P> {
             parse,
             noun,
             allow_empty: false,
+            when_empty: None,
         }
     }
 }
@@ -2452,6 +2583,12 @@ impl<'de, P: Parse> Visitor<'de> for Many<P> {
         let mut out = Vec::new();
         while let Some(v) = seq.next_element_seed(One(self.parse))? {
             out.push(v);
+        }
+        if out.is_empty()
+            && !self.allow_empty
+            && let Some(message) = self.when_empty
+        {
+            return Err(fail(message));
         }
         if out.is_empty() && !self.allow_empty {
             return Err(fail(format!(
@@ -2510,6 +2647,12 @@ impl Parse for DefaultP {
                             record every connection no rule matches) or `default: deny`"
                     .into(),
             ),
+            "approve" => Err(
+                "`default: approve` is not a choice: default decides whole connections, and \
+                 approve holds one statement or request; write `default: audit` or `default: \
+                 deny`, and `action: approve` on a rule with an sql, http or llm matcher"
+                    .into(),
+            ),
             _ => Err(format!(
                 "{s:?} is not a default; write `default: audit` (allow and record) or \
                  `default: deny`"
@@ -2518,29 +2661,44 @@ impl Parse for DefaultP {
     }
 }
 
+/// A rule's `action`; on the second reading, `approve` only where it may
+/// be.
 #[derive(Clone, Copy)]
-struct ActionP;
+struct ActionP<'c> {
+    ctx: &'c Ctx,
+}
 
-impl Parse for ActionP {
+impl Parse for ActionP<'_> {
     type Out = Action;
     fn expecting(&self) -> String {
-        "allow or deny".into()
+        "allow, deny or approve".into()
     }
     fn text(&self, s: &str) -> Result<Action, String> {
         match s {
             "allow" => Ok(Action::Allow),
             "deny" => Ok(Action::Deny),
+            "approve" => self
+                .ctx
+                .approve_action_error()
+                .map_or(Ok(Action::Approve), Err),
             "mask" | "redact" => Err(format!(
                 "`action: {s}` is not an action; masking is `action: allow` with a mask on a \
                  statement rule: `action: allow, mask: {{ columns: [\"*email*\"], detectors: \
                  [payment] }}`"
             )),
-            "approve" | "hold" | "audit" => Err(format!(
-                "action `{s}` is not supported yet in policy v0; write `action: allow` or \
-                 `action: deny`"
+            "hold" | "review" | "ask" => Err(format!(
+                "`action: {s}` is not an action; to hold a statement or request until reviewers \
+                 approve it, write `action: approve` with `approve: {{ groups: [dba] }}`"
             )),
+            "audit" => Err(
+                "action `audit` is not supported yet in policy v0; write `action: allow` (every \
+                 connection, statement and request is recorded anyway), `action: deny` or \
+                 `action: approve`"
+                    .into(),
+            ),
             _ => Err(format!(
-                "{s:?} is not an action; write `action: allow` or `action: deny`"
+                "{s:?} is not an action; write `action: allow`, `action: deny` or `action: \
+                 approve`"
             )),
         }
     }
@@ -2561,6 +2719,12 @@ impl Parse for SqlDefaultP {
             "audit" => Err(
                 "`sql_default: audit` is not a choice; write `sql_default: allow` (every \
                  statement is recorded in the audit anyway) or `sql_default: deny`"
+                    .into(),
+            ),
+            "approve" => Err(
+                "`sql_default: approve` is not a choice; write `sql_default: allow` or \
+                 `sql_default: deny`, and hold statements with a rule: `when: { sql: { ... } \
+                 }, action: approve`"
                     .into(),
             ),
             _ => Err(format!(
@@ -2670,6 +2834,12 @@ impl Parse for HttpDefaultP {
             "audit" => Err(
                 "`http_default: audit` is not a choice; write `http_default: allow` (every \
                  request is recorded in the audit anyway) or `http_default: deny`"
+                    .into(),
+            ),
+            "approve" => Err(
+                "`http_default: approve` is not a choice; write `http_default: allow` or \
+                 `http_default: deny`, and hold requests with a rule: `when: { http: { ... } \
+                 }, action: approve`"
                     .into(),
             ),
             _ => Err(format!(
@@ -3135,7 +3305,7 @@ impl Parse for DirP {
 }
 
 #[derive(Clone, Copy)]
-struct DurationP;
+pub(super) struct DurationP;
 
 impl Parse for DurationP {
     type Out = Duration;

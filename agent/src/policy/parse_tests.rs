@@ -1,8 +1,10 @@
 //! Reading policies: every kind of error, with its exact line and column.
 use std::{io::Write, time::Duration};
 
-use super::super::{AuditSettings, Policy, PolicyError, PortRange};
-use super::{parse_duration, parse_net, parse_port_range};
+use super::super::{
+    ApprovalRule, ApprovalSettings, AuditSettings, OidcSettings, Policy, PolicyError, PortRange,
+};
+use super::{parse_duration, parse_net, parse_port_range, with_test_env};
 
 /// The error `src` gives, as the user sees it.
 pub(in crate::policy) fn err(src: &str) -> String {
@@ -35,7 +37,7 @@ rules:
     assert_eq!(
         err(src),
         "policy.yaml:5:5: unknown field `acton` in a rule; expected one of: name, when, action, \
-         mask, limits, redact_prompt, mask_response"
+         approve, mask, limits, redact_prompt, mask_response"
     );
 }
 
@@ -45,7 +47,7 @@ fn unknown_fields_everywhere_name_their_place() {
         err("version: 1\nrule: []\n"),
         "policy.yaml:2:1: unknown field `rule` at the top level; expected one of: version, \
          default, sql_default, sql_mask, http_default, prompt_redact, response_mask, workloads, \
-         targets, credentials, detectors, presets, udp, rules, audit"
+         targets, credentials, detectors, presets, udp, rules, audit, approvals"
     );
     // In a flow mapping, the column is the key's.
     assert_eq!(
@@ -64,7 +66,7 @@ fn unknown_fields_everywhere_name_their_place() {
         "version: 1\nworkloads:\n  w:\n    selector: { uid: 1 }\n",
         4,
         5,
-        "unknown field `selector` in a workload; expected one of: match",
+        "unknown field `selector` in a workload; expected one of: match, owners",
     );
     assert_err(
         "version: 1\ntargets:\n  t: { addr: 10.0.0.1 }\n",
@@ -344,7 +346,7 @@ rules:
         "version: 1\nrules:\n  - name: a\n    when: { port: 22 }\n",
         3,
         5,
-        "rule `a` has no action; write `action: allow` or `action: deny`",
+        "rule `a` has no action; write `action: allow`, `action: deny` or `action: approve`",
     );
 }
 
@@ -377,9 +379,10 @@ fn not_supported_yet() {
          http, llm"
     );
     assert_eq!(
-        err("version: 1\nrules:\n  - name: r\n    action: approve\n"),
-        "policy.yaml:4:13: action `approve` is not supported yet in policy v0; write `action: \
-         allow` or `action: deny`"
+        err("version: 1\nrules:\n  - name: r\n    action: audit\n"),
+        "policy.yaml:4:13: action `audit` is not supported yet in policy v0; write `action: \
+         allow` (every connection, statement and request is recorded anyway), `action: deny` or \
+         `action: approve`"
     );
     // Masking is supported (masking tests below), as a mask on an allow.
     assert_err(
@@ -388,12 +391,6 @@ fn not_supported_yet() {
         13,
         "`action: mask` is not an action; masking is `action: allow` with a mask on a statement \
          rule",
-    );
-    assert_err(
-        "version: 1\nrules:\n  - name: r\n    action: allow\n    approve: { groups: [dba] }\n",
-        5,
-        5,
-        "`approve` in a rule is not supported yet in policy v0 (a later version adds approvals)",
     );
 }
 
@@ -436,7 +433,7 @@ fn bad_values() {
         "version: 1\nrules:\n  - name: r\n    action: block\n",
         4,
         13,
-        "\"block\" is not an action; write `action: allow` or `action: deny`",
+        "\"block\" is not an action; write `action: allow`, `action: deny` or `action: approve`",
     );
     assert_err(
         "version: 1\naudit:\n  dir: audit\n",
@@ -548,8 +545,8 @@ fn load_reads_files_and_names_them() {
     assert_eq!(
         e,
         format!(
-            "{}:4:5: unknown field `acton` in a rule; expected one of: name, when, action, mask, \
-             limits, redact_prompt, mask_response",
+            "{}:4:5: unknown field `acton` in a rule; expected one of: name, when, action, \
+             approve, mask, limits, redact_prompt, mask_response",
             path.display()
         )
     );
@@ -829,11 +826,511 @@ fn bad_sql_values() {
         7,
         "a target needs an address, a port or a host",
     );
-    // Actions other than allow and deny stay refused on statement rules.
+    // A statement rule may approve, with an approve and an approvals
+    // section (approval tests below).
     assert_err(
         "version: 1\nrules:\n  - name: r\n    when: { sql: { class: write } }\n    action: approve\n",
         5,
         13,
-        "action `approve` is not supported yet in policy v0",
+        "rule `r` says `action: approve` but not who may approve; write `approve: { groups: \
+         [dba] }`",
     );
+}
+
+// ---------------------------------------------------------------------------
+// Holding for approval: `action: approve`, `approve`, `approvals`, `owners`
+
+/// An `approvals` section, lines 2 and 3 of the files below.
+const APPROVALS: &str = "\
+version: 1
+approvals:
+  oidc: { issuer: \"http://127.0.0.1:9400\", client_id: warden }
+";
+
+fn rule_approval(p: &Policy, name: &str) -> Option<ApprovalRule> {
+    let rule = p.rules.iter().find(|r| r.name == name).expect("the rule");
+    rule.approval.as_deref().cloned()
+}
+
+#[test]
+fn approve_parses_with_its_defaults() {
+    let p = Policy::from_yaml(
+        &format!(
+            "{APPROVALS}rules:\n  - name: hold-writes\n    when: {{ sql: {{ class: write }} }}\n    action: approve\n    approve: {{ groups: dba }}\n"
+        ),
+        "p.yaml",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        rule_approval(&p, "hold-writes"),
+        Some(ApprovalRule {
+            groups: vec!["dba".into()],
+            quorum: 1,
+            expires: Duration::from_secs(15 * 60),
+            message: None,
+        })
+    );
+    assert_eq!(ApprovalRule::DEFAULT_QUORUM, 1);
+    assert_eq!(ApprovalRule::DEFAULT_EXPIRES, Duration::from_secs(900));
+    assert_eq!(
+        p.approvals(),
+        Some(&ApprovalSettings {
+            oidc: OidcSettings {
+                issuer: "http://127.0.0.1:9400".into(),
+                client_id: "warden".into(),
+                client_secret: None,
+                groups_claim: "groups".into(),
+            },
+            webhook: None,
+        })
+    );
+    assert_eq!(
+        p.summary(),
+        "1 rule, 1 of them for SQL statements, 1 holding for approval, 0 workloads, 0 targets; \
+         approvals by http://127.0.0.1:9400"
+    );
+    // Without approvals, none.
+    assert_eq!(
+        Policy::from_yaml("version: 1\n", "p").unwrap().approvals(),
+        None
+    );
+}
+
+#[test]
+fn approve_and_approvals_with_every_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("oidc");
+    std::fs::write(&secret, "s3cret-from-file\n").unwrap();
+    let src = format!(
+        "\
+version: 1
+approvals:
+  oidc:
+    issuer: https://login.example.com/realms/ops
+    client_id: warden
+    client_secret_file: {}
+    groups_claim: roles
+  webhook: https://hooks.example/abc
+workloads:
+  bot:
+    match: {{ unit: \"support-bot.service\" }}
+    owners: [alice@example.com, \"1234\", bob]
+  cron:
+    match: {{ uid: 0 }}
+rules:
+  - name: hold-writes
+    when: {{ workload: bot, sql: {{ class: [write, ddl] }} }}
+    action: approve
+    approve:
+      groups: [dba, sre]
+      quorum: 2
+      expires: 1h
+      message: \"a DBA must approve writes to crm\"
+",
+        secret.display()
+    );
+    let p = Policy::from_yaml(&src, "p.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        rule_approval(&p, "hold-writes"),
+        Some(ApprovalRule {
+            groups: vec!["dba".into(), "sre".into()],
+            quorum: 2,
+            expires: Duration::from_secs(3600),
+            message: Some("a DBA must approve writes to crm".into()),
+        })
+    );
+    let approvals = p.approvals().unwrap();
+    assert_eq!(
+        approvals.oidc.issuer,
+        "https://login.example.com/realms/ops"
+    );
+    assert_eq!(
+        approvals.oidc.client_secret.as_deref(),
+        Some("s3cret-from-file")
+    );
+    assert_eq!(approvals.oidc.groups_claim, "roles");
+    assert_eq!(
+        approvals.webhook.as_deref(),
+        Some("https://hooks.example/abc")
+    );
+    assert_eq!(p.owners_of("bot"), ["alice@example.com", "1234", "bob"]);
+    assert!(p.owners_of("cron").is_empty());
+    assert!(p.owners_of("nobody").is_empty());
+    // The client secret is never shown, and kept from the program like a
+    // credential's key.
+    let shown = format!("{p:?} {} {approvals:?}", p.summary());
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(p.credential_secrets().any(|s| s == "s3cret-from-file"));
+    // From the environment.
+    let p = with_test_env(&[("WARDEN_OIDC_SECRET", "env-s3cret")], || {
+        Policy::from_yaml(
+            "version: 1\napprovals:\n  oidc: { issuer: \"http://127.0.0.1:9400\", client_id: warden, client_secret_env: WARDEN_OIDC_SECRET }\n",
+            "p.yaml",
+        )
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p.approvals().unwrap().oidc.client_secret.as_deref(),
+        Some("env-s3cret")
+    );
+}
+
+#[test]
+fn approve_only_on_statement_and_request_rules() {
+    assert_eq!(
+        err(&format!(
+            "{APPROVALS}rules:\n  - name: r\n    when: {{ port: 5432 }}\n    action: approve\n    approve: {{ groups: [dba] }}\n"
+        )),
+        "policy.yaml:7:13: rule `r` has no sql, http or llm matcher, so it decides connections; \
+         approve holds one statement or request, and a connection rule decides whole \
+         connections: add an sql, http or llm matcher, e.g. `when: { ..., sql: { class: write } \
+         }`"
+    );
+    // A rule that names a target with a host is a request rule: it may.
+    Policy::from_yaml(
+        &format!(
+            "{APPROVALS}targets:\n  api: {{ host: api.example.com }}\nrules:\n  - {{ name: r, when: {{ target: api }}, action: approve, approve: {{ groups: [ops] }} }}\n"
+        ),
+        "p",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // The defaults stay allow or deny.
+    assert_err(
+        "version: 1\nsql_default: approve\n",
+        2,
+        14,
+        "`sql_default: approve` is not a choice; write `sql_default: allow` or `sql_default: \
+         deny`, and hold statements with a rule",
+    );
+    assert_err(
+        "version: 1\nhttp_default: approve\n",
+        2,
+        15,
+        "`http_default: approve` is not a choice",
+    );
+    assert_err(
+        "version: 1\ndefault: approve\n",
+        2,
+        10,
+        "`default: approve` is not a choice: default decides whole connections",
+    );
+    assert_err(
+        "version: 1\nrules:\n  - { name: r, when: { sql: {} }, action: hold }\n",
+        3,
+        43,
+        "`action: hold` is not an action; to hold a statement or request until reviewers \
+         approve it, write `action: approve` with `approve: { groups: [dba] }`",
+    );
+}
+
+#[test]
+fn approve_needs_groups_and_an_approvals_section() {
+    // No approve: at the action.
+    assert_eq!(
+        err(&format!(
+            "{APPROVALS}rules:\n  - name: r\n    when: {{ http: {{ method: DELETE }} }}\n    action: approve\n"
+        )),
+        "policy.yaml:7:13: rule `r` says `action: approve` but not who may approve; write \
+         `approve: { groups: [dba] }` next to its action (reviewers in one of these OIDC groups \
+         approve)"
+    );
+    // No approvals section: at the action, wherever the section would be.
+    assert_eq!(
+        err(
+            "version: 1\nrules:\n  - name: r\n    when: { sql: { class: write } }\n    action: approve\n    approve: { groups: [dba] }\n"
+        ),
+        "policy.yaml:5:13: rule `r` says `action: approve`, but the file has no approvals \
+         section, so nobody could approve: add an `approvals:` section with `oidc: { issuer, \
+         client_id }`, the identity provider reviewers sign in with"
+    );
+    // approve without groups: at its first key.
+    assert_err(
+        &format!(
+            "{APPROVALS}rules:\n  - name: r\n    when: {{ sql: {{}} }}\n    action: approve\n    approve: {{ quorum: 2 }}\n"
+        ),
+        8,
+        14,
+        "the approve of rule `r` names no groups, so nobody could approve; write e.g. `approve: \
+         { groups: [dba] }`",
+    );
+    assert_err(
+        &format!(
+            "{APPROVALS}rules:\n  - name: r\n    when: {{ sql: {{}} }}\n    action: approve\n    approve: {{ groups: [] }}\n"
+        ),
+        8,
+        24,
+        "this list is empty, so nobody could approve; give at least one group, e.g. `groups: \
+         [dba]`",
+    );
+    // approve on a rule that does not approve: at the key, wherever the
+    // action is.
+    assert_eq!(
+        err(&format!(
+            "{APPROVALS}rules:\n  - name: r\n    when: {{ sql: {{}} }}\n    approve: {{ groups: [dba] }}\n    action: allow\n"
+        )),
+        "policy.yaml:7:5: rule `r` says `action: allow`, and approve says who releases what a \
+         rule holds; approve goes with `action: approve`: make the rule approve, or remove its \
+         approve"
+    );
+    // approvals needs oidc, and oidc its issuer and client id.
+    assert_err(
+        "version: 1\napprovals:\n  webhook: https://hooks.example/abc\n",
+        3,
+        3,
+        "approvals needs `oidc: { issuer, client_id }`",
+    );
+    assert_err(
+        "version: 1\napprovals:\n  oidc: { client_id: warden }\n",
+        3,
+        9,
+        "approvals.oidc has no issuer; write the identity provider's URL",
+    );
+    assert_err(
+        "version: 1\napprovals:\n  oidc:\n    issuer: https://login.example.com\n",
+        4,
+        5,
+        "approvals.oidc has no client_id",
+    );
+}
+
+#[test]
+fn bad_approve_values() {
+    let rule = |approve: &str| {
+        format!(
+            "{APPROVALS}rules:\n  - name: r\n    when: {{ sql: {{}} }}\n    action: approve\n    approve:\n      groups: [dba]\n      {approve}\n"
+        )
+    };
+    assert_err(
+        &rule("quorum: 0"),
+        10,
+        15,
+        "quorum 0 would release without any reviewer; write 1 (the default) or more",
+    );
+    assert_err(
+        &rule("quorum: two"),
+        10,
+        15,
+        "\"two\" is not a number of reviewers; write e.g. `quorum: 2`",
+    );
+    assert_err(
+        &rule("quorum: -1"),
+        10,
+        15,
+        "-1 is not a number of reviewers",
+    );
+    assert_err(
+        &rule("expires: 8d"),
+        10,
+        16,
+        "expires 8d is longer than 7 days, the longest a statement or request may wait for \
+         approval; write 7d or less",
+    );
+    assert!(Policy::from_yaml(&rule("expires: 7d"), "p").is_ok());
+    assert_err(&rule("expires: 0s"), 10, 16, "\"0s\" is zero");
+    assert_err(
+        &rule("expires: 15"),
+        10,
+        16,
+        "15 has no unit; write e.g. 15s",
+    );
+    assert_err(&rule("expires: soon"), 10, 16, "\"soon\" is not a duration");
+    assert_err(
+        &rule("message: \"two\\nlines\""),
+        10,
+        16,
+        "the message has a line break or another control character",
+    );
+    assert_err(
+        &rule(&format!("message: {}", "x".repeat(201))),
+        10,
+        16,
+        "the message is 201 characters long; keep it to 200",
+    );
+    assert_err(&rule("message: \"\""), 10, 16, "the message is empty");
+    assert_err(
+        &rule("timeout: 1h"),
+        10,
+        7,
+        "unknown field `timeout` in a rule's approve (write `expires:`, e.g. `expires: 15m`); \
+         expected one of: groups, quorum, expires, message",
+    );
+    assert_err(
+        &rule("groups: [sre]"),
+        10,
+        7,
+        "`groups` is given twice in a rule's approve",
+    );
+    assert_err(
+        &format!(
+            "{APPROVALS}rules:\n  - name: r\n    when: {{ sql: {{}} }}\n    action: approve\n    approve: {{ groups: [\" dba\"] }}\n"
+        ),
+        8,
+        25,
+        "\" dba\" is not a group",
+    );
+    assert_err(
+        &format!(
+            "{APPROVALS}rules:\n  - name: r\n    when: {{ sql: {{}} }}\n    action: approve\n    approve: [dba]\n"
+        ),
+        8,
+        14,
+        "expected approve: a mapping with groups",
+    );
+}
+
+#[test]
+fn bad_approvals_values() {
+    // The keys on line 5; an issuer after them unless they give one.
+    let oidc = |keys: &str| {
+        let issuer = if keys.starts_with("issuer") {
+            ""
+        } else {
+            "    issuer: https://login.example.com\n"
+        };
+        format!("version: 1\napprovals:\n  oidc:\n    client_id: warden\n    {keys}\n{issuer}")
+    };
+    assert_err(
+        &oidc("issuer: login.example.com"),
+        5,
+        13,
+        "issuer takes an http or https URL, e.g. https://login.example.com; \
+         \"login.example.com\" is not one",
+    );
+    assert_err(
+        &oidc("issuer: \"ftp://x\""),
+        5,
+        13,
+        "issuer takes an http or https URL",
+    );
+    assert_err(
+        &oidc("issuer: \"https://\""),
+        5,
+        13,
+        "issuer takes an http or https URL",
+    );
+    assert_err(
+        &oidc("issuer: \"https://login.example.com/?a=b\""),
+        5,
+        13,
+        "has a query; an issuer is a URL without query or fragment",
+    );
+    assert_err(
+        &oidc("issuer: https://login.example.com/.well-known/openid-configuration"),
+        5,
+        13,
+        "is a discovery document; write the issuer itself: `issuer: https://login.example.com`",
+    );
+    assert_err(
+        &oidc("client_secret: hunter2"),
+        5,
+        5,
+        "unknown field `client_secret` under approvals.oidc (a secret never goes in the \
+         policy: write `client_secret_env: VARIABLE` or `client_secret_file: /path/to/file`)",
+    );
+    assert_err(
+        &oidc("client_secret_env: UNSET_OIDC_SECRET_FOR_TEST"),
+        5,
+        24,
+        "approvals.oidc: the environment variable UNSET_OIDC_SECRET_FOR_TEST is not set in the \
+         agent's environment; set it where the agent starts (e.g. `Environment=` or \
+         `EnvironmentFile=` in its systemd unit), or write `client_secret_file:` instead",
+    );
+    let e = err(&oidc("client_secret_env: \"hunter2 pass\""));
+    assert!(
+        e.starts_with("policy.yaml:5:24: approvals.oidc: client_secret_env takes the name of an environment variable")
+            && !e.contains("hunter2"),
+        "{e}"
+    );
+    assert_err(
+        &oidc("client_secret_file: secrets/oidc"),
+        5,
+        25,
+        "approvals.oidc: client_secret_file \"secrets/oidc\" is not an absolute path; write e.g. \
+         /etc/warden/secrets/oidc",
+    );
+    assert_err(
+        &oidc("client_secret_file: /nonexistent/warden/oidc"),
+        5,
+        25,
+        "approvals.oidc: cannot read client_secret_file /nonexistent/warden/oidc",
+    );
+    assert_err(
+        &oidc("client_secret_env: A\n    client_secret_file: /b"),
+        6,
+        5,
+        "approvals.oidc has both client_secret_env and client_secret_file; keep one",
+    );
+    assert_err(
+        &oidc("client_id: x"),
+        5,
+        5,
+        "`client_id` is given twice under approvals.oidc",
+    );
+    assert_err(
+        &oidc("groups_claim: \"\""),
+        5,
+        19,
+        "\"\" is not a claim name",
+    );
+    assert_err(
+        "version: 1\napprovals:\n  oidc: { issuer: \"https://x\", client_id: \"war den\" }\n",
+        3,
+        43,
+        "\"war den\" is not a client id",
+    );
+    // The webhook's URL is never echoed: it is often its secret.
+    let e = err(
+        "version: 1\napprovals:\n  oidc: { issuer: \"https://x\", client_id: w }\n  webhook: hooks.example/s3cret\n",
+    );
+    assert!(
+        e.starts_with("policy.yaml:4:12: webhook takes an http or https URL")
+            && !e.contains("s3cret"),
+        "{e}"
+    );
+    assert_err(
+        "version: 1\napprovals:\n  issuer: https://x\n",
+        3,
+        3,
+        "unknown field `issuer` under approvals (the issuer goes under oidc",
+    );
+    assert_err(
+        "version: 1\noidc: { issuer: https://x }\n",
+        2,
+        1,
+        "unknown field `oidc` at the top level (oidc goes under approvals",
+    );
+}
+
+#[test]
+fn bad_owners() {
+    assert_err(
+        "version: 1\nworkloads:\n  w:\n    match: { uid: 1 }\n    owners: []\n",
+        5,
+        13,
+        "this list is empty, so it would match nothing; give at least one owner",
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  w:\n    match: { uid: 1 }\n    owners: [\"alice smith\"]\n",
+        5,
+        14,
+        "\"alice smith\" is not an owner; write the person's OIDC subject, email or username",
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  w:\n    owner: alice\n    match: { uid: 1 }\n",
+        4,
+        5,
+        "unknown field `owner` in a workload (write `owners:`",
+    );
+    assert_err(
+        "version: 1\nworkloads:\n  w: { owners: alice }\n",
+        3,
+        6,
+        "a workload needs a match",
+    );
+    let p = Policy::from_yaml(
+        "version: 1\nworkloads:\n  w: { match: { uid: 1 }, owners: alice }\n",
+        "p",
+    )
+    .unwrap();
+    assert_eq!(p.owners_of("w"), ["alice"]);
 }

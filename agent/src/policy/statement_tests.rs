@@ -568,3 +568,140 @@ fn from_llm_takes_a_boolean() {
     assert!(e.starts_with("p.yaml:4:"), "{e}");
     assert!(e.contains("`from_llm: true` or `from_llm: false`"), "{e}");
 }
+
+#[test]
+fn an_approving_rule_holds_the_statement_with_its_approve_and_mask() {
+    let p = policy(
+        r#"
+version: 1
+approvals:
+  oidc: { issuer: "http://127.0.0.1:9400", client_id: warden }
+workloads:
+  bot:
+    match: { uid: 998 }
+    owners: [alice@example.com]
+rules:
+  - name: bot-writes-need-a-dba
+    when: { workload: bot, sql: { class: write, tables: "crm.*" } }
+    action: approve
+    approve: { groups: [dba], quorum: 2, expires: 30m, message: "a DBA must approve" }
+  - name: bot-reads-masked
+    when: { workload: bot, sql: { class: read } }
+    action: approve
+    approve: { groups: [dba] }
+    mask: { columns: ["*email*"] }
+  - { name: no-ddl, when: { sql: { class: ddl } }, action: deny }
+  - { name: bot-to-crm, when: { workload: bot, port: 5432 }, action: allow }
+"#,
+    );
+    let write = Stmt::new("write").uid(998).writes(&["crm.customers"]);
+    let d = write.decision(&p);
+    assert_eq!(
+        (d.action, d.rule.as_str(), d.workload.as_deref()),
+        (Action::Approve, "bot-writes-need-a-dba", Some("bot"))
+    );
+    let approval = d.approval.clone().expect("who approves");
+    assert_eq!(
+        *approval,
+        ApprovalRule {
+            groups: vec!["dba".into()],
+            quorum: 2,
+            expires: Duration::from_secs(30 * 60),
+            message: Some("a DBA must approve".into()),
+        }
+    );
+    assert!(d.mask.is_none());
+    // One approval per rule, shared by its decisions.
+    let again = write.decision(&p);
+    assert!(Arc::ptr_eq(&again.approval.unwrap(), &approval));
+    assert_eq!(p.owners_of("bot"), ["alice@example.com"]);
+    // The rows of an approved statement are masked with the rule's mask.
+    let d = Stmt::new("read")
+        .uid(998)
+        .reads(&["crm.customers"])
+        .decision(&p);
+    assert_eq!(
+        (d.action, d.rule.as_str()),
+        (Action::Approve, "bot-reads-masked")
+    );
+    assert_eq!(d.approval.unwrap().groups, ["dba"]);
+    let mask = d.mask.expect("the rule's mask");
+    assert!(mask.masks_column("contact_email"));
+    // Every other decision carries none.
+    for (stmt, expected) in [
+        (
+            Stmt::new("write").writes(&["crm.customers"]),
+            allow("default"),
+        ),
+        (Stmt::new("ddl").uid(998), deny("no-ddl")),
+        (
+            Stmt::new("write").uid(998).writes(&["hr.people"]),
+            allow("default"),
+        ),
+    ] {
+        let d = stmt.decision(&p);
+        assert_eq!((d.action, d.rule.clone()), expected);
+        assert!(d.approval.is_none(), "{d:?}");
+    }
+    // Connections are never held: statement rules play no part in them.
+    assert_eq!(connection(&p, 998, "10.0.4.12:5432"), allow("bot-to-crm"));
+    assert_eq!(connection(&p, 1000, "10.0.4.12:5432"), allow("default"));
+    assert!(
+        p.decide_connection(&ConnectionRequest {
+            identity: &who(998),
+            destination: "10.0.4.12:5432".parse().unwrap(),
+            transport: Transport::Tcp,
+        })
+        .approval
+        .is_none()
+    );
+    assert_eq!(
+        p.summary(),
+        "4 rules, 3 of them for SQL statements, 1 with a mask, 2 holding for approval, 1 \
+         workload, 0 targets; approvals by http://127.0.0.1:9400"
+    );
+}
+
+#[test]
+fn the_approvals_example_does_what_it_says() {
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../policies/examples/approvals.yaml"
+    ));
+    let p = Policy::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let bot = 998;
+    let d = Stmt::new("write")
+        .uid(bot)
+        .writes(&["crm.customers"])
+        .decision(&p);
+    assert_eq!(
+        (d.action, d.rule.as_str()),
+        (Action::Approve, "bot-customer-writes")
+    );
+    let approval = d.approval.unwrap();
+    assert_eq!(
+        (
+            approval.groups.as_slice(),
+            approval.quorum,
+            approval.expires
+        ),
+        (&["dba".to_string()][..], 1, Duration::from_secs(30 * 60))
+    );
+    let d = Stmt::new("ddl").uid(bot).decision(&p);
+    assert_eq!(d.rule, "bot-schema-changes");
+    assert_eq!(d.approval.unwrap().quorum, 2);
+    // Other tables, other processes: allowed.
+    assert_eq!(
+        Stmt::new("write").uid(bot).writes(&["crm.notes"]).on(&p),
+        allow("default")
+    );
+    assert_eq!(Stmt::new("ddl").on(&p), allow("default"));
+    assert_eq!(connection(&p, bot, "10.0.4.12:5432"), allow("default"));
+    assert_eq!(
+        p.owners_of("support-bot"),
+        ["alice@example.com", "bob@example.com"]
+    );
+    let approvals = p.approvals().unwrap();
+    assert_eq!(approvals.oidc.client_id, "warden");
+    assert!(approvals.webhook.is_some());
+}

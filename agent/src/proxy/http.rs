@@ -46,6 +46,7 @@ use tokio::{
 
 use super::{io::Counted, relay::Transferred};
 use crate::{
+    approvals::{Approvals, HoldRequest, Ticket},
     audit::{AuditSink, HttpFields, LlmFields, RequestRow},
     identity::Identity,
     lineage::{Exchange as Proposer, HttpTarget, Lineage},
@@ -77,6 +78,8 @@ pub struct HttpSession {
     pub audit: AuditSink,
     pub policy: Arc<Policy>,
     pub lineage: Arc<Lineage>,
+    /// Where requests a rule holds wait for reviewers.
+    pub approvals: Option<Arc<Approvals>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +250,7 @@ impl Exchange {
             }),
             llm: None,
             caused_by: None,
+            approval_id: None,
         };
 
         // 1. read
@@ -342,6 +346,24 @@ impl Exchange {
                 .unwrap_or_else(|| format!("denied by rule {:?}", decision.rule));
             return self.refuse(row, provider, StatusCode::FORBIDDEN, &reason);
         }
+        // Held: the client's request waits (its connection open) for reviewers.
+        let ticket = match &decision.approval {
+            Some(rule) if decision.action == Action::Approve => {
+                // The path without its query, as the audit keeps it.
+                let request = format!("{method} {}{path}", host.as_deref().unwrap_or_default());
+                match hold(s, rule, &decision.rule, request, row.caused_by.clone()).await {
+                    Ok(ticket) => {
+                        row.approval_id = Some(ticket.id().to_string());
+                        Some(ticket)
+                    }
+                    Err((id, reason)) => {
+                        row.approval_id = id;
+                        return self.refuse(row, provider, StatusCode::FORBIDDEN, &reason);
+                    }
+                }
+            }
+            _ => None,
+        };
 
         // 3. redact
         if let Some(call) = &call {
@@ -383,7 +405,12 @@ impl Exchange {
             Err(message) => return self.refuse(row, provider, StatusCode::BAD_REQUEST, &message),
         };
         let mut resp = match self.sender.send(req).await {
-            Ok(r) => r,
+            Ok(r) => {
+                if let Some(ticket) = ticket {
+                    ticket.executed();
+                }
+                r
+            }
             Err(e) => {
                 let message = format!("the server did not answer: {e}");
                 let mut resp = self.refuse(row, provider, StatusCode::BAD_GATEWAY, &message);
@@ -663,6 +690,42 @@ impl Exchange {
 /// The LLM request body, read whole for inspection, carried from step 1 to 3.
 #[derive(Clone)]
 struct InspectedBody(Bytes);
+
+/// Holds a request until reviewers decide: the ticket of an approved one,
+/// else the approval's id (if one was made) and why the request does not
+/// run.
+async fn hold(
+    s: &HttpSession,
+    rule: &Arc<crate::policy::ApprovalRule>,
+    rule_name: &str,
+    request: String,
+    caused_by: Option<crate::lineage::Link>,
+) -> Result<Ticket, (Option<String>, String)> {
+    let Some(approvals) = &s.approvals else {
+        return Err((
+            None,
+            format!("held by rule {rule_name:?} for approval, and this agent serves no approvals"),
+        ));
+    };
+    let mut ticket = approvals.submit(HoldRequest {
+        session_id: s.session_id.clone(),
+        protocol: "http",
+        identity: s.identity.clone(),
+        workload: s.workload.clone(),
+        destination: s.destination,
+        rule: rule_name.to_string(),
+        request,
+        context: Default::default(),
+        caused_by,
+        approval: rule.clone(),
+    });
+    let resolution = ticket.wait().await;
+    let id = ticket.id().to_string();
+    match resolution.refusal(&id) {
+        None => Ok(ticket),
+        Some(why) => Err((Some(id), format!("held by rule {rule_name:?} and {why}"))),
+    }
+}
 
 fn request_host<B>(req: &Request<B>) -> Option<String> {
     let raw = req.uri().host().map(str::to_string).or_else(|| {

@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    approvals::Approvals,
     audit::{AuditSink, ConnectionRow},
     capture::Capture,
     identity::{Identity, Origin},
@@ -47,6 +48,9 @@ pub struct Proxy {
     pub tls: Option<Interceptor>,
     /// What LLM answers proposed, for the statements that follow.
     pub lineage: Arc<Lineage>,
+    /// Where requests a rule holds wait for reviewers; None when the
+    /// policy has no `approvals:`.
+    pub approvals: Option<Arc<Approvals>>,
 }
 
 impl Proxy {
@@ -190,6 +194,7 @@ impl Proxy {
                     audit: self.audit.clone(),
                     policy: self.policy.clone(),
                     lineage: self.lineage.clone(),
+                    approvals: self.approvals.clone(),
                     login: self.policy.login_for(origin.destination).cloned(),
                     tls: self.tls.as_ref(),
                     upstream_tls: self
@@ -303,6 +308,7 @@ impl Proxy {
             audit: self.audit.clone(),
             policy: self.policy.clone(),
             lineage: self.lineage.clone(),
+            approvals: self.approvals.clone(),
         }
     }
 

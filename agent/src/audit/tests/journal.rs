@@ -64,12 +64,12 @@ async fn a_crash_before_the_rotation_loses_no_journaled_row() {
         parquet_files(tmp.path()).is_empty(),
         "rotation is an hour away"
     );
-    assert_eq!(journals(tmp.path()).len(), 3, "one per table");
+    assert_eq!(journals(tmp.path()).len(), 4, "one per table");
 
     assert_eq!(
         recover(tmp.path()).unwrap(),
         Recovery {
-            journals: 3,
+            journals: 4,
             rows: 12
         }
     );
@@ -179,4 +179,77 @@ async fn an_agent_starting_on_the_directory_writes_a_dead_agents_rows() {
     let (_sink, writer) = AuditWriter::start(config(tmp.path())).unwrap();
     assert_eq!(total_rows(tmp.path()), 1);
     assert_eq!(writer.shutdown().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn approval_steps_are_journaled_and_recovered_in_their_partitions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, writer) = AuditWriter::start(fast_journal(tmp.path())).unwrap();
+    let held = at(2025, 5, 5, 23, 59, 30);
+    sink.record_approval(approvals::approval("ap-1", ApprovalStep::Requested, held));
+    // The agent dies while the request waits, after a first approval in
+    // the next hour.
+    sink.record_approval(approvals::approved(
+        "ap-1",
+        at(2025, 5, 6, 0, 0, 10),
+        "bob",
+        1,
+    ));
+    journaled(tmp.path()).await;
+    crash(writer).await;
+    assert!(table_files(tmp.path(), APPROVALS_TABLE).is_empty());
+    assert_eq!(
+        journals(&tmp.path().join(APPROVALS_TABLE)).len(),
+        1,
+        "the approvals table has its own journal"
+    );
+
+    // The next agent on the directory writes them, and says so.
+    let (_sink, writer) = AuditWriter::start(config(tmp.path())).unwrap();
+    writer.shutdown().await.unwrap();
+    let files = table_files(tmp.path(), APPROVALS_TABLE);
+    let partitions: Vec<String> = files
+        .iter()
+        .map(|p| {
+            p.parent()
+                .unwrap()
+                .strip_prefix(tmp.path())
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        partitions,
+        [
+            "approvals/date=2025-05-05/hour=23",
+            "approvals/date=2025-05-06/hour=0"
+        ]
+    );
+    let first = read(&files[0]);
+    assert_eq!(strs(&first, "step"), [Some("requested".to_string())]);
+    assert_eq!(
+        col::<TimestampMicrosecondArray>(&first, "start_time").value(0),
+        held.timestamp_micros()
+    );
+    let second = read(&files[1]);
+    assert_eq!(strs(&second, "step"), [Some("approved".to_string())]);
+    assert_eq!(strs(&second, "reviewer"), [Some("bob".to_string())]);
+    assert_eq!(col::<Int64Array>(&second, "approvals").values(), &[1]);
+    let events: Vec<Option<String>> = table_files(tmp.path(), EVENTS_TABLE)
+        .iter()
+        .flat_map(|f| strs(&read(f), "message"))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .flatten()
+            .any(|m| m.contains("wrote 2 approvals rows")),
+        "{events:?}"
+    );
+    assert!(journals(tmp.path()).is_empty());
+    assert_no_tmp(tmp.path());
+    // Nothing is written twice.
+    assert_eq!(recover(tmp.path()).unwrap(), Recovery::default());
+    assert_eq!(table_files(tmp.path(), APPROVALS_TABLE).len(), 2);
 }

@@ -27,6 +27,7 @@ pub(super) fn request(session: u32, seq: u64, start: DateTime<Utc>) -> RequestRo
         http: None,
         llm: None,
         caused_by: None,
+        approval_id: None,
     }
 }
 
@@ -39,7 +40,7 @@ fn rows_in(files: &[PathBuf]) -> usize {
 }
 
 /// The `List<Utf8>` column as vectors; the lists themselves are never null.
-fn lists(batch: &RecordBatch, name: &str) -> Vec<Vec<String>> {
+pub(super) fn lists(batch: &RecordBatch, name: &str) -> Vec<Vec<String>> {
     let list = col::<ListArray>(batch, name);
     assert_eq!(list.null_count(), 0, "{name}");
     (0..list.len())
@@ -52,7 +53,7 @@ fn lists(batch: &RecordBatch, name: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-fn kv_metadata(path: &Path) -> Vec<(String, Option<String>)> {
+pub(super) fn kv_metadata(path: &Path) -> Vec<(String, Option<String>)> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap()).unwrap();
     builder
         .metadata()
@@ -64,7 +65,7 @@ fn kv_metadata(path: &Path) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
-fn s(v: &str) -> Option<String> {
+pub(super) fn s(v: &str) -> Option<String> {
     Some(v.to_string())
 }
 
@@ -90,6 +91,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
         masked: 3,
         error: Some("duplicate key value violates unique constraint".into()),
         sqlstate: Some("23505".into()),
+        approval_id: Some("ap-1".into()),
         identity: Identity {
             container_id: Some("ab".repeat(32)),
             ..request(1, 1, start).identity
@@ -155,7 +157,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
     // File metadata: zstd, key-value metadata, the documented schema.
     let kv = kv_metadata(&files[0]);
     assert!(
-        kv.contains(&("warden.schema_version".into(), s("3"))),
+        kv.contains(&("warden.schema_version".into(), s("4"))),
         "{kv:?}"
     );
     assert!(
@@ -234,12 +236,13 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
             "caused_by_session_id",
             "caused_by_seq",
             "caused_by_match",
+            "approval_id",
         ]
     );
 
     let b = read(&files[0]);
     assert_eq!(b.num_rows(), 3);
-    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[3, 3, 3]);
+    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[4, 4, 4]);
     assert_eq!(strs(&b, "session_id"), [s("s-1"), s("s-2"), s("s-3")]);
     assert_eq!(col::<Int64Array>(&b, "seq").values(), &[1, 7, 2]);
     let starts = col::<TimestampMicrosecondArray>(&b, "start_time");
@@ -347,6 +350,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
         ]
     );
     assert_eq!(strs(&b, "sqlstate"), [s("23505"), None, None]);
+    assert_eq!(strs(&b, "approval_id"), [s("ap-1"), None, None]);
     for name in [
         "user",
         "exe",
@@ -425,7 +429,7 @@ async fn both_tables_in_one_run_land_in_their_own_directories() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     tables.sort();
-    assert_eq!(tables, ["connections", "events", "requests"]);
+    assert_eq!(tables, ["approvals", "connections", "events", "requests"]);
     assert_no_tmp(tmp.path());
 }
 

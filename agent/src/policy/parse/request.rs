@@ -514,6 +514,10 @@ pub(super) struct CredentialKeys<'c> {
     ctx: &'c Ctx,
     /// The credential's name: its target's.
     name: String,
+    /// "credential `name`", for messages.
+    owner: String,
+    /// "/etc/warden/secrets/name", for messages.
+    file_example: String,
     /// "api_key_env", "api_key_file", "password_env" or "password_file",
     /// once read.
     source: Option<&'static str>,
@@ -527,6 +531,8 @@ impl<'c> CredentialKeys<'c> {
         CredentialKeys {
             ctx,
             name: name.to_string(),
+            owner: format!("credential `{name}`"),
+            file_example: format!("/etc/warden/secrets/{name}"),
             source: None,
             secret: None,
             header: None,
@@ -563,21 +569,23 @@ impl<'de> Keys<'de> for CredentialKeys<'_> {
     }
 
     fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
-        let (ctx, credential) = (self.ctx, self.name.as_str());
+        let (ctx, owner) = (self.ctx, self.owner.as_str());
         match key {
             "api_key_env" | "password_env" => {
                 self.secret = map.next_value_seed(One(EnvKeyP {
                     ctx,
-                    credential,
+                    owner,
                     key,
+                    example: "OPENAI_API_KEY",
                 }))?;
                 self.source = Some(key);
             }
             "api_key_file" | "password_file" => {
                 self.secret = map.next_value_seed(One(KeyFileP {
                     ctx,
-                    credential,
+                    owner,
                     key,
+                    example: &self.file_example,
                 }))?;
                 self.source = Some(key);
             }
@@ -685,48 +693,53 @@ fn env_var(name: &str) -> Result<String, VarError> {
 }
 
 /// A secret as read from `source` ("the environment variable X"), trimmed
-/// of its trailing newline. Messages never show it.
-fn checked_secret(credential: &str, source: &str, value: String) -> Result<String, String> {
+/// of its trailing newline, for `owner` ("credential `openai`"). Messages
+/// never show it.
+fn checked_secret(owner: &str, source: &str, value: String) -> Result<String, String> {
     let key = value.trim_end_matches(['\n', '\r']);
     if key.trim().is_empty() {
-        return Err(format!(
-            "credential `{credential}`: {source} is empty; put the secret in it"
-        ));
+        return Err(format!("{owner}: {source} is empty; put the secret in it"));
     }
     if key.chars().any(char::is_control) {
         return Err(format!(
-            "credential `{credential}`: the secret in {source} has a line break or another \
-             control character inside it; a secret is one line (only a trailing newline is \
-             trimmed)"
+            "{owner}: the secret in {source} has a line break or another control character \
+             inside it; a secret is one line (only a trailing newline is trimmed)"
         ));
     }
     Ok(key.to_string())
 }
 
-/// `api_key_env`: the secret, read on the second reading.
+/// `api_key_env`, `password_env` or `client_secret_env`: the secret, read
+/// on the second reading.
 #[derive(Clone, Copy)]
-struct EnvKeyP<'c, 'n> {
-    ctx: &'c Ctx,
-    credential: &'n str,
-    /// `api_key_env` or `password_env`.
-    key: &'static str,
+pub(super) struct EnvKeyP<'c, 'n> {
+    pub(super) ctx: &'c Ctx,
+    /// Whose secret, for messages: "credential `openai`", "approvals.oidc".
+    pub(super) owner: &'n str,
+    /// `api_key_env`, `password_env` or `client_secret_env`.
+    pub(super) key: &'static str,
+    /// A variable's name, for messages: OPENAI_API_KEY.
+    pub(super) example: &'static str,
 }
 
 impl Parse for EnvKeyP<'_, '_> {
     type Out = Option<String>;
     fn expecting(&self) -> String {
-        "the name of an environment variable such as OPENAI_API_KEY".into()
+        format!(
+            "the name of an environment variable such as {}",
+            self.example
+        )
     }
     fn text(&self, s: &str) -> Result<Option<String>, String> {
-        let (credential, key) = (self.credential, self.key);
+        let (owner, key, example) = (self.owner, self.key, self.example);
         let name_ok = s.chars().next().is_some_and(|c| !c.is_ascii_digit())
             && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !name_ok {
             // Not echoed: it may be the secret itself, written here by mistake.
             return Err(format!(
-                "credential `{credential}`: {key} takes the name of an environment variable \
-                 (letters, digits and _), such as OPENAI_API_KEY; this value is not one (a \
-                 secret itself never goes in the policy)"
+                "{owner}: {key} takes the name of an environment variable (letters, digits and \
+                 _), such as {example}; this value is not one (a secret itself never goes in \
+                 the policy)"
             ));
         }
         if self.ctx.names.is_none() {
@@ -734,15 +747,15 @@ impl Parse for EnvKeyP<'_, '_> {
         }
         let source = format!("the environment variable {s}");
         match env_var(s) {
-            Ok(value) => checked_secret(credential, &source, value).map(Some),
+            Ok(value) => checked_secret(owner, &source, value).map(Some),
             Err(VarError::NotPresent) => Err(format!(
-                "credential `{credential}`: the environment variable {s} is not set in the \
+                "{owner}: the environment variable {s} is not set in the \
                  agent's environment; set it where the agent starts (e.g. `Environment=` or \
                  `EnvironmentFile=` in its systemd unit), or write `{}:` instead",
                 key.replace("_env", "_file")
             )),
             Err(VarError::NotUnicode(_)) => Err(format!(
-                "credential `{credential}`: {source} is not valid UTF-8; a secret is text"
+                "{owner}: {source} is not valid UTF-8; a secret is text"
             )),
         }
     }
@@ -751,35 +764,39 @@ impl Parse for EnvKeyP<'_, '_> {
     }
 }
 
-/// `api_key_file`: the secret, read on the second reading.
+/// `api_key_file`, `password_file` or `client_secret_file`: the secret,
+/// read on the second reading.
 #[derive(Clone, Copy)]
-struct KeyFileP<'c, 'n> {
-    ctx: &'c Ctx,
-    credential: &'n str,
-    /// `api_key_file` or `password_file`.
-    key: &'static str,
+pub(super) struct KeyFileP<'c, 'n> {
+    pub(super) ctx: &'c Ctx,
+    /// Whose secret, for messages: "credential `openai`", "approvals.oidc".
+    pub(super) owner: &'n str,
+    /// `api_key_file`, `password_file` or `client_secret_file`.
+    pub(super) key: &'static str,
+    /// A path, for messages: /etc/warden/secrets/openai.
+    pub(super) example: &'n str,
 }
 
 impl Parse for KeyFileP<'_, '_> {
     type Out = Option<String>;
     fn expecting(&self) -> String {
-        "a file such as /etc/warden/secrets/openai".into()
+        format!("a file such as {}", self.example)
     }
     fn text(&self, s: &str) -> Result<Option<String>, String> {
-        let (credential, key) = (self.credential, self.key);
+        let (owner, key) = (self.owner, self.key);
         if !s.starts_with('/') {
             return Err(format!(
-                "credential `{credential}`: {key} {s:?} is not an absolute path; write e.g. \
-                 /etc/warden/secrets/{credential}"
+                "{owner}: {key} {s:?} is not an absolute path; write e.g. {}",
+                self.example
             ));
         }
         if self.ctx.names.is_none() {
             return Ok(None);
         }
         match std::fs::read_to_string(s) {
-            Ok(value) => checked_secret(credential, &format!("the file {s}"), value).map(Some),
+            Ok(value) => checked_secret(owner, &format!("the file {s}"), value).map(Some),
             Err(e) => Err(format!(
-                "credential `{credential}`: cannot read {key} {s}: {e}; put the secret in that \
+                "{owner}: cannot read {key} {s}: {e}; put the secret in that \
                  file and make it readable by the agent, or write `{}:` instead",
                 key.replace("_file", "_env")
             )),

@@ -20,10 +20,17 @@
 //! When the policy has a password credential for the destination, the
 //! agent logs in itself ([`login`]) and the client never sees a password
 //! request.
+//!
+//! A statement a rule holds for approval is not sent until reviewers decide
+//! ([`crate::approvals`]): the client gets a NOTICE saying so and waits for
+//! its answer as for a slow statement; approved, the statement goes on as
+//! the client sent it; rejected or expired, the client gets SQLSTATE 42501
+//! with the reason, as for a denial. Only that message waits: what the
+//! client sends meanwhile is read and kept for after.
 mod login;
 use std::{
     borrow::Cow,
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     io,
     sync::{Arc, Mutex},
 };
@@ -32,16 +39,18 @@ use chrono::{DateTime, Utc};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
+    sync::mpsc,
 };
 
 use self::login::LoginError;
 use super::{intercept::Interceptor, relay::Transferred};
 use crate::{
+    approvals::{Approvals, HoldRequest, Resolution},
     audit::{AuditSink, RequestRow},
     identity::Identity,
     lineage::{Lineage, Link},
     masking::Masker,
-    policy::{Action, Credential, Policy, SecretKind, StatementRequest},
+    policy::{Action, ApprovalRule, Credential, Policy, SecretKind, StatementRequest},
     protocols::postgres::{
         Authentication, BackendFramer, BackendMessage, DataRow, FieldDescription, Frame,
         FrontendFramer, FrontendMessage, ProtocolError, Severity, Statement, StatementClass,
@@ -59,6 +68,8 @@ pub struct Session<'a> {
     pub audit: AuditSink,
     pub policy: Arc<Policy>,
     pub lineage: Arc<Lineage>,
+    /// Where statements a rule holds wait for reviewers.
+    pub approvals: Option<Arc<Approvals>>,
     /// The password the agent logs in with, if the policy has one for
     /// this destination.
     pub login: Option<Arc<Credential>>,
@@ -87,6 +98,21 @@ struct Verdict {
     mask: Option<Arc<Masker>>,
     /// The LLM exchange that proposed the statement, if one did.
     link: Option<Link>,
+    /// Held until reviewers decide, by this rule's `approve`.
+    hold: Option<Arc<ApprovalRule>>,
+    /// The approval that decided it, once reviewers did.
+    approval_id: Option<String>,
+    /// Why it was refused, when not the plain denial by `rule`.
+    refusal: Option<String>,
+}
+
+impl Verdict {
+    /// What the client reads when the statement does not run.
+    fn refusal(&self) -> String {
+        self.refusal
+            .clone()
+            .unwrap_or_else(|| denial_message(&self.rule))
+    }
 }
 
 /// What happens to each column of the rows being returned.
@@ -259,7 +285,37 @@ enum Forwarding {
     Forward,
     Drop,
     Replace(Vec<u8>),
+    /// Wait for reviewers, then decide.
+    Hold(Box<Held>),
 }
+
+/// A client message a rule holds, decided but for the held verdicts.
+struct Held {
+    message: HeldMessage,
+    request: HoldRequest,
+}
+
+enum HeldMessage {
+    Query {
+        statements: Vec<Statement>,
+        verdicts: Vec<Verdict>,
+    },
+    Parse {
+        name: String,
+        sql: String,
+        statement: Statement,
+        verdict: Verdict,
+    },
+    FunctionCall {
+        sql: String,
+        statement: Statement,
+        verdict: Verdict,
+    },
+}
+
+/// Bytes a client may send while one of its messages is held, kept for
+/// after; beyond this the agent stops reading until reviewers decide.
+const HELD_READ_AHEAD: usize = 1 << 20;
 
 const CHUNK: usize = 64 * 1024;
 
@@ -464,14 +520,24 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
+    let (notices, notices_rx) = mpsc::unbounded_channel();
     tokio::try_join!(
-        client_to_server(client_read, upstream_write, framer, session, state, up),
+        client_to_server(
+            client_read,
+            upstream_write,
+            framer,
+            session,
+            state,
+            &notices,
+            up
+        ),
         server_to_client(
             upstream_read,
             client_write,
             server_framer,
             session,
             state,
+            notices_rx,
             down
         ),
     )
@@ -643,6 +709,7 @@ async fn client_to_server(
     mut framer: FrontendFramer,
     session: &Session<'_>,
     state: &Mutex<State>,
+    notices: &mpsc::UnboundedSender<Vec<u8>>,
     moved: &mut u64,
 ) -> Result<(), SessionError> {
     let mut buf = vec![0u8; CHUNK];
@@ -650,9 +717,24 @@ async fn client_to_server(
     loop {
         // Frames left from the startup read are handled before reading more.
         while let Some(frame) = framer.next().map_err(from_client)? {
-            match observe_client(&frame, session, state)? {
+            let mut forwarding = observe_client(&frame, session, state)?;
+            if let Forwarding::Hold(held) = forwarding {
+                // What came before the held message goes now.
+                if !out.is_empty() {
+                    to.write_all(&out).await?;
+                    *moved += out.len() as u64;
+                    out.clear();
+                }
+                let waiting = (&mut from, &mut framer, &mut buf[..]);
+                match hold(*held, session, state, notices, waiting).await? {
+                    Some(decided) => forwarding = decided,
+                    // The client went away while it waited.
+                    None => return to.shutdown().await.map_err(SessionError::from),
+                }
+            }
+            match forwarding {
                 Forwarding::Forward => out.extend_from_slice(frame.bytes()),
-                Forwarding::Drop => {}
+                Forwarding::Drop | Forwarding::Hold(_) => {}
                 Forwarding::Replace(bytes) => out.extend_from_slice(&bytes),
             }
         }
@@ -669,13 +751,109 @@ async fn client_to_server(
     }
 }
 
-/// Server to client: answers settle the pending statements, in order.
+/// Holds one client message until reviewers decide, reading what the
+/// client sends meanwhile into its framer. None: the client closed.
+async fn hold(
+    held: Held,
+    session: &Session<'_>,
+    state: &Mutex<State>,
+    notices: &mpsc::UnboundedSender<Vec<u8>>,
+    (from, framer, buf): (
+        &mut (impl AsyncRead + Unpin),
+        &mut FrontendFramer,
+        &mut [u8],
+    ),
+) -> Result<Option<Forwarding>, SessionError> {
+    let Some(approvals) = &session.approvals else {
+        // decide() never holds without a broker; refuse rather than run.
+        let resolution = Resolution::Withdrawn;
+        return Ok(Some(resume(held.message, &resolution, "none", state)));
+    };
+    let mut ticket = approvals.submit(held.request);
+    let _ = notices.send(encode::notice_response(
+        Severity::Notice,
+        "00000",
+        ticket.notice(),
+        None,
+        Some("a reviewer decides with `warden approvals`; this statement runs once approved"),
+    ));
+    let resolution = loop {
+        tokio::select! {
+            resolution = ticket.wait() => break resolution,
+            n = from.read(buf), if framer.buffered() < HELD_READ_AHEAD => match n {
+                // Dropping the ticket audits it as abandoned.
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(n) => framer.push(&buf[..n]),
+            },
+        }
+    };
+    let id = ticket.id().to_string();
+    let forwarding = resume(held.message, &resolution, &id, state);
+    if matches!(resolution, Resolution::Approved(_)) {
+        ticket.executed();
+    }
+    Ok(Some(forwarding))
+}
+
+/// Settles the held verdicts as reviewers decided and handles the message
+/// as an undelayed one would have been.
+fn resume(
+    message: HeldMessage,
+    resolution: &Resolution,
+    id: &str,
+    state: &Mutex<State>,
+) -> Forwarding {
+    let refusal = resolution.refusal(id);
+    let settle = |verdict: &mut Verdict| {
+        if verdict.hold.take().is_some() {
+            verdict.approval_id = Some(id.to_string());
+            if let Some(why) = &refusal {
+                verdict.denied = true;
+                verdict.refusal = Some(format!(
+                    "held by Warden policy rule \"{}\" and {why}",
+                    verdict.rule
+                ));
+            }
+        }
+    };
+    let mut st = lock(state);
+    match message {
+        HeldMessage::Query {
+            statements,
+            mut verdicts,
+        } => {
+            verdicts.iter_mut().for_each(settle);
+            on_query(&mut st, statements, verdicts)
+        }
+        HeldMessage::Parse {
+            name,
+            sql,
+            statement,
+            mut verdict,
+        } => {
+            settle(&mut verdict);
+            on_parse(&mut st, name, sql, statement, verdict)
+        }
+        HeldMessage::FunctionCall {
+            sql,
+            statement,
+            mut verdict,
+        } => {
+            settle(&mut verdict);
+            on_function_call(&mut st, sql, statement, verdict)
+        }
+    }
+}
+
+/// Server to client: answers settle the pending statements, in order; the
+/// agent's own notices (a statement held) go between the server's messages.
 async fn server_to_client(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     mut framer: BackendFramer,
     session: &Session<'_>,
     state: &Mutex<State>,
+    mut notices: mpsc::UnboundedReceiver<Vec<u8>>,
     moved: &mut u64,
 ) -> Result<(), SessionError> {
     let mut buf = vec![0u8; CHUNK];
@@ -694,7 +872,14 @@ async fn server_to_client(
             *moved += out.len() as u64;
             out.clear();
         }
-        let n = from.read(&mut buf).await?;
+        let n = tokio::select! {
+            n = from.read(&mut buf) => n?,
+            Some(notice) = notices.recv() => {
+                to.write_all(&notice).await?;
+                *moved += notice.len() as u64;
+                continue;
+            }
+        };
         if n == 0 {
             return to.shutdown().await.map_err(SessionError::from);
         }
@@ -736,24 +921,21 @@ fn observe_client(
             }
             let verdicts: Vec<Verdict> =
                 statements.iter().map(|s| decide(session, &st, s)).collect();
-            let denied = verdicts.iter().find(|v| v.denied).cloned();
-            for (statement, verdict) in statements.into_iter().zip(verdicts) {
-                let outcome = denied.as_ref().map(|d| held_back(verdict.denied, d));
-                let sql = statement.text.clone();
-                st.pend(statement, sql, verdict, outcome);
-            }
-            match denied {
-                Some(d) => {
-                    st.batch_sent(Injection {
-                        error: Some(denial_error(&d)),
-                        swallow: false,
-                    });
-                    Forwarding::Replace(encode::sync())
+            // A denial settles the query at once; else a hold waits for all.
+            let denied = verdicts.iter().any(|v| v.denied);
+            match verdicts.iter().find(|v| v.hold.is_some()) {
+                Some(first) if !denied => {
+                    let context = statement_context(&st, &statements);
+                    let request = hold_request(session, &sql, first, context);
+                    Forwarding::Hold(Box::new(Held {
+                        message: HeldMessage::Query {
+                            statements,
+                            verdicts,
+                        },
+                        request,
+                    }))
                 }
-                None => {
-                    st.batch_sent(Injection::default());
-                    Forwarding::Forward
-                }
+                _ => on_query(&mut st, statements, verdicts),
             }
         }
         FrontendMessage::Parse { name, sql, .. } => {
@@ -763,22 +945,20 @@ fn observe_client(
                 .next()
                 .unwrap_or_else(|| statement_of(&sql, StatementClass::Unknown, Vec::new()));
             let verdict = decide(session, &st, &statement);
-            if verdict.denied {
-                st.discarding = Some(Some(denial_error(&verdict)));
-                let outcome = held_back(true, &verdict);
-                st.pend(statement, sql, verdict, Some(outcome));
-                return Ok(Forwarding::Drop);
+            if verdict.hold.is_some() {
+                let context = statement_context(&st, std::slice::from_ref(&statement));
+                let request = hold_request(session, &sql, &verdict, context);
+                return Ok(Forwarding::Hold(Box::new(Held {
+                    message: HeldMessage::Parse {
+                        name,
+                        sql,
+                        statement,
+                        verdict,
+                    },
+                    request,
+                })));
             }
-            st.prepared.insert(
-                name,
-                Prepared {
-                    sql,
-                    statement,
-                    verdict,
-                    columns: None,
-                },
-            );
-            Forwarding::Forward
+            on_parse(&mut st, name, sql, statement, verdict)
         }
         FrontendMessage::Describe { kind, name } => {
             let batch = st.batches_sent + 1;
@@ -813,6 +993,9 @@ fn observe_client(
                         rule: session.rule.clone(),
                         mask: None,
                         link: None,
+                        hold: None,
+                        approval_id: None,
+                        refusal: None,
                     },
                     columns: None,
                 });
@@ -841,22 +1024,154 @@ fn observe_client(
             let statement =
                 statement_of(&sql, StatementClass::Function, vec![format!("oid {oid}")]);
             let verdict = decide(session, &st, &statement);
-            if verdict.denied {
-                let outcome = held_back(true, &verdict);
-                let error = denial_error(&verdict);
-                st.pend(statement, sql, verdict, Some(outcome));
-                st.batch_sent(Injection {
-                    error: Some(error),
-                    swallow: false,
-                });
-                return Ok(Forwarding::Replace(encode::sync()));
+            if verdict.hold.is_some() {
+                let context = statement_context(&st, std::slice::from_ref(&statement));
+                let request = hold_request(session, &sql, &verdict, context);
+                return Ok(Forwarding::Hold(Box::new(Held {
+                    message: HeldMessage::FunctionCall {
+                        sql,
+                        statement,
+                        verdict,
+                    },
+                    request,
+                })));
             }
-            st.pend(statement, sql, verdict, None);
-            st.batch_sent(Injection::default());
-            Forwarding::Forward
+            on_function_call(&mut st, sql, statement, verdict)
         }
         _ => Forwarding::Forward,
     })
+}
+
+/// A simple-protocol query, decided: sent whole, or not at all when one of
+/// its statements is denied.
+fn on_query(st: &mut State, statements: Vec<Statement>, verdicts: Vec<Verdict>) -> Forwarding {
+    let denied = verdicts.iter().find(|v| v.denied).cloned();
+    for (statement, verdict) in statements.into_iter().zip(verdicts) {
+        let outcome = denied.as_ref().map(|d| held_back(verdict.denied, d));
+        let sql = statement.text.clone();
+        st.pend(statement, sql, verdict, outcome);
+    }
+    match denied {
+        Some(d) => {
+            st.batch_sent(Injection {
+                error: Some(denial_error(&d)),
+                swallow: false,
+            });
+            Forwarding::Replace(encode::sync())
+        }
+        None => {
+            st.batch_sent(Injection::default());
+            Forwarding::Forward
+        }
+    }
+}
+
+/// An extended-protocol Parse, decided: a denied one is dropped with what
+/// follows it up to Sync, and answered with the denial there.
+fn on_parse(
+    st: &mut State,
+    name: String,
+    sql: String,
+    statement: Statement,
+    verdict: Verdict,
+) -> Forwarding {
+    if verdict.denied {
+        st.discarding = Some(Some(denial_error(&verdict)));
+        let outcome = held_back(true, &verdict);
+        st.pend(statement, sql, verdict, Some(outcome));
+        return Forwarding::Drop;
+    }
+    st.prepared.insert(
+        name,
+        Prepared {
+            sql,
+            statement,
+            verdict,
+            columns: None,
+        },
+    );
+    Forwarding::Forward
+}
+
+fn on_function_call(
+    st: &mut State,
+    sql: String,
+    statement: Statement,
+    verdict: Verdict,
+) -> Forwarding {
+    if verdict.denied {
+        let outcome = held_back(true, &verdict);
+        let error = denial_error(&verdict);
+        st.pend(statement, sql, verdict, Some(outcome));
+        st.batch_sent(Injection {
+            error: Some(error),
+            swallow: false,
+        });
+        return Forwarding::Replace(encode::sync());
+    }
+    st.pend(statement, sql, verdict, None);
+    st.batch_sent(Injection::default());
+    Forwarding::Forward
+}
+
+/// What a reviewer reads besides the SQL: database, user, classes, tables.
+fn statement_context(st: &State, statements: &[Statement]) -> BTreeMap<&'static str, String> {
+    let mut context = BTreeMap::new();
+    if let Some(db) = &st.database {
+        context.insert("database", db.clone());
+    }
+    if let Some(user) = &st.db_user {
+        context.insert("db_user", user.clone());
+    }
+    let join = |items: Vec<&str>| {
+        let mut items = items;
+        items.dedup();
+        items.join(", ")
+    };
+    context.insert(
+        "class",
+        join(statements.iter().map(|s| s.class.as_str()).collect()),
+    );
+    let tables = |f: fn(&Statement) -> &Vec<String>| {
+        join(
+            statements
+                .iter()
+                .flat_map(|s| f(s).iter().map(String::as_str))
+                .collect(),
+        )
+    };
+    for (key, names) in [
+        ("tables_written", tables(|s| &s.writes)),
+        ("tables_read", tables(|s| &s.reads)),
+    ] {
+        if !names.is_empty() {
+            context.insert(key, names);
+        }
+    }
+    context
+}
+
+fn hold_request(
+    session: &Session,
+    sql: &str,
+    verdict: &Verdict,
+    context: BTreeMap<&'static str, String>,
+) -> HoldRequest {
+    HoldRequest {
+        session_id: session.session_id.clone(),
+        protocol: "postgres",
+        identity: session.identity.clone(),
+        workload: session.workload.clone(),
+        destination: session.destination,
+        rule: verdict.rule.clone(),
+        request: sql.to_string(),
+        context,
+        caused_by: verdict.link.clone(),
+        approval: verdict
+            .hold
+            .clone()
+            .expect("hold_request is called for held verdicts"),
+    }
 }
 
 fn decide(session: &Session, st: &State, statement: &Statement) -> Verdict {
@@ -874,11 +1189,21 @@ fn decide(session: &Session, st: &State, statement: &Statement) -> Verdict {
         functions: &statement.functions,
         from_llm: link.is_some(),
     });
+    let hold = decision
+        .approval
+        .filter(|_| decision.action == Action::Approve);
+    // A rule holds only where reviewers can be reached (the policy makes
+    // sure of it when it loads; this is for an agent built without one).
+    let unreachable = hold.is_some() && session.approvals.is_none();
     Verdict {
-        denied: decision.action == Action::Deny,
+        denied: decision.action == Action::Deny || unreachable,
         rule: decision.rule,
         mask: decision.mask,
         link,
+        hold: hold.filter(|_| !unreachable),
+        approval_id: None,
+        refusal: unreachable
+            .then(|| "held for approval, and this agent serves no approvals".to_string()),
     }
 }
 
@@ -891,7 +1216,7 @@ fn denial_message(rule: &str) -> String {
 fn held_back(this_one: bool, denial: &Verdict) -> Outcome {
     if this_one {
         Outcome {
-            error: denial_message(&denial.rule),
+            error: denial.refusal(),
             sqlstate: Some("42501"),
         }
     } else {
@@ -909,7 +1234,7 @@ fn denial_error(denial: &Verdict) -> Vec<u8> {
     encode::error_response(
         Severity::Error,
         "42501",
-        &denial_message(&denial.rule),
+        &denial.refusal(),
         None,
         Some("ask the owner of the Warden policy on this host if this statement should be allowed"),
     )
@@ -1241,5 +1566,6 @@ fn emit(
         http: None,
         llm: None,
         caused_by: p.verdict.link,
+        approval_id: p.verdict.approval_id,
     });
 }

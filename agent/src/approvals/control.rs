@@ -1,0 +1,235 @@
+//! The control API: JSON over HTTP/1.1 on a unix socket that only root can
+//! open (mode 0600). `warden approvals` is its client.
+//!
+//! - `GET /v1/approvals`: the requests waiting;
+//! - `GET /v1/approvals/{id}`: one of them, with all its context;
+//! - `POST /v1/approvals/{id}/approve`: approve, as the reviewer whose
+//!   OIDC ID token is in `Authorization: Bearer ...`;
+//! - `POST /v1/approvals/{id}/reject` with `{"reason": "..."}`: reject.
+//!
+//! Errors are `{"error": "..."}` with a status that says whose fault it
+//! is: 401 for a token that does not verify, 403 for a reviewer who may not
+//! decide, 404 for a request that no longer waits.
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use super::{Approvals, ReviewError};
+
+/// Where the agent listens, unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/warden/control.sock";
+
+/// Request bodies are a reason at most.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Binds the socket, root only. A socket file left by an agent that died is
+/// replaced; one a live agent listens on is an error.
+pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {} for the control socket", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another agent serves the control socket {}; stop it, or give this one another path with --control-socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale control socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} root only", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves until `cancel`, then removes the socket file.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    approvals: Arc<Approvals>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "control socket accept failed");
+                    continue;
+                }
+            },
+        };
+        let approvals = approvals.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let approvals = approvals.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(req, approvals).await) }
+            });
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%error, "control connection ended with an error");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+enum Route {
+    List,
+    Show(String),
+    Approve(String),
+    Reject(String),
+    Unknown,
+}
+
+fn route<B>(req: &Request<B>) -> Route {
+    let parts: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+    match (req.method(), parts.as_slice()) {
+        (&Method::GET, ["v1", "approvals"]) => Route::List,
+        (&Method::GET, ["v1", "approvals", id]) => Route::Show(id.to_string()),
+        (&Method::POST, ["v1", "approvals", id, "approve"]) => Route::Approve(id.to_string()),
+        (&Method::POST, ["v1", "approvals", id, "reject"]) => Route::Reject(id.to_string()),
+        _ => Route::Unknown,
+    }
+}
+
+async fn handle(req: Request<Incoming>, approvals: Arc<Approvals>) -> Response<Full<Bytes>> {
+    let token = bearer(&req);
+    match route(&req) {
+        Route::List => json(StatusCode::OK, &approvals.list()),
+        Route::Show(id) => match approvals.get(&id) {
+            Some(pending) => json(StatusCode::OK, &pending),
+            None => failure(&ReviewError::NotFound(id)),
+        },
+        Route::Approve(id) | Route::Reject(id) if token.is_none() => {
+            let _ = id;
+            error(
+                StatusCode::UNAUTHORIZED,
+                "sign in first: send your OIDC ID token as `Authorization: Bearer <token>` \
+                 (`warden approvals` reads it from --id-token-file or WARDEN_ID_TOKEN)",
+            )
+        }
+        Route::Approve(id) => {
+            let token = token.unwrap_or_default();
+            match approvals.approve(&id, &token).await {
+                Ok(progress) => json(StatusCode::OK, &progress),
+                Err(e) => failure(&e),
+            }
+        }
+        Route::Reject(id) => {
+            let token = token.unwrap_or_default();
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(_) => return error(StatusCode::BAD_REQUEST, "the body is too large"),
+            };
+            let reason = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("reason")?.as_str().map(str::to_string))
+                .unwrap_or_default();
+            match approvals.reject(&id, &token, &reason).await {
+                Ok(progress) => json(StatusCode::OK, &progress),
+                Err(e) => failure(&e),
+            }
+        }
+        Route::Unknown => error(
+            StatusCode::NOT_FOUND,
+            "no such endpoint: GET /v1/approvals, GET /v1/approvals/{id}, POST /v1/approvals/{id}/approve, POST /v1/approvals/{id}/reject",
+        ),
+    }
+}
+
+fn bearer<B>(req: &Request<B>) -> Option<String> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+fn failure(e: &ReviewError) -> Response<Full<Bytes>> {
+    let status = match e {
+        ReviewError::NotFound(_) => StatusCode::NOT_FOUND,
+        ReviewError::Token(_) => StatusCode::UNAUTHORIZED,
+        ReviewError::Refused(_) => StatusCode::FORBIDDEN,
+        ReviewError::NoReason => StatusCode::BAD_REQUEST,
+    };
+    error(status, &e.to_string())
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec_pretty(body).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .expect("a static status and header")
+}
+
+/// The client side, for `warden approvals`.
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: PathBuf) -> Client {
+        Client { socket }
+    }
+
+    /// One call; `Ok` carries the status and the JSON body.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<(StatusCode, serde_json::Value)> {
+        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
+            format!(
+                "cannot reach the agent's control socket {} (is an agent with an `approvals:` policy running? are you root? pass --socket)",
+                self.socket.display()
+            )
+        })?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "warden")
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let answer = sender
+            .send_request(request.body(Full::new(Bytes::from(body)))?)
+            .await
+            .context("the control API did not answer")?;
+        let status = answer.status();
+        let bytes = answer.into_body().collect().await?.to_bytes();
+        let value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Ok((status, value))
+    }
+}
