@@ -15,7 +15,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use warden_common::UdpDenied;
 
 use crate::{
-    approvals::{Approvals, Fetcher, control},
+    approvals::{Approvals, Fetcher, control, review},
     audit::{AuditConfig, AuditSink, AuditWriter, ConnectionRow, Event, EventRow},
     capture::{Capture, Listener},
     identity::Origin,
@@ -37,6 +37,8 @@ pub struct AgentOptions {
     pub upstream_ca: Vec<PathBuf>,
     /// The control API's socket, served when the policy has `approvals:`.
     pub control_socket: PathBuf,
+    /// Where the reviewers' web page listens (loopback), if anywhere.
+    pub review_listen: Option<SocketAddr>,
 }
 
 pub struct Agent {
@@ -100,6 +102,19 @@ impl Agent {
             ),
             None => None,
         };
+        if let Some(addr) = options.review_listen {
+            let Some(approvals) = &approvals else {
+                anyhow::bail!(
+                    "--review-listen serves the reviewers' page, and this policy holds nothing for review: add an `approvals:` section and rules with `action: approve`"
+                );
+            };
+            let Some(tls) = &options.tls else {
+                anyhow::bail!(
+                    "the review page is served over TLS with the agent's CA: run without --no-tls-intercept"
+                );
+            };
+            review::start(addr, tls.authority(), approvals.clone(), cancel.clone()).await?;
+        }
         let proxy = Arc::new(Proxy {
             capture: capture.clone(),
             policy: policy.clone(),

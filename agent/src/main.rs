@@ -63,6 +63,9 @@ enum Command {
         /// The control API's unix socket (root only), served when the policy has `approvals:`.
         #[arg(long, env = "WARDEN_CONTROL_SOCKET", default_value = warden::approvals::control::DEFAULT_SOCKET)]
         control_socket: PathBuf,
+        /// Serve the reviewers' web page (HTTPS with the agent's CA) on this loopback address, e.g. 127.0.0.1:9443.
+        #[arg(long)]
+        review_listen: Option<std::net::SocketAddr>,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<OsString>,
@@ -239,6 +242,7 @@ fn main() -> ExitCode {
             no_tls_intercept,
             hide_path,
             control_socket,
+            review_listen,
             command,
         } => {
             let runtime = match tokio::runtime::Runtime::new() {
@@ -257,6 +261,7 @@ fn main() -> ExitCode {
                 intercept_tls: !no_tls_intercept,
                 hide_paths: hide_path,
                 control_socket,
+                review_listen,
             };
             match runtime.block_on(run::run(opts)) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

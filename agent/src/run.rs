@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub hide_paths: Vec<PathBuf>,
     /// The control API's socket (served when the policy has `approvals:`).
     pub control_socket: PathBuf,
+    /// Where the reviewers' web page listens, if anywhere.
+    pub review_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where PostgreSQL's unix sockets usually are. The TCP hooks do not see
@@ -146,6 +148,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
         tls: interceptor,
         upstream_ca: opts.upstream_ca.clone(),
         control_socket: opts.control_socket.clone(),
+        review_listen: opts.review_listen,
     })
     .await?;
     let cgroup = ManagedCgroup::create(&host.cgroup_root, &format!("run-{me}"))?;

@@ -13,6 +13,7 @@
 pub mod control;
 mod fetch;
 pub mod oidc;
+pub mod review;
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -4,8 +4,8 @@
 use std::{collections::HashMap, time::Duration};
 
 use openidconnect::{
-    AdditionalClaims, ClaimsVerificationError, ClientId, IdToken, IssuerUrl, Nonce,
-    SignatureVerificationError,
+    AdditionalClaims, ClaimsVerificationError, ClientId, CsrfToken, IdToken, IssuerUrl, Nonce,
+    PkceCodeChallenge, SignatureVerificationError,
     core::{
         CoreGenderClaim, CoreIdTokenVerifier, CoreJweContentEncryptionAlgorithm,
         CoreJwsSigningAlgorithm, CoreProviderMetadata,
@@ -124,24 +124,120 @@ impl Verifier {
 
     /// Checks `token` and says who it names.
     pub async fn verify(&self, token: &str) -> Result<Reviewer, TokenError> {
+        self.verify_with(token, None).await
+    }
+
+    /// As [`Verifier::verify`]; with `nonce`, the token must carry it (a
+    /// sign-in the agent started).
+    async fn verify_with(
+        &self,
+        token: &str,
+        nonce: Option<&Nonce>,
+    ) -> Result<Reviewer, TokenError> {
         let token: Token = token
             .trim()
             .parse()
             .map_err(|e: serde_json::Error| TokenError::Malformed(e.to_string()))?;
         let provider = self.provider(false).await?;
-        match self.check(&token, &provider) {
+        match self.check(&token, &provider, nonce) {
             Err(TokenError::Signature(_)) if self.may_refresh().await => {
                 let provider = self.provider(true).await?;
-                self.check(&token, &provider)
+                self.check(&token, &provider, nonce)
             }
             checked => checked,
         }
+    }
+
+    /// Where to send a reviewer to sign in (authorization code flow with
+    /// PKCE), and what the callback needs to finish.
+    pub async fn sign_in(&self, redirect_uri: &str) -> Result<(String, SignIn), TokenError> {
+        let provider = self.provider(false).await?;
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let state = CsrfToken::new_random();
+        let nonce = Nonce::new_random();
+        let mut url = provider.authorization_endpoint().url().clone();
+        url.query_pairs_mut()
+            .append_pair("response_type", "code")
+            .append_pair("client_id", &self.settings.client_id)
+            .append_pair("redirect_uri", redirect_uri)
+            .append_pair("scope", "openid email profile")
+            .append_pair("state", state.secret())
+            .append_pair("nonce", nonce.secret())
+            .append_pair("code_challenge", challenge.as_str())
+            .append_pair("code_challenge_method", "S256");
+        Ok((
+            url.to_string(),
+            SignIn {
+                state: state.secret().clone(),
+                verifier: verifier.secret().clone(),
+                nonce,
+                redirect_uri: redirect_uri.to_string(),
+            },
+        ))
+    }
+
+    /// Exchanges the callback's code for an ID token and checks it (its
+    /// nonce included): the raw token and who it names.
+    pub async fn finish_sign_in(
+        &self,
+        sign_in: &SignIn,
+        code: &str,
+    ) -> Result<(String, Reviewer), TokenError> {
+        let provider = self.provider(false).await?;
+        let endpoint = provider
+            .token_endpoint()
+            .ok_or_else(|| TokenError::Invalid("the provider has no token endpoint".into()))?;
+        // Built in a block: the serializer is not Send, and must not live
+        // across the await below.
+        let form = {
+            let mut form = openidconnect::url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "authorization_code")
+                .append_pair("code", code)
+                .append_pair("redirect_uri", &sign_in.redirect_uri)
+                .append_pair("code_verifier", &sign_in.verifier)
+                .append_pair("client_id", &self.settings.client_id);
+            if let Some(secret) = &self.settings.client_secret {
+                form.append_pair("client_secret", secret);
+            }
+            form.finish()
+        };
+        let request = http::Request::post(endpoint.url().as_str())
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header(http::header::ACCEPT, "application/json")
+            .body(form.into_bytes())
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let answer = self
+            .fetcher
+            .send(request)
+            .await
+            .map_err(|e| TokenError::Provider {
+                issuer: self.settings.issuer.clone(),
+                source: Box::new(e),
+            })?;
+        let body: serde_json::Value = serde_json::from_slice(answer.body()).unwrap_or_default();
+        let Some(token) = body.get("id_token").and_then(|t| t.as_str()) else {
+            let why = body
+                .get("error_description")
+                .or_else(|| body.get("error"))
+                .and_then(|e| e.as_str())
+                .unwrap_or("no id_token in the answer");
+            return Err(TokenError::Invalid(format!(
+                "the provider refused the sign-in ({}): {why}",
+                answer.status()
+            )));
+        };
+        let reviewer = self.verify_with(token, Some(&sign_in.nonce)).await?;
+        Ok((token.to_string(), reviewer))
     }
 
     fn check(
         &self,
         token: &Token,
         provider: &CoreProviderMetadata,
+        nonce: Option<&Nonce>,
     ) -> Result<Reviewer, TokenError> {
         let verifier = CoreIdTokenVerifier::new_public_client(
             ClientId::new(self.settings.client_id.clone()),
@@ -149,9 +245,13 @@ impl Verifier {
             provider.jwks().clone(),
         );
         // Tokens handed to the control API come from a sign-in the agent did
-        // not start, so there is no nonce of ours to compare.
-        let any_nonce = |_: Option<&Nonce>| Ok(());
-        let claims = token.claims(&verifier, any_nonce).map_err(|e| match e {
+        // not start, so there is no nonce of ours to compare then.
+        let nonce_check = |got: Option<&Nonce>| match (nonce, got) {
+            (None, _) => Ok(()),
+            (Some(want), Some(got)) if want.secret() == got.secret() => Ok(()),
+            _ => Err("the nonce is not the one this sign-in sent".to_string()),
+        };
+        let claims = token.claims(&verifier, nonce_check).map_err(|e| match e {
             ClaimsVerificationError::Expired(_) => TokenError::Expired,
             ClaimsVerificationError::InvalidAudience(m) => TokenError::Audience(m),
             ClaimsVerificationError::InvalidIssuer(m) => TokenError::Issuer(m),
@@ -222,3 +322,12 @@ impl Verifier {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct DiscoveryFailed(String);
+
+/// A sign-in under way, between the redirect to the provider and its
+/// callback.
+pub struct SignIn {
+    pub state: String,
+    verifier: String,
+    nonce: Nonce,
+    redirect_uri: String,
+}

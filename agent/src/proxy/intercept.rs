@@ -48,6 +48,11 @@ impl Interceptor {
         }
     }
 
+    /// The agent's CA, for its own TLS servers (the review page).
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.authority
+    }
+
     pub async fn handshake(
         &self,
         client: TcpStream,
