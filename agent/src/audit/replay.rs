@@ -180,20 +180,24 @@ fn requests(s: &mut String, reqs: &Cells, start: i64) {
             [offset, duration, verdict, request(reqs, i)]
         })
         .collect();
-    let width = |k: usize| {
-        lines
-            .iter()
-            .map(|l| l[k].chars().count())
-            .max()
-            .unwrap_or(0)
-    };
-    let (w0, w1, w2) = (width(0), width(1), width(2));
+    let [w0, w1, w2, _] = widths(&lines);
     for [offset, duration, verdict, what] in &lines {
         let _ = writeln!(
             s,
             "  {offset:>w0$}  {duration:>w1$}  {verdict:<w2$}  {what}"
         );
     }
+}
+
+/// The widest cell of each column, in characters, to align them.
+fn widths<const N: usize>(lines: &[[String; N]]) -> [usize; N] {
+    let mut widths = [0; N];
+    for line in lines {
+        for (w, cell) in widths.iter_mut().zip(line) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    widths
 }
 
 /// The approval steps, one per line: offset, step, approval id, details.
@@ -209,14 +213,7 @@ fn approvals(s: &mut String, steps: &Cells, start: i64) {
             ]
         })
         .collect();
-    let width = |k: usize| {
-        lines
-            .iter()
-            .map(|l| l[k].chars().count())
-            .max()
-            .unwrap_or(0)
-    };
-    let (w0, w1, w2) = (width(0), width(1), width(2));
+    let [w0, w1, w2, _] = widths(&lines);
     for [offset, step, id, what] in &lines {
         let line = format!("  {offset:>w0$}  {step:<w1$}  {id:<w2$}  {what}");
         let _ = writeln!(s, "{}", line.trim_end());
