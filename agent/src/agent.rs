@@ -39,6 +39,8 @@ pub struct AgentOptions {
     pub control_socket: PathBuf,
     /// Where the reviewers' web page listens (loopback), if anywhere.
     pub review_listen: Option<SocketAddr>,
+    /// Where the control API also listens, with TLS (loopback), if anywhere.
+    pub control_listen: Option<SocketAddr>,
 }
 
 pub struct Agent {
@@ -102,18 +104,24 @@ impl Agent {
             ),
             None => None,
         };
-        if let Some(addr) = options.review_listen {
+        if options.review_listen.is_some() || options.control_listen.is_some() {
             let Some(approvals) = &approvals else {
                 anyhow::bail!(
-                    "--review-listen serves the reviewers' page, and this policy holds nothing for review: add an `approvals:` section and rules with `action: approve`"
+                    "--review-listen and --control-listen serve reviewers, and this policy holds nothing for review: add an `approvals:` section and rules with `action: approve`"
                 );
             };
             let Some(tls) = &options.tls else {
                 anyhow::bail!(
-                    "the review page is served over TLS with the agent's CA: run without --no-tls-intercept"
+                    "the review page and the control port are served over TLS with the agent's CA: run without --no-tls-intercept"
                 );
             };
-            review::start(addr, tls.authority(), approvals.clone(), cancel.clone()).await?;
+            if let Some(addr) = options.review_listen {
+                review::start(addr, tls.authority(), approvals.clone(), cancel.clone()).await?;
+            }
+            if let Some(addr) = options.control_listen {
+                control::serve_tls(addr, tls.authority(), approvals.clone(), cancel.clone())
+                    .await?;
+            }
         }
         let proxy = Arc::new(Proxy {
             capture: capture.clone(),

@@ -66,6 +66,9 @@ enum Command {
         /// Serve the reviewers' web page (HTTPS with the agent's CA) on this loopback address, e.g. 127.0.0.1:9443.
         #[arg(long)]
         review_listen: Option<std::net::SocketAddr>,
+        /// Also serve the control API over HTTPS (the agent's CA) on this loopback address; every call there needs a reviewer's ID token.
+        #[arg(long)]
+        control_listen: Option<std::net::SocketAddr>,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<OsString>,
@@ -243,6 +246,7 @@ fn main() -> ExitCode {
             hide_path,
             control_socket,
             review_listen,
+            control_listen,
             command,
         } => {
             let runtime = match tokio::runtime::Runtime::new() {
@@ -262,6 +266,7 @@ fn main() -> ExitCode {
                 hide_paths: hide_path,
                 control_socket,
                 review_listen,
+                control_listen,
             };
             match runtime.block_on(run::run(opts)) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

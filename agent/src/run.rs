@@ -45,6 +45,8 @@ pub struct RunOptions {
     pub control_socket: PathBuf,
     /// Where the reviewers' web page listens, if anywhere.
     pub review_listen: Option<std::net::SocketAddr>,
+    /// Where the control API also listens with TLS, if anywhere.
+    pub control_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where PostgreSQL's unix sockets usually are. The TCP hooks do not see
@@ -149,6 +151,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
         upstream_ca: opts.upstream_ca.clone(),
         control_socket: opts.control_socket.clone(),
         review_listen: opts.review_listen,
+        control_listen: opts.control_listen,
     })
     .await?;
     let cgroup = ManagedCgroup::create(&host.cgroup_root, &format!("run-{me}"))?;

@@ -136,10 +136,10 @@ PROGRAM = textwrap.dedent("""
 class HeldRun:
     """`warden run` in the background, with its own control socket."""
 
-    def __init__(self, tmp_path: Path, audit_dir: Path, policy_path: Path, code: str):
+    def __init__(self, tmp_path: Path, audit_dir: Path, policy_path: Path, code: str, extra=()):
         self.socket = tmp_path / "control.sock"
         cmd = [WARDEN, "run", "--audit-dir", str(audit_dir), "--policy", str(policy_path),
-               "--control-socket", str(self.socket), "--", sys.executable, "-c", code]
+               "--control-socket", str(self.socket), *extra, "--", sys.executable, "-c", code]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def approvals(self, *args: str, token: str | None = None) -> subprocess.CompletedProcess:
@@ -185,8 +185,8 @@ class HeldRun:
 def held(tmp_path, audit_dir):
     runs = []
 
-    def start(policy_path: Path, code: str) -> HeldRun:
-        run = HeldRun(tmp_path, audit_dir, policy_path, code)
+    def start(policy_path: Path, code: str, extra=()) -> HeldRun:
+        run = HeldRun(tmp_path, audit_dir, policy_path, code, extra)
         runs.append(run)
         return run
 
@@ -492,3 +492,32 @@ def test_an_agent_killed_while_a_request_waits_runs_nothing(pg, idp, tokens, tmp
     assert json.loads(listed.stdout) == []
     late = again.approvals("approve", pending["id"], token=tokens["reviewer"])
     assert late.returncode == 1 and "no request" in late.stderr
+
+
+def test_the_control_api_over_tls_needs_a_token_for_everything(pg, idp, tokens, tmp_path, audit_dir, held):
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = held(policy(tmp_path, pg, idp), program(pg, "over-tls"), extra=("--control-listen", f"127.0.0.1:{port}"))
+    [pending] = run.pending()
+    # The port's certificate is the agent's CA's: verified, not waved through.
+    ca = tmp_path / "ca.pem"
+    ca.write_text(subprocess.run([WARDEN, "ca", "export"], capture_output=True, text=True, check=True).stdout)
+    base = f"https://127.0.0.1:{port}/v1/approvals"
+    with httpx.Client(verify=str(ca), trust_env=False, timeout=30) as client:
+        anonymous = client.get(base)
+        assert anonymous.status_code == 401 and pending["id"] not in anonymous.text
+        assert client.get(f"{base}/{pending['id']}").status_code == 401
+        forged = client.get(base, headers={"Authorization": f"Bearer {tamper_signature(tokens['reviewer'])}"})
+        assert forged.status_code == 401 and pending["id"] not in forged.text
+        auth = {"Authorization": f"Bearer {tokens['reviewer']}"}
+        assert [p["id"] for p in client.get(base, headers=auth).json()] == [pending["id"]]
+        outsider = client.post(f"{base}/{pending['id']}/approve", headers={"Authorization": f"Bearer {tokens['outsider']}"})
+        assert outsider.status_code == 403 and "not in a group" in outsider.json()["error"]
+        approved = client.post(f"{base}/{pending['id']}/approve", headers=auth)
+        assert approved.status_code == 200 and approved.json()["state"] == "released"
+    assert run.finish()["write"] == "ok"

@@ -174,15 +174,13 @@ class OidcProvider:
         r.raise_for_status()
         return r.json()
 
-    def id_token(self, sub: str, *, client_id: str = "warden", groups=(), email: str | None = None,
-                 name: str | None = None, extra: dict | None = None, nonce: str | None = None) -> str:
-        """Sign `sub` in to `client_id` with the authorization-code flow and
-        return the raw ID token.
-
-        The user's claims are replaced first: `groups` (a JSON list; None
-        leaves the claim out), `email`, `name` when given, then `extra` merged
-        over them. `sub` must not contain "/" (it is a path segment of the
-        provider's user API). Not for concurrent use with the same `sub`."""
+    def set_user(self, sub: str, *, groups=(), email: str | None = None, name: str | None = None,
+                 extra: dict | None = None) -> None:
+        """Replace the claims the provider gives `sub` when it next signs in,
+        through its user API (`PUT /users/<sub>`): `groups` (a JSON list;
+        None leaves the claim out), `email`, `name` when given, then `extra`
+        merged over them. For a browser sign-in, call it before the user
+        types `sub` into the provider's form. `sub` must not contain "/"."""
         claims: dict = {}
         if groups is not None:
             claims["groups"] = list(groups)
@@ -193,6 +191,18 @@ class OidcProvider:
         claims.update(extra or {})
         r = self._http.put(f"/users/{urllib.parse.quote(sub, safe='@')}", json=claims)
         self._check(r, 204, "setting the user's claims")
+
+    def id_token(self, sub: str, *, client_id: str = "warden", groups=(), email: str | None = None,
+                 name: str | None = None, extra: dict | None = None, nonce: str | None = None) -> str:
+        """Sign `sub` in to `client_id` with the authorization-code flow and
+        return the raw ID token.
+
+        The user's claims are replaced first, as `set_user` does: `groups`
+        (a JSON list; None leaves the claim out), `email`, `name` when given,
+        then `extra` merged over them. `sub` must not contain "/" (it is a
+        path segment of the provider's user API). Not for concurrent use with
+        the same `sub`."""
+        self.set_user(sub, groups=groups, email=email, name=name, extra=extra)
 
         state = f"s{time.monotonic_ns()}"
         params = {"client_id": client_id, "response_type": "code", "redirect_uri": REDIRECT_URI, "scope": SCOPE,

@@ -18,6 +18,11 @@ const DEB_PACKAGES: &[&str] = &[
     "postgresql",
     "nginx",
     "openjdk-17-jre-headless",
+    // The reviewer page's browser test (tests/e2e/test_review_page.py):
+    // headless Chromium and its WebDriver, /usr/bin/chromium and
+    // /usr/bin/chromedriver, so that selenium never downloads a browser.
+    "chromium",
+    "chromium-driver",
 ];
 
 pub struct PythonEnv {

@@ -11,9 +11,11 @@
 //! is: 401 for a token that does not verify, 403 for a reviewer who may not
 //! decide, 404 for a request that no longer waits.
 use std::{
+    net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::Context;
@@ -21,14 +23,19 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 use serde::Serialize;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{Approvals, ReviewError};
+use crate::tls::Authority;
 
 /// Where the agent listens, unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/warden/control.sock";
+
+const SIGN_IN: &str = "sign in first: send your OIDC ID token as `Authorization: Bearer <token>` \
+     (`warden approvals` reads it from --id-token-file or WARDEN_ID_TOKEN)";
 
 /// Request bodies are a reason at most.
 const MAX_BODY: usize = 64 * 1024;
@@ -57,6 +64,15 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Who reaches the API, and so what needs a token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// The root-only socket: reading needs no token, deciding does.
+    Socket,
+    /// The TLS port: every call needs a reviewer's ID token.
+    Network,
+}
+
 /// Serves until `cancel`, then removes the socket file.
 pub async fn serve(
     listener: UnixListener,
@@ -75,21 +91,71 @@ pub async fn serve(
                 }
             },
         };
-        let approvals = approvals.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let approvals = approvals.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(req, approvals).await) }
-            });
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%error, "control connection ended with an error");
-            }
-        });
+        tokio::spawn(serve_connection(stream, approvals.clone(), Access::Socket));
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// The same API on a loopback TCP port with TLS (the agent's CA), for
+/// tools that cannot reach the socket; every call needs a token there.
+pub async fn serve_tls(
+    addr: SocketAddr,
+    authority: &Authority,
+    approvals: Arc<Approvals>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        addr.ip().is_loopback(),
+        "the control API listens on loopback only ({addr} is not)"
+    );
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the control API on {addr}"))?;
+    let tls = authority
+        .server_config(
+            &ServerName::IpAddress(addr.ip().into()),
+            &[b"http/1.1".to_vec()],
+        )
+        .context("making the control API's certificate")?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tracing::info!(%addr, "control API listening with TLS");
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = cancel.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                },
+            };
+            let acceptor = acceptor.clone();
+            let approvals = approvals.clone();
+            tokio::spawn(async move {
+                let handshake = acceptor.accept(stream);
+                if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), handshake).await
+                {
+                    serve_connection(tls, approvals, Access::Network).await;
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn serve_connection<S>(io: S, approvals: Arc<Approvals>, access: Access)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let approvals = approvals.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(req, approvals, access).await) }
+    });
+    if let Err(error) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .await
+    {
+        tracing::debug!(%error, "control connection ended with an error");
+    }
 }
 
 enum Route {
@@ -111,9 +177,23 @@ fn route<B>(req: &Request<B>) -> Route {
     }
 }
 
-async fn handle(req: Request<Incoming>, approvals: Arc<Approvals>) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<Incoming>,
+    approvals: Arc<Approvals>,
+    access: Access,
+) -> Response<Full<Bytes>> {
     let token = bearer(&req);
-    match route(&req) {
+    let route = route(&req);
+    // Over the network, reading what waits is for signed-in people only.
+    if access == Access::Network && matches!(route, Route::List | Route::Show(_)) {
+        let Some(token) = &token else {
+            return error(StatusCode::UNAUTHORIZED, SIGN_IN);
+        };
+        if let Err(e) = approvals.verifier().verify(token).await {
+            return failure(&ReviewError::Token(e));
+        }
+    }
+    match route {
         Route::List => json(StatusCode::OK, &approvals.list()),
         Route::Show(id) => match approvals.get(&id) {
             Some(pending) => json(StatusCode::OK, &pending),
@@ -121,11 +201,7 @@ async fn handle(req: Request<Incoming>, approvals: Arc<Approvals>) -> Response<F
         },
         Route::Approve(id) | Route::Reject(id) if token.is_none() => {
             let _ = id;
-            error(
-                StatusCode::UNAUTHORIZED,
-                "sign in first: send your OIDC ID token as `Authorization: Bearer <token>` \
-                 (`warden approvals` reads it from --id-token-file or WARDEN_ID_TOKEN)",
-            )
+            error(StatusCode::UNAUTHORIZED, SIGN_IN)
         }
         Route::Approve(id) => {
             let token = token.unwrap_or_default();

@@ -115,8 +115,9 @@ pub struct Requester {
     pub pid: u32,
     pub uid: u32,
     pub user: Option<String>,
+    /// The executable; never the command line, which may carry secrets
+    /// (the audit's `connections` table has it for investigators).
     pub exe: Option<String>,
-    pub cmdline: Option<String>,
     pub unit: Option<String>,
     pub cgroup: Option<String>,
     pub container: Option<String>,
@@ -223,7 +224,6 @@ impl Approvals {
                 uid: request.identity.uid,
                 user: request.identity.user.clone(),
                 exe: request.identity.exe.clone(),
-                cmdline: request.identity.cmdline.clone(),
                 unit: request.identity.unit.clone(),
                 cgroup: request.identity.cgroup_path.clone(),
                 container: request.identity.container_id.clone(),

@@ -431,14 +431,11 @@ fn requester(p: &Pending) -> String {
     )
 }
 
+/// The executable (what workloads match on), never the command line, which
+/// may carry secrets.
 fn process(p: &Pending) -> String {
     let r = &p.requester;
-    let mut parts = vec![
-        r.cmdline
-            .clone()
-            .or_else(|| r.exe.clone())
-            .unwrap_or_default(),
-    ];
+    let mut parts = vec![r.exe.clone().unwrap_or_else(|| "unknown executable".into())];
     parts.extend(r.unit.clone().map(|u| format!("unit {u}")));
     parts.extend(r.container.clone().map(|c| format!("container {c}")));
     parts.extend(r.cgroup.clone().map(|c| format!("cgroup {c}")));
