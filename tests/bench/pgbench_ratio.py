@@ -17,9 +17,50 @@ WARDEN = os.environ["WARDEN_BIN"]
 SECONDS = os.environ.get("PGBENCH_SECONDS", "10")
 
 
-def run_pgbench(server: PostgresServer, prefix: list, mode: list) -> tuple[float, float, float]:
+class PgBouncer:
+    """The pooler people put in front of PostgreSQL, as the yardstick the
+    agent's cost is compared with: transaction pooling, the same loopback
+    server, run as postgres (it refuses root)."""
+
+    def __init__(self, server: PostgresServer):
+        import pwd
+        import socket
+        import time
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = Path(tempfile.mkdtemp(prefix="warden-pgbouncer-"))
+        (self.dir / "users.txt").write_text(f'"{server.user}" "{server.password}"\n')
+        (self.dir / "pgbouncer.ini").write_text(
+            f"[databases]\n{server.database} = host=127.0.0.1 port={server.port} dbname={server.database}\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = scram-sha-256\nauth_file = {self.dir}/users.txt\npool_mode = transaction\n"
+            "max_client_conn = 100\ndefault_pool_size = 8\n"
+            f"logfile = {self.dir}/log\npidfile = {self.dir}/pid\n")
+        owner = pwd.getpwnam("postgres")
+        for f in [self.dir, *self.dir.iterdir()]:
+            os.chown(f, owner.pw_uid, owner.pw_gid)
+        self.proc = subprocess.Popen(["runuser", "-u", "postgres", "--", PGBOUNCER, str(self.dir / "pgbouncer.ini")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise SystemExit(f"pgbouncer did not start; see {self.dir}/log")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+PGBOUNCER = "/usr/sbin/pgbouncer"
+
+
+def run_pgbench(server: PostgresServer, prefix: list, mode: list, port: int | None = None) -> tuple[float, float, float]:
     """TPS, and per-transaction latency p50 and p99 in ms (from pgbench's log)."""
-    args = ["-h", "127.0.0.1", "-p", str(server.port), "-U", server.user, server.database]
+    args = ["-h", "127.0.0.1", "-p", str(port or server.port), "-U", server.user, server.database]
     # The test server has no TLS, so direct pgbench runs in plaintext; through
     # the agent a client that asks for TLS gets it (the agent ends it). Both
     # sides run in plaintext here, to compare the same work.
@@ -38,6 +79,7 @@ def run_pgbench(server: PostgresServer, prefix: list, mode: list) -> tuple[float
 
 def main():
     server = PostgresServer()
+    pooler = None
     try:
         env = dict(os.environ, PGPASSWORD=server.password)
         subprocess.run([_bin("pgbench"), "-i", "-s", "2", "-q", "-h", "127.0.0.1", "-p", str(server.port),
@@ -47,21 +89,28 @@ def main():
         # whose detectors scan every text column (pgbench's filler columns too).
         no_mask = Path(audit) / "no-mask.yaml"
         no_mask.write_text("version: 1\n")
+        pooler = PgBouncer(server) if Path(PGBOUNCER).exists() else None
+        if pooler is None:
+            print(f"{PGBOUNCER} is missing (cargo xtask setup installs it): no PgBouncer row")
         paths = [
-            ("direct", []),
-            ("agent, masking off", [WARDEN, "run", "--audit-dir", audit, "--policy", str(no_mask), "--"]),
-            ("agent, masking on", [WARDEN, "run", "--audit-dir", audit, "--"]),
+            ("direct", [], None),
+            ("agent, masking off", [WARDEN, "run", "--audit-dir", audit, "--policy", str(no_mask), "--"], None),
+            ("agent, masking on", [WARDEN, "run", "--audit-dir", audit, "--"], None),
         ]
+        if pooler:
+            paths.append(("pgbouncer (txn)", [], pooler.port))
         print(f"\nPostgreSQL (pgbench, {SECONDS} s, 4 clients), direct versus through the agent")
         print(f"{'workload':<22} {'path':<20} {'tps':>9} {'ratio':>6} {'p50 ms':>8} {'p99 ms':>8}")
         for name, mode in [("select-only, simple", ["-S"]), ("select-only, extended", ["-S", "-M", "extended"]),
                            ("tpcb-like", [])]:
             direct = None
-            for path, prefix in paths:
-                tps, p50, p99 = run_pgbench(server, prefix, mode)
+            for path, prefix, port in paths:
+                tps, p50, p99 = run_pgbench(server, prefix, mode, port)
                 direct = direct or tps
                 print(f"{name:<22} {path:<20} {tps:>9.1f} {tps / direct:>6.2f} {p50:>8.3f} {p99:>8.3f}")
     finally:
+        if pooler:
+            pooler.stop()
         server.stop()
 
 

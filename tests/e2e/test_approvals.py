@@ -496,6 +496,7 @@ def test_an_agent_killed_while_a_request_waits_runs_nothing(pg, idp, tokens, tmp
 
 def test_the_control_api_over_tls_needs_a_token_for_everything(pg, idp, tokens, tmp_path, audit_dir, held):
     import socket
+    import ssl
 
     import httpx
 
@@ -508,7 +509,7 @@ def test_the_control_api_over_tls_needs_a_token_for_everything(pg, idp, tokens, 
     ca = tmp_path / "ca.pem"
     ca.write_text(subprocess.run([WARDEN, "ca", "export"], capture_output=True, text=True, check=True).stdout)
     base = f"https://127.0.0.1:{port}/v1/approvals"
-    with httpx.Client(verify=str(ca), trust_env=False, timeout=30) as client:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), trust_env=False, timeout=30) as client:
         anonymous = client.get(base)
         assert anonymous.status_code == 401 and pending["id"] not in anonymous.text
         assert client.get(f"{base}/{pending['id']}").status_code == 401

@@ -23,6 +23,8 @@ const DEB_PACKAGES: &[&str] = &[
     // /usr/bin/chromedriver, so that selenium never downloads a browser.
     "chromium",
     "chromium-driver",
+    // The pooler the PostgreSQL benchmark compares the agent with.
+    "pgbouncer",
 ];
 
 pub struct PythonEnv {
