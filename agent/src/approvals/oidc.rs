@@ -112,10 +112,6 @@ impl Verifier {
         }
     }
 
-    pub fn issuer(&self) -> &str {
-        &self.settings.issuer
-    }
-
     /// Reads the discovery document and keys now, so that a wrong issuer
     /// shows at start rather than at the first review.
     pub async fn discover(&self) -> Result<(), TokenError> {
