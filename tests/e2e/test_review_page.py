@@ -24,7 +24,7 @@ from oidc import OidcProvider  # noqa: E402
 from pg import PostgresServer  # noqa: E402
 
 from conftest import WARDEN, read_requests  # noqa: E402
-from test_approvals import HeldRun, approval_rows, program  # noqa: E402
+from test_approvals import HeldRun, approval_rows, pg, program  # noqa: E402,F401 (pg: the fixture)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -38,15 +38,6 @@ SECRET_ENV = "WARDEN_TEST_OIDC_SECRET"
 RULE = "writes-need-a-dba"
 STATEMENT = "INSERT INTO customers (name) VALUES "
 WAIT = 20  # seconds for the browser to get somewhere
-
-
-@pytest.fixture(scope="module")
-def pg():
-    server = PostgresServer()
-    server.psql_admin("CREATE TABLE customers (id serial PRIMARY KEY, name text)", database=server.database)
-    server.psql_admin(f"GRANT ALL ON customers, customers_id_seq TO {server.user}", database=server.database)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

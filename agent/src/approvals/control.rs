@@ -15,7 +15,6 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
 };
 
 use anyhow::Context;
@@ -23,12 +22,11 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
 use serde::Serialize;
-use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{Approvals, ReviewError};
+use super::{Approvals, ReviewError, serve_loopback_tls};
 use crate::tls::Authority;
 
 /// Where the agent listens, unless told otherwise.
@@ -104,42 +102,10 @@ pub async fn serve_tls(
     approvals: Arc<Approvals>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        addr.ip().is_loopback(),
-        "the control API listens on loopback only ({addr} is not)"
-    );
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the control API on {addr}"))?;
-    let tls = authority
-        .server_config(
-            &ServerName::IpAddress(addr.ip().into()),
-            &[b"http/1.1".to_vec()],
-        )
-        .context("making the control API's certificate")?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    tracing::info!(%addr, "control API listening with TLS");
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                _ = cancel.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(_) => continue,
-                },
-            };
-            let acceptor = acceptor.clone();
-            let approvals = approvals.clone();
-            tokio::spawn(async move {
-                let handshake = acceptor.accept(stream);
-                if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), handshake).await
-                {
-                    serve_connection(tls, approvals, Access::Network).await;
-                }
-            });
-        }
-    });
-    Ok(())
+    serve_loopback_tls(addr, authority, "the control API", cancel, move |tls| {
+        serve_connection(tls, approvals.clone(), Access::Network)
+    })
+    .await
 }
 
 async fn serve_connection<S>(io: S, approvals: Arc<Approvals>, access: Access)

@@ -14,6 +14,7 @@ pub mod control;
 mod fetch;
 pub mod oidc;
 pub mod review;
+mod tls_listener;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -28,6 +29,7 @@ use tokio::{sync::oneshot, time::Instant};
 
 pub use self::fetch::Fetcher;
 use self::oidc::{Reviewer, TokenError, Verifier};
+use self::tls_listener::serve_loopback_tls;
 use crate::{
     audit::{ApprovalRow, ApprovalStep, AuditSink},
     identity::Identity,

@@ -13,19 +13,18 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use openidconnect::url::form_urlencoded;
-use rustls::pki_types::ServerName;
-use tokio::{net::TcpListener, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
     Approvals, Pending, Progress,
     oidc::{Reviewer, SignIn},
+    serve_loopback_tls,
 };
 use crate::tls::Authority;
 
@@ -60,56 +59,25 @@ pub async fn start(
     approvals: Arc<Approvals>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        addr.ip().is_loopback(),
-        "the review page listens on loopback only ({addr} is not): reach it through an SSH tunnel or a reverse proxy"
-    );
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the review page on {addr}"))?;
-    let name = ServerName::IpAddress(addr.ip().into());
-    let tls = authority
-        .server_config(&name, &[b"http/1.1".to_vec()])
-        .context("making the review page's certificate")?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let page = Arc::new(Page {
         approvals,
         origin: format!("https://{addr}"),
         sessions: Mutex::default(),
         sign_ins: Mutex::default(),
     });
-    tracing::info!(url = %page.origin, "review page listening");
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(error) => {
-                        tracing::warn!(%error, "review page accept failed");
-                        continue;
-                    }
-                },
-            };
-            let acceptor = acceptor.clone();
-            let page = page.clone();
-            tokio::spawn(async move {
-                let Ok(Ok(tls)) =
-                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
-                else {
-                    return;
-                };
-                let service = hyper::service::service_fn(move |req| {
-                    let page = page.clone();
-                    async move { Ok::<_, std::convert::Infallible>(page.handle(req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+    serve_loopback_tls(addr, authority, "the review page", cancel, move |tls| {
+        let page = page.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req| {
+                let page = page.clone();
+                async move { Ok::<_, std::convert::Infallible>(page.handle(req).await) }
             });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
         }
-    });
-    Ok(())
+    })
+    .await
 }
 
 type Answer = Response<Full<Bytes>>;
