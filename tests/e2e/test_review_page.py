@@ -85,8 +85,12 @@ def browser():
     options.binary_location = CHROMIUM
     # The page's certificate is checked with the agent's CA below (httpx);
     # Chromium would need it in an NSS database to trust it.
+    # Loopback only: no background fetches (updates, safe browsing, field
+    # trials), and no host name resolves: nothing but 127.0.0.1 is reached.
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--ignore-certificate-errors",
-                "--window-size=1280,1000", "--no-proxy-server"):
+                "--window-size=1280,1000", "--no-proxy-server", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-domain-reliability",
+                "--no-first-run", "--no-default-browser-check", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
         options.add_argument(arg)
     # An explicit driver path: selenium-manager never runs, nothing is downloaded.
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
