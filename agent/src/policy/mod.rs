@@ -1,9 +1,10 @@
-//! Policy: decides per connection, per PostgreSQL statement and per HTTP
-//! request (LLM API calls included), from one YAML file (docs/policy.md).
+//! Policy: decides per connection, per PostgreSQL statement, per HTTP
+//! request (LLM API calls included) and per SSH request, from one YAML file
+//! (docs/policy.md).
 //!
 //! Who (workloads, from the kernel's attribution), where (targets: addresses,
 //! ports, HTTP hosts and what they speak), and rules that allow or deny,
-//! first match wins. Each rule is of one of three kinds:
+//! first match wins. Each rule is of one of four kinds:
 //!
 //! - a *connection rule* (no protocol matcher) decides connections;
 //! - a *statement rule* (a `sql` matcher) decides each statement of a
@@ -16,21 +17,28 @@
 //!   never a connection nor a statement; one that allows may bound the LLM
 //!   call (`limits`), redact its prompt and mask its response, and
 //!   `http_default`, `prompt_redact` and `response_mask` do the same for the
-//!   requests no rule decides ([`HttpDecision`]).
+//!   requests no rule decides ([`HttpDecision`]);
+//! - an *SSH rule* (an `ssh` matcher) decides each request of an SSH
+//!   session (an exec, a shell, a subsystem, a forwarding...), never a
+//!   connection; `ssh_default` decides the exec, shell and subsystem
+//!   requests no rule decides, and the forwarding (port, agent, X11)
+//!   requests no rule decides are denied ([`SSH_FORWARDING_RULE`]).
 //!
-//! Statement and request rules may also say `action: approve`: the
+//! Statement, request and SSH rules may also say `action: approve`: the
 //! statement or request is held until reviewers release it, as the rule's
 //! `approve` says ([`ApprovalRule`]), with what an allow would carry (mask,
 //! limits, redaction); the `approvals` section says how reviewers sign in
 //! ([`ApprovalSettings`]), and a workload's `owners` may never approve its
 //! requests.
 //!
-//! `credentials` give targets the API key the agent puts in their requests;
-//! the secrets are read when the policy is loaded and never printed.
+//! `credentials` give targets the API key the agent puts in their requests,
+//! the password it logs in to PostgreSQL with, or the SSH login
+//! ([`SshLogin`]) it uses towards an SSH server whose host key the policy
+//! names; the secrets are read when the policy is loaded and never printed.
 //!
 //! The policy knows nothing of sockets or wire protocols: callers hand it
 //! plain values ([`ConnectionRequest`], [`StatementRequest`],
-//! [`HttpRequest`]).
+//! [`HttpRequest`], [`SshRequest`]).
 //!
 //! - [`parse`] reads and checks a file, with errors that name line and column;
 //! - [`glob`] is the small glob language of selectors and SQL matchers;
@@ -66,6 +74,11 @@ pub const DEFAULT_RULE: &str = "default";
 
 /// The name [`Decision::rule`] carries for UDP, which `udp.allow_ports` decides.
 pub const UDP_RULE: &str = "udp.allow_ports";
+
+/// The name [`Decision::rule`] carries for an SSH forwarding request (port,
+/// agent or X11) that no SSH rule matches: it is denied, whatever
+/// `ssh_default` says.
+pub const SSH_FORWARDING_RULE: &str = "ssh.forwarding";
 
 /// The statement classes a `sql` matcher names, least dangerous first: the
 /// names the PostgreSQL classifier gives (docs/postgres.md).
@@ -150,6 +163,146 @@ pub struct HttpRequest<'a> {
     /// Whether an LLM answer to the same workload carried this request's
     /// URL (see [`crate::lineage`]).
     pub from_llm: bool,
+}
+
+/// What an SSH client asks for on a session's connection: the kind of
+/// channel (or global request) an [`SshRequest`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SshChannel {
+    /// A command (`ssh host cmd`, scp).
+    Exec,
+    /// An interactive shell.
+    Shell,
+    /// A subsystem (sftp), named by [`SshRequest::command`].
+    Subsystem,
+    /// Port forwarding, local (`direct-tcpip`) or remote (`tcpip-forward`).
+    Forward,
+    /// Agent forwarding.
+    Agent,
+    /// X11 forwarding.
+    X11,
+}
+
+impl SshChannel {
+    /// Every channel, in the order the policy lists them.
+    pub const ALL: [SshChannel; 6] = [
+        SshChannel::Exec,
+        SshChannel::Shell,
+        SshChannel::Subsystem,
+        SshChannel::Forward,
+        SshChannel::Agent,
+        SshChannel::X11,
+    ];
+
+    /// "exec", "shell", "subsystem", "forward", "agent" or "x11", as the
+    /// policy writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SshChannel::Exec => "exec",
+            SshChannel::Shell => "shell",
+            SshChannel::Subsystem => "subsystem",
+            SshChannel::Forward => "forward",
+            SshChannel::Agent => "agent",
+            SshChannel::X11 => "x11",
+        }
+    }
+
+    /// Whether no rule matching it leaves it to `ssh_default` (exec, shell,
+    /// subsystem) rather than denied ([`SSH_FORWARDING_RULE`]).
+    fn is_forwarding(self) -> bool {
+        matches!(
+            self,
+            SshChannel::Forward | SshChannel::Agent | SshChannel::X11
+        )
+    }
+}
+
+/// What the policy is asked about one request of an SSH session whose
+/// connection was allowed.
+#[derive(Clone, Debug)]
+pub struct SshRequest<'a> {
+    pub identity: &'a Identity,
+    /// The session's original destination, as for its connection.
+    pub destination: SocketAddr,
+    /// The user the client logs in as (its SSH user name).
+    pub user: &'a str,
+    pub channel: SshChannel,
+    /// The exec command line, or the subsystem's name; None otherwise.
+    pub command: Option<&'a str>,
+    /// Whether an LLM answer to the same workload proposed this command
+    /// (see [`crate::lineage`]).
+    pub from_llm: bool,
+}
+
+/// The login the agent uses towards an SSH server in place of the client's,
+/// from a `protocol: ssh` target and its credential. Its Debug never shows
+/// the secret.
+#[derive(Clone)]
+pub struct SshLogin {
+    /// The target's name.
+    pub target: String,
+    /// The target's addresses (empty: any).
+    pub addresses: Vec<IpNet>,
+    /// The target's ports (empty: any).
+    pub ports: Vec<PortRange>,
+    /// The user to log in as upstream; None: the user the client asked for.
+    pub user: Option<String>,
+    pub secret: SshSecret,
+    /// How the agent checks the real server's host key.
+    pub host_keys: UpstreamHostKeys,
+}
+
+impl fmt::Debug for SshLogin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SshLogin")
+            .field("target", &self.target)
+            .field("addresses", &self.addresses)
+            .field("ports", &self.ports)
+            .field("user", &self.user)
+            .field("secret", &self.secret)
+            .field("host_keys", &self.host_keys)
+            .finish()
+    }
+}
+
+/// An SSH login's secret, read when the policy is loaded. Its Debug never
+/// shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SshSecret {
+    /// A private key in OpenSSH (PEM) form, as read from its variable or
+    /// file; the proxy parses it.
+    PrivateKey(String),
+    /// A password (trimmed of a trailing newline).
+    Password(String),
+}
+
+impl SshSecret {
+    /// The key or password.
+    pub fn as_str(&self) -> &str {
+        match self {
+            SshSecret::PrivateKey(s) | SshSecret::Password(s) => s,
+        }
+    }
+}
+
+impl fmt::Debug for SshSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SshSecret::PrivateKey(_) => f.write_str("PrivateKey(***)"),
+            SshSecret::Password(_) => f.write_str("Password(***)"),
+        }
+    }
+}
+
+/// How the agent checks the host key of the real SSH server: a target's
+/// `host_keys` or `known_hosts`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamHostKeys {
+    /// Public keys in OpenSSH one-line form ("ssh-ed25519 AAAA... [comment]"),
+    /// from the target's `host_keys:`.
+    Keys(Vec<String>),
+    /// A known_hosts file, from the target's `known_hosts:`.
+    KnownHosts(PathBuf),
 }
 
 /// What the proxy learnt of an LLM API call.
@@ -280,7 +433,7 @@ pub enum Action {
     Allow,
     Deny,
     /// Hold the statement or request until reviewers approve it
-    /// ([`ApprovalRule`]); statement and request rules only.
+    /// ([`ApprovalRule`]); statement, request and SSH rules only.
     Approve,
 }
 
@@ -354,7 +507,9 @@ impl fmt::Debug for OidcSettings {
 pub struct Decision {
     pub action: Action,
     /// The rule's name, or "default" ([`DEFAULT_RULE`]) when no rule matched
-    /// (for a statement too), or for UDP "udp.allow_ports" ([`UDP_RULE`]).
+    /// (for a statement and an SSH request too), or for UDP
+    /// "udp.allow_ports" ([`UDP_RULE`]), or for an SSH forwarding request no
+    /// rule matched "ssh.forwarding" ([`SSH_FORWARDING_RULE`]).
     pub rule: String,
     /// The first workload the identity matches, if any.
     pub workload: Option<String>,
@@ -675,6 +830,11 @@ impl Protocol {
     fn speaks_llm(protocol: Option<Protocol>) -> bool {
         matches!(protocol, None | Some(Protocol::Llm | Protocol::Any))
     }
+
+    /// Whether an `ssh` matcher may go with a target of this protocol.
+    fn speaks_ssh(protocol: Option<Protocol>) -> bool {
+        matches!(protocol, None | Some(Protocol::Ssh | Protocol::Any))
+    }
 }
 
 /// Where: a destination's address and port, and an HTTP request's host.
@@ -692,6 +852,9 @@ struct Target {
     tls: bool,
     /// The name the server's certificate is checked against; None: its address.
     tls_name: Option<String>,
+    /// `host_keys` or `known_hosts` (`protocol: ssh` targets only): how the
+    /// agent checks the SSH server's host key.
+    host_keys: Option<UpstreamHostKeys>,
 }
 
 impl Target {
@@ -839,6 +1002,35 @@ impl LlmMatcher {
     }
 }
 
+/// What: a rule's `ssh` matcher. Every key given must hold; a key with a
+/// list holds when any of its values does. No key: every SSH request.
+#[derive(Clone, Debug, Default)]
+struct SshMatcher {
+    channel: Option<Vec<SshChannel>>,
+    /// Globs on an exec's command line or a subsystem's name; case matters.
+    /// They never hold for another channel.
+    command: Option<Vec<Glob>>,
+    /// Globs on the SSH user name; case matters.
+    user: Option<Vec<Glob>>,
+    /// Holds when whether an LLM answer proposed the command is this.
+    from_llm: Option<bool>,
+}
+
+impl SshMatcher {
+    fn matches(&self, req: &SshRequest) -> bool {
+        let command = match req.channel {
+            SshChannel::Exec | SshChannel::Subsystem => req.command,
+            _ => None,
+        };
+        self.channel
+            .as_ref()
+            .is_none_or(|channels| channels.contains(&req.channel))
+            && globs_match(&self.command, command)
+            && globs_match(&self.user, Some(req.user))
+            && self.from_llm.is_none_or(|f| f == req.from_llm)
+    }
+}
+
 /// An allowing request rule's `limits`: a request outside them is denied by
 /// the rule.
 #[derive(Clone, Debug, Default)]
@@ -891,6 +1083,8 @@ enum RuleKind {
     /// It has an `http` or `llm` matcher, `limits`, `redact_prompt` or
     /// `mask_response`, or names a target with a `host`.
     Request,
+    /// It has an `ssh` matcher.
+    Ssh,
 }
 
 #[derive(Clone, Debug)]
@@ -908,9 +1102,11 @@ struct Rule {
     /// Some on a request rule only, as the next four.
     http: Option<HttpMatcher>,
     llm: Option<LlmMatcher>,
+    /// Some on an SSH rule only.
+    ssh: Option<SshMatcher>,
     action: Action,
     /// Some exactly when the action is [`Action::Approve`], which only
-    /// statement and request rules say (checked at load).
+    /// statement, request and SSH rules say (checked at load).
     approval: Option<Arc<ApprovalRule>>,
     /// Only on a statement rule that allows or approves (checked at load).
     mask: Option<Mask>,
@@ -974,6 +1170,11 @@ pub struct Policy {
     /// (index into `targets`, its credential), in file order of the
     /// targets.
     credentials: Vec<(usize, Arc<Credential>)>,
+    /// What happens to exec, shell and subsystem requests no SSH rule
+    /// matches.
+    ssh_default: Action,
+    /// (index into `targets`, its SSH login), in file order of the targets.
+    ssh_logins: Vec<(usize, Arc<SshLogin>)>,
     udp_ports: Vec<u16>,
     audit: AuditSettings,
     prompts: PromptAudit,
@@ -1007,7 +1208,7 @@ impl Policy {
     /// Decides one connection. TCP: the first connection rule whose `when`
     /// holds decides, else the default; statement rules are passed over. UDP:
     /// `udp.allow_ports` decides, as the kernel does. Never
-    /// [`Action::Approve`]: only statement and request rules say it.
+    /// [`Action::Approve`]: only statement, request and SSH rules say it.
     pub fn decide_connection(&self, req: &ConnectionRequest) -> Decision {
         let hits = self.workload_hits(req.identity);
         let workload = self.first_workload(&hits);
@@ -1144,6 +1345,85 @@ impl Policy {
         decision
     }
 
+    /// Decides one request of an SSH session whose connection was allowed:
+    /// the first SSH rule (in file order) whose whole `when` holds
+    /// (workload, target, address, port and the `ssh` matcher) decides, with
+    /// its `approve` if it says `action: approve` (the caller holds the
+    /// request until reviewers release it). When none holds, an exec, shell
+    /// or subsystem request gets `ssh_default` (allow unless the file says
+    /// deny) with the rule "default"; a forwarding request (port, agent,
+    /// X11) is denied with the rule "ssh.forwarding"
+    /// ([`SSH_FORWARDING_RULE`]), whatever `ssh_default` says. Other kinds
+    /// of rules and `default` play no part. Never a mask.
+    pub fn decide_ssh(&self, req: &SshRequest) -> Decision {
+        let hits = self.workload_hits(req.identity);
+        let workload = self.first_workload(&hits);
+        let rule = self.rules.iter().find(|rule| {
+            rule.kind == RuleKind::Ssh
+                && rule.ssh.as_ref().is_some_and(|ssh| {
+                    rule.holds_for(self, &hits, req.destination, None) && ssh.matches(req)
+                })
+        });
+        let (action, rule, approval) = match rule {
+            Some(rule) => (rule.action, rule.name.clone(), rule.approval.clone()),
+            None if req.channel.is_forwarding() => {
+                (Action::Deny, SSH_FORWARDING_RULE.to_string(), None)
+            }
+            None => (self.ssh_default, DEFAULT_RULE.to_string(), None),
+        };
+        Decision {
+            action,
+            rule,
+            workload,
+            mask: None,
+            approval,
+        }
+    }
+
+    /// The SSH login the agent uses towards `destination`: that of the
+    /// first target (in file order) with an SSH credential whose address
+    /// and port hold for it. Only `protocol: ssh` targets have one. (An
+    /// `Arc`, as [`Policy::login_for`]'s, that a session may keep.)
+    pub fn ssh_login_for(&self, destination: SocketAddr) -> Option<&Arc<SshLogin>> {
+        self.ssh_logins
+            .iter()
+            .find(|(t, _)| self.targets[*t].matches(destination, None))
+            .map(|(_, login)| login)
+    }
+
+    /// Every target that has an SSH credential, in file order: for the
+    /// known_hosts files clients are given.
+    pub fn ssh_logins(&self) -> impl Iterator<Item = &SshLogin> {
+        self.ssh_logins.iter().map(|(_, login)| login.as_ref())
+    }
+
+    /// Whether the who and where (workload, target, address, port) of any
+    /// SSH rule hold for a connection of `identity` to `destination`: a
+    /// caller that cannot decide the session's requests (no login to
+    /// terminate it with) must not relay it unseen. `ssh_default` and the
+    /// denial of forwarding are not counted ([`Policy::ssh_default`]).
+    pub fn has_ssh_rules_for(&self, identity: &Identity, destination: SocketAddr) -> bool {
+        let hits = self.workload_hits(identity);
+        self.rules
+            .iter()
+            .filter(|rule| rule.kind == RuleKind::Ssh)
+            .any(|rule| rule.holds_for(self, &hits, destination, None))
+    }
+
+    /// What happens to exec, shell and subsystem requests no SSH rule
+    /// matches: `ssh_default`.
+    pub fn ssh_default(&self) -> Action {
+        self.ssh_default
+    }
+
+    /// How many rules are SSH rules (have an `ssh` matcher).
+    pub fn ssh_rule_count(&self) -> usize {
+        self.rules
+            .iter()
+            .filter(|r| r.kind == RuleKind::Ssh)
+            .count()
+    }
+
     /// The credential of the first target (in file order) that has one and
     /// holds for a request to `destination` with `host`.
     fn credential_for(
@@ -1172,6 +1452,8 @@ impl Policy {
 
     /// The database login of the first target (in file order) that has a
     /// password credential and holds for a connection to `destination`.
+    /// Only `protocol: postgres` targets have one (an SSH target's password
+    /// is an [`SshLogin`]).
     pub fn login_for(&self, destination: SocketAddr) -> Option<&Arc<Credential>> {
         self.credentials
             .iter()
@@ -1210,18 +1492,21 @@ impl Policy {
         self.prompts
     }
 
-    /// How many targets have a credential.
+    /// How many targets have an API key or a database password (SSH
+    /// logins are counted apart: [`Policy::ssh_logins`]).
     pub fn credential_count(&self) -> usize {
         self.credentials.len()
     }
 
-    /// Every secret the policy read, each credential's key and the OIDC
-    /// client secret of `approvals`: `warden run` keeps them out of the
-    /// program's environment, whatever variable holds them.
+    /// Every secret the policy read, each credential's key, each SSH
+    /// login's key or password and the OIDC client secret of `approvals`:
+    /// `warden run` keeps them out of the program's environment, whatever
+    /// variable holds them.
     pub fn credential_secrets(&self) -> impl Iterator<Item = &str> {
         self.credentials
             .iter()
             .map(|(_, c)| c.secret.as_str())
+            .chain(self.ssh_logins.iter().map(|(_, l)| l.secret.as_str()))
             .chain(
                 self.approvals
                     .iter()
@@ -1352,13 +1637,15 @@ impl Policy {
     /// it; with statement rules, "3 rules, 2 of them for SQL statements, ...",
     /// with masks "..., 2 of them for SQL statements, 1 with a mask, ...",
     /// with rules that hold for approval "..., 1 holding for approval, ..."
-    /// after the statement and the request counts, with request rules
-    /// "..., 1 of them for HTTP requests, ...", with credentials "...,
-    /// 2 targets, 1 credential", and then what applies to what no rule
-    /// decides: "; sql_mask masks columns \"*email*\" and detectors card,
-    /// iban" (presets expanded), "; http_default: deny", "; prompt_redact
-    /// redacts detectors ...", "; response_mask masks ...", and last, with
-    /// an `approvals` section, "; approvals by <issuer>". Never a secret.
+    /// after the statement, the request and the SSH counts, with request
+    /// rules "..., 1 of them for HTTP requests, ...", with SSH rules "...,
+    /// 1 of them for SSH requests, ...", with credentials "..., 2 targets,
+    /// 1 credential", with SSH logins "..., 1 SSH login", and then what
+    /// applies to what no rule decides: "; sql_mask masks columns
+    /// \"*email*\" and detectors card, iban" (presets expanded), ";
+    /// http_default: deny", "; prompt_redact redacts detectors ...", ";
+    /// response_mask masks ...", "; ssh_default: deny", and last, with an
+    /// `approvals` section, "; approvals by <issuer>". Never a secret.
     pub fn summary(&self) -> String {
         fn count(n: usize, noun: &str) -> String {
             format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
@@ -1382,10 +1669,17 @@ impl Policy {
             0 => String::new(),
             n => format!(", {n} of them for HTTP requests{}", held(RuleKind::Request)),
         };
-        let credentials = match self.credential_count() {
+        let ssh = match self.ssh_rule_count() {
+            0 => String::new(),
+            n => format!(", {n} of them for SSH requests{}", held(RuleKind::Ssh)),
+        };
+        let mut credentials = match self.credential_count() {
             0 => String::new(),
             n => format!(", {}", count(n, "credential")),
         };
+        if !self.ssh_logins.is_empty() {
+            credentials.push_str(&format!(", {}", count(self.ssh_logins.len(), "SSH login")));
+        }
         let mut defaults = String::new();
         if let Some(mask) = &self.sql_mask {
             defaults.push_str(&format!("; sql_mask masks {}", mask.describe()));
@@ -1406,11 +1700,14 @@ impl Policy {
         if let Some(mask) = &self.response_mask {
             defaults.push_str(&format!("; response_mask masks {}", mask.describe()));
         }
+        if self.ssh_default == Action::Deny {
+            defaults.push_str("; ssh_default: deny");
+        }
         if let Some(approvals) = &self.approvals {
             defaults.push_str(&format!("; approvals by {}", approvals.oidc.issuer));
         }
         format!(
-            "{}{statements}{requests}, {}, {}{credentials}{defaults}",
+            "{}{statements}{requests}{ssh}, {}, {}{credentials}{defaults}",
             count(self.rule_count(), "rule"),
             count(self.workload_count(), "workload"),
             count(self.target_count(), "target")
@@ -1432,3 +1729,7 @@ mod mask_tests;
 #[cfg(test)]
 #[path = "http_tests.rs"]
 mod http_tests;
+
+#[cfg(test)]
+#[path = "ssh_tests.rs"]
+mod ssh_tests;

@@ -19,10 +19,12 @@
 //! that a rule's protocol matchers go only with targets that speak their
 //! protocol, that `mask` goes only on statement rules that allow or approve
 //! and `limits`, `redact_prompt` and `mask_response` only on request rules
-//! that allow or approve, that `action: approve` goes only on statement and
-//! request rules, with an `approve` and an `approvals` section, compiles
-//! each mask into a [`Masker`], and reads the credentials' secrets. The
-//! request rules' parts are in [`request`], the approvals' in [`approval`].
+//! that allow or approve, that `action: approve` goes only on statement,
+//! request and SSH rules, with an `approve` and an `approvals` section,
+//! that an SSH target with a credential says how its host key is checked,
+//! compiles each mask into a [`Masker`], and reads the credentials'
+//! secrets. The request rules' parts are in [`request`], the SSH rules' and
+//! SSH targets' in [`ssh`], the approvals' in [`approval`].
 
 use std::{
     cell::{Cell, RefCell},
@@ -39,21 +41,23 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use super::{
     Action, ApprovalRule, ApprovalSettings, AuditSettings, Credential, DefaultAction, HttpMatcher,
     Limits, LlmMatcher, Mask, OnAuditFailure, Policy, PolicyError, PortRange, PromptAudit,
-    Protocol, Rule, RuleKind, STATEMENT_CLASSES, Selector, SqlMatcher, Target, Workload,
-    glob::Glob,
+    Protocol, Rule, RuleKind, STATEMENT_CLASSES, Selector, SqlMatcher, SshLogin, SshMatcher,
+    Target, UpstreamHostKeys, Workload, glob::Glob,
 };
 use crate::masking::{self, Checksum, DetectorSpec, MaskError, Masker};
 
 mod approval;
 mod request;
+mod ssh;
 
 use approval::{ApprovalsKeys, ApproveKeys, OwnerP};
+use ssh::{HostKeyP, KnownHostsP, SshDefaultP, SshKeys};
 
 #[cfg(test)]
 pub(crate) use request::with_test_env;
 use request::{
-    CredentialDef, CredentialKeys, DetectorsDef, DetectorsSeed, HostP, HttpKeys, LimitsKeys,
-    LlmKeys,
+    CredentialDef, CredentialKeys, CredentialKind, DetectorsDef, DetectorsSeed, HostP, HttpKeys,
+    LimitsKeys, LlmKeys,
 };
 
 /// The policy versions this build reads.
@@ -85,6 +89,7 @@ pub(crate) const TOP: Fields = Fields {
         "http_default",
         "prompt_redact",
         "response_mask",
+        "ssh_default",
         "workloads",
         "targets",
         "credentials",
@@ -131,6 +136,16 @@ pub(crate) const TOP: Fields = Fields {
             "approve goes in a rule that says `action: approve`; how reviewers sign in goes \
              under `approvals:`",
         ),
+        (
+            "ssh",
+            "an ssh matcher goes in a rule's when: `when: { ssh: { command: \"git *\" } }`; \
+             `ssh_default:` decides the SSH requests no rule matches",
+        ),
+        (
+            "forwarding",
+            "SSH forwarding no rule allows is denied; allow it with a rule: `when: { ssh: { \
+             channel: forward } }, action: allow`",
+        ),
     ],
 };
 
@@ -160,9 +175,36 @@ pub(crate) const MATCH: Fields = Fields {
 
 pub(crate) const TARGET: Fields = Fields {
     what: "in a target",
-    known: &["address", "port", "host", "protocol", "tls", "tls_name"],
+    known: &[
+        "address",
+        "port",
+        "host",
+        "protocol",
+        "tls",
+        "tls_name",
+        "host_keys",
+        "known_hosts",
+    ],
     later: &[],
     instead: &[
+        (
+            "host_key",
+            "write `host_keys:`, which takes one key or a list",
+        ),
+        (
+            "known_hosts_file",
+            "write `known_hosts:`, with the file's absolute path",
+        ),
+        (
+            "user",
+            "the user the agent logs in as goes in the target's credential: `credentials: { \
+             build-box: { user: deploy, private_key_file: /etc/warden/keys/build-box } }`",
+        ),
+        (
+            "private_key_file",
+            "keys go under credentials:, keyed by target name: `credentials: { build-box: { \
+             private_key_file: /etc/warden/keys/build-box } }`",
+        ),
         (
             "database",
             "a rule's sql matcher names databases: `when: { target: ..., sql: { database: crm } }`",
@@ -262,6 +304,10 @@ pub(crate) const RULE: Fields = Fields {
             "a rule's llm matcher goes under when: `when: { llm: { ... } }`",
         ),
         (
+            "ssh",
+            "a rule's ssh matcher goes under when: `when: { ssh: { ... } }`",
+        ),
+        (
             "credentials",
             "credentials are given per target at the top level: `credentials: { openai: { \
              api_key_env: OPENAI_API_KEY } }`",
@@ -295,14 +341,21 @@ pub(crate) const RULE: Fields = Fields {
 pub(crate) const WHEN: Fields = Fields {
     what: "in a rule's when",
     known: &[
-        "workload", "target", "address", "port", "sql", "http", "llm",
+        "workload", "target", "address", "port", "sql", "http", "llm", "ssh",
     ],
     later: &[
-        ("ssh", "protocol matchers"),
         ("protocol", "protocol matchers"),
         ("from_llm", "protocol matchers"),
     ],
     instead: &[
+        (
+            "command",
+            "commands go in the ssh matcher: `ssh: { command: \"git *\" }`",
+        ),
+        (
+            "channel",
+            "channels go in the ssh matcher: `ssh: { channel: shell }`",
+        ),
         (
             "database",
             "databases are matched per statement: `sql: { database: crm }`",
@@ -411,6 +464,7 @@ pub(crate) const SCHEMA_OBJECTS: &[(&str, &Fields)] = &[
     ("/$defs/redactMapping", &request::REDACT),
     ("/$defs/responseMaskMapping", &request::RESPONSE_MASK),
     ("/$defs/credential", &request::CREDENTIAL),
+    ("/$defs/ssh", &ssh::SSH),
     ("/$defs/approve", &approval::APPROVE),
     ("/$defs/approvals", &approval::APPROVALS),
     ("/$defs/oidc", &approval::OIDC),
@@ -512,6 +566,8 @@ struct Names {
     rule_shapes: Vec<RuleShape>,
     sql_default: Action,
     http_default: Action,
+    /// The names of the targets that have a credential.
+    credentials: Vec<String>,
     /// Whether the file has an `approvals` section (which has an `oidc`).
     approvals: bool,
     /// The custom detectors: (name, pattern, checksum), as
@@ -572,6 +628,7 @@ impl Names {
             rule_shapes,
             sql_default: first.sql_default,
             http_default: first.http_default,
+            credentials: first.credentials.iter().map(|(n, _)| n.clone()).collect(),
             approvals: first.approvals.is_some(),
             detectors: first.detectors,
             presets: first.presets,
@@ -732,6 +789,7 @@ enum Matcher {
     Sql,
     Http,
     Llm,
+    Ssh,
 }
 
 impl Matcher {
@@ -740,6 +798,7 @@ impl Matcher {
             "sql" => Some(Matcher::Sql),
             "http" => Some(Matcher::Http),
             "llm" => Some(Matcher::Llm),
+            "ssh" => Some(Matcher::Ssh),
             _ => None,
         }
     }
@@ -750,6 +809,16 @@ impl Matcher {
             Matcher::Sql => "a sql matcher",
             Matcher::Http => "an http matcher",
             Matcher::Llm => "an llm matcher",
+            Matcher::Ssh => "an ssh matcher",
+        }
+    }
+
+    /// What the rules with it decide: "PostgreSQL statements".
+    fn decides(self) -> &'static str {
+        match self {
+            Matcher::Sql => "PostgreSQL statements",
+            Matcher::Http | Matcher::Llm => "HTTP requests",
+            Matcher::Ssh => "SSH requests",
         }
     }
 }
@@ -805,6 +874,11 @@ impl Ctx {
                 Protocol::speaks_llm(protocol),
                 "`protocol: llm`",
             ),
+            Matcher::Ssh => (
+                "SSH requests",
+                Protocol::speaks_ssh(protocol),
+                "`protocol: ssh`",
+            ),
         };
         if !speaks {
             let hint = if matcher == Matcher::Llm && protocol == Some(Protocol::Http) {
@@ -821,11 +895,12 @@ impl Ctx {
                 matcher.a(),
             ));
         }
-        if matcher == Matcher::Sql && names.target_has_host(target) {
+        if matches!(matcher, Matcher::Sql | Matcher::Ssh) && names.target_has_host(target) {
             return Some(format!(
-                "rule `{rule}` has a sql matcher, which matches PostgreSQL statements, but its \
-                 target `{target}` has a host, which only HTTP requests have; a sql matcher goes \
-                 with targets of address and port, so name another target or split the rule"
+                "rule `{rule}` has {a}, which matches {matches}, but its target `{target}` has a \
+                 host, which only HTTP requests have; {a} goes with targets of address and port, \
+                 so name another target or split the rule",
+                a = matcher.a(),
             ));
         }
         None
@@ -847,6 +922,11 @@ impl Ctx {
                  redact_prompt, mask_response, or a target with a host); mask applies to the \
                  rows a PostgreSQL statement returns: to mask what an HTTP or LLM API returns, \
                  write `mask_response:`"
+            )),
+            RuleKind::Ssh => Some(format!(
+                "rule `{rule}` has an ssh matcher, so it decides SSH requests; mask applies to \
+                 the rows a PostgreSQL statement returns, and nothing of an SSH session is \
+                 masked: remove its mask"
             )),
             RuleKind::Statement if shape.action == Action::Deny => Some(format!(
                 "rule `{rule}` denies, and a denied statement returns no rows to mask; mask goes \
@@ -876,6 +956,12 @@ impl Ctx {
                  or split the rule"
             ));
         }
+        if shape.kind == RuleKind::Ssh {
+            return Some(format!(
+                "rule `{rule}` has an ssh matcher, so it decides SSH requests; {key} applies to \
+                 HTTP requests: put it on a rule with an http or llm matcher, or split the rule"
+            ));
+        }
         if shape.action == Action::Deny {
             return Some(format!(
                 "rule `{rule}` denies, and {key} applies to the requests a rule allows; {key} \
@@ -903,9 +989,9 @@ impl Ctx {
         let rule = self.current_rule();
         if shape.kind == RuleKind::Connection {
             return Some(format!(
-                "rule `{rule}` has no sql, http or llm matcher, so it decides connections; \
+                "rule `{rule}` has no sql, http, llm or ssh matcher, so it decides connections; \
                  approve holds one statement or request, and a connection rule decides whole \
-                 connections: add an sql, http or llm matcher, e.g. `when: {{ ..., sql: {{ \
+                 connections: add an sql, http, llm or ssh matcher, e.g. `when: {{ ..., sql: {{ \
                  class: write }} }}`"
             ));
         }
@@ -977,6 +1063,7 @@ struct FileDef {
     http_default: Action,
     prompt_redact: Option<DetectorsDef>,
     response_mask: Option<DetectorsDef>,
+    ssh_default: Action,
     workloads: Vec<Workload>,
     targets: Vec<Target>,
     credentials: Vec<(String, CredentialDef)>,
@@ -1000,6 +1087,7 @@ impl Default for FileDef {
             http_default: Action::Allow,
             prompt_redact: None,
             response_mask: None,
+            ssh_default: Action::Allow,
             workloads: Vec::new(),
             targets: Vec::new(),
             credentials: Vec::new(),
@@ -1023,6 +1111,7 @@ struct RuleDef {
     sql: Option<SqlMatcher>,
     http: Option<HttpMatcher>,
     llm: Option<LlmMatcher>,
+    ssh: Option<SshMatcher>,
     action: Action,
     approval: Option<ApprovalRule>,
     mask: Option<MaskDef>,
@@ -1032,9 +1121,10 @@ struct RuleDef {
 }
 
 impl RuleDef {
-    /// What the rule decides: with `sql`, statements (giving it request
-    /// parts too is an error); with a request part or a target with a
-    /// host (`targets` are the file's), HTTP requests; else connections.
+    /// What the rule decides: with `sql`, statements, with `ssh`, SSH
+    /// requests (giving either other parts too is an error); with a request
+    /// part or a target with a host (`targets` are the file's), HTTP
+    /// requests; else connections.
     fn kind(&self, targets: &[Target]) -> RuleKind {
         let host_target = self
             .targets
@@ -1042,6 +1132,8 @@ impl RuleDef {
             .any(|name| targets.iter().any(|t| &t.name == name && t.host.is_some()));
         if self.sql.is_some() {
             RuleKind::Statement
+        } else if self.ssh.is_some() {
+            RuleKind::Ssh
         } else if self.http.is_some()
             || self.llm.is_some()
             || self.limits.is_some()
@@ -1089,6 +1181,7 @@ impl FileDef {
                 sql: r.sql,
                 http: r.http,
                 llm: r.llm,
+                ssh: r.ssh,
                 action: r.action,
                 approval: r.approval.map(Arc::new),
                 mask: r.mask.and_then(|m| m.compiled),
@@ -1097,21 +1190,42 @@ impl FileDef {
                 mask_response: r.mask_response.and_then(|m| m.compiled),
             })
             .collect();
-        // The second reading has read every secret.
-        let mut credentials: Vec<(usize, Arc<Credential>)> = self
-            .credentials
-            .into_iter()
-            .filter_map(|(target, def)| {
-                let index = index(&target_names, &target)?;
-                let credential = Credential {
-                    target,
-                    secret: def.secret?,
-                    kind: def.kind,
-                };
-                Some((index, Arc::new(credential)))
-            })
-            .collect();
+        // The second reading has read every secret, and checked that each
+        // SSH target with a credential has host keys.
+        let mut credentials: Vec<(usize, Arc<Credential>)> = Vec::new();
+        let mut ssh_logins: Vec<(usize, Arc<SshLogin>)> = Vec::new();
+        for (target, def) in self.credentials {
+            let (Some(index), Some(secret)) = (index(&target_names, &target), def.secret) else {
+                continue;
+            };
+            match def.kind {
+                CredentialKind::Plain(kind) => {
+                    let credential = Credential {
+                        target,
+                        secret,
+                        kind,
+                    };
+                    credentials.push((index, Arc::new(credential)));
+                }
+                CredentialKind::Ssh { user, private_key } => {
+                    let t = &self.targets[index];
+                    let Some(host_keys) = t.host_keys.clone() else {
+                        continue;
+                    };
+                    let login = SshLogin {
+                        addresses: t.address.clone().unwrap_or_default(),
+                        ports: t.port.clone().unwrap_or_default(),
+                        target,
+                        user,
+                        secret: ssh::secret(secret, private_key),
+                        host_keys,
+                    };
+                    ssh_logins.push((index, Arc::new(login)));
+                }
+            }
+        }
         credentials.sort_by_key(|(index, _)| *index);
+        ssh_logins.sort_by_key(|(index, _)| *index);
         Policy {
             version: self.version.unwrap_or(SUPPORTED_VERSION) as u32,
             default: self.default,
@@ -1124,6 +1238,8 @@ impl FileDef {
             prompt_redact: self.prompt_redact.and_then(DetectorsDef::redact),
             response_mask: self.response_mask.and_then(|m| m.compiled),
             credentials,
+            ssh_default: self.ssh_default,
+            ssh_logins,
             udp_ports: self.udp_ports,
             audit: self.audit,
             prompts: self.prompts,
@@ -1306,6 +1422,7 @@ impl<'de> Keys<'de> for FileKeys<'_> {
                 file.sql_mask = Some(map.next_value_seed(Mapping(MaskKeys::new(ctx, "sql_mask")))?)
             }
             "http_default" => file.http_default = map.next_value_seed(One(HttpDefaultP))?,
+            "ssh_default" => file.ssh_default = map.next_value_seed(One(SshDefaultP))?,
             "prompt_redact" => {
                 file.prompt_redact =
                     Some(map.next_value_seed(DetectorsSeed::top(ctx, "prompt_redact"))?)
@@ -1335,7 +1452,7 @@ impl<'de> Keys<'de> for FileKeys<'_> {
                     .next_value_seed(NamedMap {
                         kind: "target",
                         section: "targets",
-                        seed: |_: &str| Mapping(TargetKeys(Target::default())),
+                        seed: |name: &str| Mapping(TargetKeys::new(ctx, name)),
                         reserved: &|_| Ok(()),
                     })?
                     .into_iter()
@@ -1601,9 +1718,25 @@ const COMM_EXAMPLE: &str = "\"python3*\"";
 const UNIT_EXAMPLE: &str = "\"support-bot.service\"";
 const CGROUP_EXAMPLE: &str = "\"/system.slice/support-bot.service\"";
 
-struct TargetKeys(Target);
+struct TargetKeys<'c> {
+    ctx: &'c Ctx,
+    /// Named already, for messages.
+    target: Target,
+}
 
-impl<'de> Keys<'de> for TargetKeys {
+impl<'c> TargetKeys<'c> {
+    fn new(ctx: &'c Ctx, name: &str) -> TargetKeys<'c> {
+        TargetKeys {
+            ctx,
+            target: Target {
+                name: name.to_string(),
+                ..Target::default()
+            },
+        }
+    }
+}
+
+impl<'de> Keys<'de> for TargetKeys<'_> {
     type Value = Target;
 
     fn fields(&self) -> &'static Fields {
@@ -1614,36 +1747,55 @@ impl<'de> Keys<'de> for TargetKeys {
         "a target: a mapping with address, port and/or host, and optionally protocol".into()
     }
 
-    /// `host` after a `protocol` that has no HTTP requests: at `host`.
-    /// (`protocol` after `host`: at the protocol, by ProtocolP.)
+    /// `host` after a `protocol` that has no HTTP requests, `host_keys` or
+    /// `known_hosts` after a protocol other than `ssh` or after the other:
+    /// at the key. (`protocol` after them: at the protocol, by ProtocolP.)
     fn check(&self, key: &'static str) -> Result<(), String> {
-        match (key, self.0.protocol) {
-            ("host", Some(protocol)) => ProtocolP { host: true }
-                .host_error(protocol)
-                .map_or(Ok(()), Err),
+        let t = &self.target;
+        match (key, t.protocol) {
+            ("host", Some(protocol)) => ProtocolP {
+                host: true,
+                host_keys: None,
+            }
+            .host_error(protocol)
+            .map_or(Ok(()), Err),
+            ("host_keys" | "known_hosts", protocol) => {
+                if let Some(first) = t.host_keys.as_ref().map(ssh::host_keys_key) {
+                    return Err(ssh::both_host_key_sources(&t.name, first, key));
+                }
+                match protocol {
+                    Some(p) if p != Protocol::Ssh => Err(ssh::host_keys_protocol_error(key, p)),
+                    _ => Ok(()),
+                }
+            }
             _ => Ok(()),
         }
     }
 
     fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
-        let t = &mut self.0;
+        let t = &mut self.target;
         match key {
             "address" => t.address = Some(map.next_value_seed(Many::new(AddressP, "address"))?),
             "port" => t.port = Some(map.next_value_seed(Many::new(PortP, "port"))?),
             "host" => t.host = Some(map.next_value_seed(Many::new(HostP, "host"))?),
-            "protocol" => {
-                let host = t.host.is_some();
-                t.protocol = Some(map.next_value_seed(One(ProtocolP { host }))?)
-            }
+            "protocol" => t.protocol = Some(map.next_value_seed(One(ProtocolP::with(t)))?),
             "tls" => t.tls = map.next_value_seed(One(UpstreamTlsP))?,
             "tls_name" => t.tls_name = Some(map.next_value_seed(One(TlsNameP))?),
+            "host_keys" => {
+                let keys = map.next_value_seed(Many::new(HostKeyP, "host key"))?;
+                t.host_keys = Some(UpstreamHostKeys::Keys(keys))
+            }
+            "known_hosts" => {
+                let file = map.next_value_seed(One(KnownHostsP))?;
+                t.host_keys = Some(UpstreamHostKeys::KnownHosts(file))
+            }
             _ => unreachable!("{key} is in TARGET.known"),
         }
         Ok(())
     }
 
     fn finish<E: de::Error>(self) -> Result<Target, E> {
-        let t = &self.0;
+        let t = &self.target;
         if t.address.is_none() && t.port.is_none() && t.host.is_none() {
             return Err(fail(
                 "a target needs an address, a port or a host; write e.g. `{ address: \
@@ -1662,7 +1814,20 @@ impl<'de> Keys<'de> for TargetKeys {
                  goes with `tls: verify`",
             ));
         }
-        Ok(self.0)
+        if let Some(key) = t.host_keys.as_ref().map(ssh::host_keys_key)
+            && t.protocol.is_none()
+        {
+            return Err(fail(ssh::host_keys_without_protocol(&t.name, key)));
+        }
+        // On the second reading, when the credentials are known.
+        if t.protocol == Some(Protocol::Ssh)
+            && t.host_keys.is_none()
+            && let Some(names) = &self.ctx.names
+            && names.credentials.contains(&t.name)
+        {
+            return Err(fail(ssh::missing_host_keys(&t.name)));
+        }
+        Ok(self.target)
     }
 }
 
@@ -1870,6 +2035,7 @@ impl<'de> Keys<'de> for RuleKeys<'_> {
             sql: when.sql,
             http: when.http,
             llm: when.llm,
+            ssh: when.ssh,
             action,
             approval: self.approval,
             mask: self.mask,
@@ -1889,6 +2055,7 @@ struct WhenDef {
     sql: Option<SqlMatcher>,
     http: Option<HttpMatcher>,
     llm: Option<LlmMatcher>,
+    ssh: Option<SshMatcher>,
 }
 
 impl WhenDef {
@@ -1898,6 +2065,7 @@ impl WhenDef {
             (self.sql.is_some(), Matcher::Sql),
             (self.http.is_some(), Matcher::Http),
             (self.llm.is_some(), Matcher::Llm),
+            (self.ssh.is_some(), Matcher::Ssh),
         ]
         .into_iter()
         .filter_map(|(given, m)| given.then_some(m))
@@ -1931,15 +2099,30 @@ impl<'de> Keys<'de> for WhenKeys<'_> {
     }
 
     /// A protocol matcher after a target that does not speak its protocol,
-    /// and `sql` with `http` or `llm`: at the matcher's key. (`target`
-    /// after a matcher: at the target's name, by RefP.)
+    /// and `sql`, `ssh` and `http` or `llm` together: at the matcher's
+    /// key. (`target` after a matcher: at the target's name, by RefP.)
     fn check(&self, key: &'static str) -> Result<(), String> {
         let Some(matcher) = Matcher::of_key(key) else {
             return Ok(());
         };
         let before = self.when.matchers();
-        let sql_and_http = |other: Matcher| (matcher == Matcher::Sql) != (other == Matcher::Sql);
-        if let Some(&other) = before.iter().find(|&&other| sql_and_http(other)) {
+        let apart = |other: &&Matcher| other.decides() != matcher.decides();
+        if let Some(&other) = before.iter().find(apart)
+            && (matcher == Matcher::Ssh || other == Matcher::Ssh)
+        {
+            return Err(format!(
+                "rule `{}` has {} and {} in one when; {} decides {} and {} {}, so nothing can \
+                 meet both: split the rule in two",
+                self.ctx.current_rule(),
+                other.a(),
+                matcher.a(),
+                other.a(),
+                other.decides(),
+                matcher.a(),
+                matcher.decides(),
+            ));
+        }
+        if let Some(&other) = before.iter().find(apart) {
             let (sql, http) = if matcher == Matcher::Sql {
                 (matcher, other)
             } else {
@@ -1987,6 +2170,7 @@ impl<'de> Keys<'de> for WhenKeys<'_> {
             "sql" => w.sql = Some(map.next_value_seed(Mapping(SqlKeys::default()))?),
             "http" => w.http = Some(map.next_value_seed(Mapping(HttpKeys::default()))?),
             "llm" => w.llm = Some(map.next_value_seed(Mapping(LlmKeys::default()))?),
+            "ssh" => w.ssh = Some(map.next_value_seed(Mapping(SshKeys::default()))?),
             _ => unreachable!("{key} is in WHEN.known"),
         }
         Ok(())
@@ -2650,7 +2834,7 @@ impl Parse for DefaultP {
             "approve" => Err(
                 "`default: approve` is not a choice: default decides whole connections, and \
                  approve holds one statement or request; write `default: audit` or `default: \
-                 deny`, and `action: approve` on a rule with an sql, http or llm matcher"
+                 deny`, and `action: approve` on a rule with an sql, http, llm or ssh matcher"
                     .into(),
             ),
             _ => Err(format!(
@@ -2778,9 +2962,20 @@ impl Parse for TlsNameP {
 struct ProtocolP {
     /// The target has a `host` (read before this): it must speak HTTP.
     host: bool,
+    /// The target has `host_keys` or `known_hosts` (this one, read before
+    /// this): it must speak SSH.
+    host_keys: Option<&'static str>,
 }
 
 impl ProtocolP {
+    /// For the target as read so far.
+    fn with(target: &Target) -> ProtocolP {
+        ProtocolP {
+            host: target.host.is_some(),
+            host_keys: target.host_keys.as_ref().map(ssh::host_keys_key),
+        }
+    }
+
     /// The error for a target with a host that says `protocol`, if that
     /// protocol has no HTTP requests.
     fn host_error(self, protocol: Protocol) -> Option<String> {
@@ -2804,6 +2999,11 @@ impl Parse for ProtocolP {
     }
     fn text(&self, s: &str) -> Result<Protocol, String> {
         if let Some(p) = Protocol::ALL.into_iter().find(|p| p.as_str() == s) {
+            if let Some(key) = self.host_keys
+                && p != Protocol::Ssh
+            {
+                return Err(ssh::host_keys_protocol_error(key, p));
+            }
             return self.host_error(p).map_or(Ok(p), Err);
         }
         let names: Vec<&str> = Protocol::ALL.iter().map(|p| p.as_str()).collect();

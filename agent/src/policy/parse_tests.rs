@@ -46,14 +46,15 @@ fn unknown_fields_everywhere_name_their_place() {
     assert_eq!(
         err("version: 1\nrule: []\n"),
         "policy.yaml:2:1: unknown field `rule` at the top level; expected one of: version, \
-         default, sql_default, sql_mask, http_default, prompt_redact, response_mask, workloads, \
-         targets, credentials, detectors, presets, udp, rules, audit, approvals"
+         default, sql_default, sql_mask, http_default, prompt_redact, response_mask, \
+         ssh_default, workloads, targets, credentials, detectors, presets, udp, rules, audit, \
+         approvals"
     );
     // In a flow mapping, the column is the key's.
     assert_eq!(
         err("version: 1\nrules:\n  - { name: a, when: { adress: 10.0.0.1 }, action: deny }\n"),
         "policy.yaml:3:24: unknown field `adress` in a rule's when; expected one of: workload, \
-         target, address, port, sql, http, llm"
+         target, address, port, sql, http, llm, ssh"
     );
     assert_err(
         "version: 1\nworkloads:\n  w:\n    match: { pid: 1 }\n",
@@ -368,15 +369,15 @@ fn versions() {
 
 #[test]
 fn not_supported_yet() {
-    // `sql`, `http` and `llm` are supported now (statement_tests.rs,
-    // http_tests.rs); `ssh` is not.
+    // `sql`, `http`, `llm` and `ssh` are supported now (statement_tests.rs,
+    // http_tests.rs, ssh_tests.rs); `protocol` in a when is not.
     assert_eq!(
         err(
-            "version: 1\nrules:\n  - name: r\n    when:\n      target: db\n      ssh: { exec: ls }\n    action: deny\ntargets:\n  db: { port: 22 }\n"
+            "version: 1\nrules:\n  - name: r\n    when:\n      target: db\n      protocol: ssh\n    action: deny\ntargets:\n  db: { port: 22 }\n"
         ),
-        "policy.yaml:6:7: `ssh` in a rule's when is not supported yet in policy v0 (a later \
+        "policy.yaml:6:7: `protocol` in a rule's when is not supported yet in policy v0 (a later \
          version adds protocol matchers); expected one of: workload, target, address, port, sql, \
-         http, llm"
+         http, llm, ssh"
     );
     assert_eq!(
         err("version: 1\nrules:\n  - name: r\n    action: audit\n"),
@@ -981,10 +982,10 @@ fn approve_only_on_statement_and_request_rules() {
         err(&format!(
             "{APPROVALS}rules:\n  - name: r\n    when: {{ port: 5432 }}\n    action: approve\n    approve: {{ groups: [dba] }}\n"
         )),
-        "policy.yaml:7:13: rule `r` has no sql, http or llm matcher, so it decides connections; \
-         approve holds one statement or request, and a connection rule decides whole \
-         connections: add an sql, http or llm matcher, e.g. `when: { ..., sql: { class: write } \
-         }`"
+        "policy.yaml:7:13: rule `r` has no sql, http, llm or ssh matcher, so it decides \
+         connections; approve holds one statement or request, and a connection rule decides \
+         whole connections: add an sql, http, llm or ssh matcher, e.g. `when: { ..., sql: { \
+         class: write } }`"
     );
     // A rule that names a target with a host is a request rule: it may.
     Policy::from_yaml(

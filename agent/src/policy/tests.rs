@@ -401,6 +401,10 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
 pub(super) const EXAMPLE_KEYS: &[(&str, &str)] = &[
     ("OPENAI_REAL_KEY", "sk-example-openai"),
     ("ANTHROPIC_REAL_KEY", "sk-ant-example"),
+    (
+        "BUILD_BOX_SSH_KEY",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nexample\n-----END OPENSSH PRIVATE KEY-----\n",
+    ),
 ];
 
 #[test]

@@ -1,7 +1,8 @@
 //! The parts of a policy about HTTP requests and LLM API calls: the `http`
 //! and `llm` matchers of a rule's `when`, a rule's `limits`, the detector
 //! lists of `redact_prompt`, `mask_response`, `prompt_redact` and
-//! `response_mask`, `credentials` and their secrets, and their scalars.
+//! `response_mask`, `credentials` and their secrets (an SSH login's parts
+//! are in [`super::ssh`]), and their scalars.
 
 #[cfg(test)]
 use std::cell::RefCell;
@@ -12,6 +13,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use super::{
     Ctx, Fields, Flag, GlobP, Keys, Many, Mapping, MaskNameP, NameGlobP, One, Parse, compile_mask,
     fail,
+    ssh::{self, SshUserP},
 };
 use crate::masking::JsonPath;
 use crate::policy::{
@@ -148,10 +150,33 @@ pub(crate) const CREDENTIAL: Fields = Fields {
         "header",
         "password_env",
         "password_file",
+        "private_key_env",
+        "private_key_file",
         "user",
     ],
     later: &[],
     instead: &[
+        (
+            "private_key",
+            "a key never goes in the policy: write `private_key_file: /path/to/key` or \
+             `private_key_env: VARIABLE`",
+        ),
+        ("identity_file", "write `private_key_file:`"),
+        (
+            "key_file",
+            "write `private_key_file:` (SSH) or `api_key_file:`",
+        ),
+        ("ssh_key_file", "write `private_key_file:`"),
+        (
+            "host_keys",
+            "the server's host keys go in its target: `targets: { build-box: { ..., host_keys: \
+             [\"ssh-ed25519 AAAA...\"] } }`",
+        ),
+        (
+            "known_hosts",
+            "a known_hosts file goes in the target: `targets: { build-box: { ..., known_hosts: \
+             /etc/warden/ssh_known_hosts } }`",
+        ),
         ("env", "write `api_key_env:`"),
         ("file", "write `api_key_file:`"),
         ("api_key_path", "write `api_key_file:`"),
@@ -507,7 +532,20 @@ impl<'de> Keys<'de> for DetectorsKeys<'_> {
 /// secret. No Debug: it holds the secret.
 pub(super) struct CredentialDef {
     pub(super) secret: Option<String>,
-    pub(super) kind: SecretKind,
+    pub(super) kind: CredentialKind,
+}
+
+/// What a credential is, as its keys and (on the second reading) its
+/// target's protocol say.
+pub(super) enum CredentialKind {
+    /// An API key, or a PostgreSQL password.
+    Plain(SecretKind),
+    /// An SSH login (a `protocol: ssh` target): the user to log in as, and
+    /// whether the secret is a private key (else a password).
+    Ssh {
+        user: Option<String>,
+        private_key: bool,
+    },
 }
 
 pub(super) struct CredentialKeys<'c> {
@@ -518,8 +556,8 @@ pub(super) struct CredentialKeys<'c> {
     owner: String,
     /// "/etc/warden/secrets/name", for messages.
     file_example: String,
-    /// "api_key_env", "api_key_file", "password_env" or "password_file",
-    /// once read.
+    /// "api_key_env", "api_key_file", "password_env", "password_file",
+    /// "private_key_env" or "private_key_file", once read.
     source: Option<&'static str>,
     secret: Option<String>,
     header: Option<CredentialHeader>,
@@ -550,20 +588,23 @@ impl<'de> Keys<'de> for CredentialKeys<'_> {
 
     fn expecting(&self) -> String {
         "a credential: a mapping with api_key_env or api_key_file (and optionally header), or \
-         password_env or password_file (and optionally user)"
+         password_env or password_file (and optionally user), or for SSH private_key_env or \
+         private_key_file (and optionally user)"
             .into()
     }
 
     /// The second source of the secret: at its key.
     fn check(&self, key: &'static str) -> Result<(), String> {
         match (key, self.source) {
-            ("api_key_env" | "api_key_file" | "password_env" | "password_file", Some(first)) => {
-                Err(format!(
-                    "credential `{}` has both {first} and {key}; keep one: the secret is read \
+            (
+                "api_key_env" | "api_key_file" | "password_env" | "password_file"
+                | "private_key_env" | "private_key_file",
+                Some(first),
+            ) => Err(format!(
+                "credential `{}` has both {first} and {key}; keep one: the secret is read \
                      from one place",
-                    self.name
-                ))
-            }
+                self.name
+            )),
             _ => Ok(()),
         }
     }
@@ -571,16 +612,21 @@ impl<'de> Keys<'de> for CredentialKeys<'_> {
     fn value<A: MapAccess<'de>>(&mut self, key: &'static str, map: &mut A) -> Result<(), A::Error> {
         let (ctx, owner) = (self.ctx, self.owner.as_str());
         match key {
-            "api_key_env" | "password_env" => {
+            "api_key_env" | "password_env" | "private_key_env" => {
+                let example = if key == "private_key_env" {
+                    "BUILD_BOX_SSH_KEY"
+                } else {
+                    "OPENAI_API_KEY"
+                };
                 self.secret = map.next_value_seed(One(EnvKeyP {
                     ctx,
                     owner,
                     key,
-                    example: "OPENAI_API_KEY",
+                    example,
                 }))?;
                 self.source = Some(key);
             }
-            "api_key_file" | "password_file" => {
+            "api_key_file" | "password_file" | "private_key_file" => {
                 self.secret = map.next_value_seed(One(KeyFileP {
                     ctx,
                     owner,
@@ -590,7 +636,17 @@ impl<'de> Keys<'de> for CredentialKeys<'_> {
                 self.source = Some(key);
             }
             "header" => self.header = Some(map.next_value_seed(One(HeaderP))?),
-            "user" => self.user = Some(map.next_value_seed(One(DbUserP))?),
+            "user" => {
+                let ssh_target = ctx
+                    .names
+                    .as_ref()
+                    .is_some_and(|names| names.target_protocol(&self.name) == Some(Protocol::Ssh));
+                self.user = Some(if ssh_target {
+                    map.next_value_seed(One(SshUserP))?
+                } else {
+                    map.next_value_seed(One(DbUserP))?
+                })
+            }
             _ => unreachable!("{key} is in CREDENTIAL.known"),
         }
         Ok(())
@@ -598,12 +654,20 @@ impl<'de> Keys<'de> for CredentialKeys<'_> {
 
     fn finish<E: de::Error>(self) -> Result<CredentialDef, E> {
         let name = &self.name;
+        // On the second reading: what the target speaks.
+        let protocol = self
+            .ctx
+            .names
+            .as_ref()
+            .map(|names| names.target_protocol(name));
+        let ssh_target = protocol == Some(Some(Protocol::Ssh));
         let kind = match self.source {
             None => {
                 return Err(fail(format!(
                     "credential `{name}` does not say where its secret is; write `api_key_env: \
                      VARIABLE` or `api_key_file: /path/to/file` for an API key, or \
-                     `password_env:` or `password_file:` for a database password"
+                     `password_env:` or `password_file:` for a database password; for an SSH \
+                     login, `private_key_file:` or `private_key_env:` (or a password)"
                 )));
             }
             Some("api_key_env" | "api_key_file") => {
@@ -613,35 +677,56 @@ impl<'de> Keys<'de> for CredentialKeys<'_> {
                          with `password_env` or `password_file`, for a database"
                     )));
                 }
-                SecretKind::ApiKey {
+                CredentialKind::Plain(SecretKind::ApiKey {
                     header: self.header,
-                }
+                })
             }
-            Some(_) => {
-                if self.header.is_some() {
+            Some(source) => {
+                let private_key = source.starts_with("private_key");
+                // A password's target (a database's or an SSH server's) is
+                // known on the second reading.
+                if self.header.is_some() && (private_key || protocol.is_some()) {
+                    let what = if private_key || ssh_target {
+                        "an SSH login"
+                    } else {
+                        "a database password"
+                    };
                     return Err(fail(format!(
-                        "credential `{name}` is a database password, which is not sent in a \
-                         header; `header` goes with `api_key_env` or `api_key_file`"
+                        "credential `{name}` is {what}, which is not sent in a header; `header` \
+                         goes with `api_key_env` or `api_key_file`"
                     )));
                 }
-                SecretKind::Password { user: self.user }
+                if private_key || ssh_target {
+                    CredentialKind::Ssh {
+                        user: self.user,
+                        private_key,
+                    }
+                } else {
+                    CredentialKind::Plain(SecretKind::Password { user: self.user })
+                }
             }
         };
-        if let Some(names) = &self.ctx.names {
-            let protocol = names.target_protocol(name);
-            let fits = match kind {
-                SecretKind::ApiKey { .. } => Protocol::speaks_http(protocol),
-                SecretKind::Password { .. } => protocol == Some(Protocol::Postgres),
+        if let Some(protocol) = protocol {
+            let fits = match &kind {
+                CredentialKind::Plain(SecretKind::ApiKey { .. }) => Protocol::speaks_http(protocol),
+                CredentialKind::Plain(SecretKind::Password { .. }) => {
+                    protocol == Some(Protocol::Postgres)
+                }
+                CredentialKind::Ssh { .. } => protocol == Some(Protocol::Ssh),
             };
             if !fits {
-                let (what, wanted) = match kind {
-                    SecretKind::ApiKey { .. } => (
+                let (what, wanted) = match &kind {
+                    CredentialKind::Plain(SecretKind::ApiKey { .. }) => (
                         "an API key, which the agent puts in HTTP requests",
                         "`protocol: http`, `llm` or `any` (or no protocol)",
                     ),
-                    SecretKind::Password { .. } => (
+                    CredentialKind::Plain(SecretKind::Password { .. }) => (
                         "a database password, which the agent logs in to PostgreSQL with",
-                        "`protocol: postgres`",
+                        "`protocol: postgres` (or `protocol: ssh` for an SSH password)",
+                    ),
+                    CredentialKind::Ssh { .. } => (
+                        "an SSH private key, which the agent logs in to SSH servers with",
+                        "`protocol: ssh`",
                     ),
                 };
                 return Err(fail(format!(
@@ -709,8 +794,18 @@ fn checked_secret(owner: &str, source: &str, value: String) -> Result<String, St
     Ok(key.to_string())
 }
 
-/// `api_key_env`, `password_env` or `client_secret_env`: the secret, read
-/// on the second reading.
+/// The secret of `key` as read from `source`: an SSH private key
+/// ([`ssh::checked_private_key`]), or any other secret ([`checked_secret`]).
+fn checked(key: &str, owner: &str, source: &str, value: String) -> Result<String, String> {
+    if key.starts_with("private_key") {
+        ssh::checked_private_key(owner, source, value)
+    } else {
+        checked_secret(owner, source, value)
+    }
+}
+
+/// `api_key_env`, `password_env`, `private_key_env` or `client_secret_env`:
+/// the secret, read on the second reading.
 #[derive(Clone, Copy)]
 pub(super) struct EnvKeyP<'c, 'n> {
     pub(super) ctx: &'c Ctx,
@@ -747,7 +842,7 @@ impl Parse for EnvKeyP<'_, '_> {
         }
         let source = format!("the environment variable {s}");
         match env_var(s) {
-            Ok(value) => checked_secret(owner, &source, value).map(Some),
+            Ok(value) => checked(key, owner, &source, value).map(Some),
             Err(VarError::NotPresent) => Err(format!(
                 "{owner}: the environment variable {s} is not set in the \
                  agent's environment; set it where the agent starts (e.g. `Environment=` or \
@@ -764,8 +859,8 @@ impl Parse for EnvKeyP<'_, '_> {
     }
 }
 
-/// `api_key_file`, `password_file` or `client_secret_file`: the secret,
-/// read on the second reading.
+/// `api_key_file`, `password_file`, `private_key_file` or
+/// `client_secret_file`: the secret, read on the second reading.
 #[derive(Clone, Copy)]
 pub(super) struct KeyFileP<'c, 'n> {
     pub(super) ctx: &'c Ctx,
@@ -794,7 +889,7 @@ impl Parse for KeyFileP<'_, '_> {
             return Ok(None);
         }
         match std::fs::read_to_string(s) {
-            Ok(value) => checked_secret(owner, &format!("the file {s}"), value).map(Some),
+            Ok(value) => checked(key, owner, &format!("the file {s}"), value).map(Some),
             Err(e) => Err(format!(
                 "{owner}: cannot read {key} {s}: {e}; put the secret in that \
                  file and make it readable by the agent, or write `{}:` instead",
