@@ -20,8 +20,11 @@ use crate::{
     capture::{Capture, Listener},
     identity::Origin,
     policy::{ApprovalSettings, ConnectionRequest, Policy, Transport},
-    proxy::{Proxy, detect::Protocol, intercept::Interceptor},
+    proxy::{Proxy, detect::Protocol, intercept::Interceptor, ssh::HostKeys},
 };
+
+/// Where SSH sessions are recorded, under the audit directory.
+pub const RECORDINGS_DIR: &str = "recordings";
 
 pub struct AgentOptions {
     /// Port of the loopback listeners (127.0.0.1 and ::1); 0 picks a free one.
@@ -41,6 +44,8 @@ pub struct AgentOptions {
     pub review_listen: Option<SocketAddr>,
     /// Where the control API also listens, with TLS (loopback), if anywhere.
     pub control_listen: Option<SocketAddr>,
+    /// The host keys SSH clients are shown; None relays SSH as opaque bytes.
+    pub ssh_host_keys: Option<Arc<HostKeys>>,
 }
 
 pub struct Agent {
@@ -77,6 +82,7 @@ impl Agent {
             .context("loading the kernel programs")?,
         );
         capture.set_udp_allowed(&options.policy.udp_allowed_ports())?;
+        let recordings = options.audit.dir.join(RECORDINGS_DIR);
         let (sink, audit) =
             AuditWriter::start(options.audit).context("starting the audit writer")?;
         sink.record_event(EventRow::now(
@@ -130,6 +136,8 @@ impl Agent {
             tls: options.tls,
             lineage: Arc::default(),
             approvals: approvals.clone(),
+            ssh_host_keys: options.ssh_host_keys,
+            recordings: Some(recordings),
         });
         tokio::spawn(proxy.clone().serve(v4, tracker.clone(), cancel.clone()));
         tokio::spawn(proxy.serve(v6, tracker.clone(), cancel.clone()));

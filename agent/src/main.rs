@@ -83,6 +83,11 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// The SSH host keys the agent shows clients.
+    Ssh {
+        #[command(subcommand)]
+        command: SshCommand,
+    },
     /// The audit tables: SQL over them, follow them, replay a session.
     Audit {
         #[command(subcommand)]
@@ -222,6 +227,20 @@ enum CaCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum SshCommand {
+    /// Print known_hosts lines for the SSH targets a policy gives a credential
+    /// (the keys the agent shows for them), to append to
+    /// /etc/ssh/ssh_known_hosts on a host install (docs/ssh.md).
+    KnownHosts {
+        /// Policy file; without one, the embedded default (no SSH targets).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
 const DEFAULT_STATE_DIR: &str = "/var/lib/warden";
 
 #[derive(Subcommand)]
@@ -300,6 +319,25 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e.into()),
         },
+        Command::Ssh {
+            command: SshCommand::KnownHosts { policy, state_dir },
+        } => {
+            let policy =
+                match policy.map_or_else(|| Ok(Policy::embedded_default()), |p| Policy::load(&p)) {
+                    Ok(policy) => policy,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(1);
+                    }
+                };
+            match warden::proxy::ssh::HostKeys::load_or_create(&state_dir.join("ssh")) {
+                Ok(keys) => {
+                    print!("{}", keys.known_hosts(policy.ssh_logins()));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.into()),
+            }
+        }
         Command::Audit { command } => audit(command),
         Command::Approvals { socket, command } => approvals(socket, command),
         Command::Cleanup { kill } => match cleanup(kill) {

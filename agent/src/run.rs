@@ -5,7 +5,7 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt,
     os::{fd::AsRawFd, unix::process::ExitStatusExt},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -20,9 +20,16 @@ use crate::{
     cgroup::ManagedCgroup,
     policy::Policy,
     preflight,
-    proxy::intercept::Interceptor,
+    proxy::{intercept::Interceptor, ssh::HostKeys},
     tls::{self, Authority},
 };
+
+/// Where SSH clients look for host keys system-wide; `warden run` adds the
+/// agent's keys there, in the program's own view of the file system.
+const SYSTEM_SSH_DIR: &str = "/etc/ssh";
+/// The variable that names the known_hosts file with the agent's keys, for
+/// programs that load one explicitly (paramiko's `load_host_keys`).
+const KNOWN_HOSTS_VARIABLE: &str = "WARDEN_SSH_KNOWN_HOSTS";
 
 pub struct RunOptions {
     pub policy: Option<PathBuf>,
@@ -127,6 +134,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
     } else {
         None
     };
+    // SSH clients of the program trust the keys the agent shows them.
+    let ssh_keys = Arc::new(HostKeys::load_or_create(&opts.state_dir.join("ssh"))?);
+    let mut mounts = Vec::new();
+    if policy.ssh_logins().next().is_some() {
+        let home = target
+            .as_ref()
+            .map(|u| u.home.clone())
+            .or_else(|| std::env::var_os("HOME").map(PathBuf::from));
+        let lines = ssh_keys.known_hosts(policy.ssh_logins());
+        let (trusted, ssh_mounts) = ssh_known_hosts(&run_dir, &lines, home.as_deref())?;
+        child_env.push((KNOWN_HOSTS_VARIABLE, trusted));
+        mounts.extend(ssh_mounts);
+    }
     // The real keys stay with the agent: a variable that holds one (the
     // policy's `api_key_env`, or any copy) is not passed on.
     let hidden: Vec<OsString> = std::env::vars_os()
@@ -152,6 +172,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
         control_socket: opts.control_socket.clone(),
         review_listen: opts.review_listen,
         control_listen: opts.control_listen,
+        ssh_host_keys: Some(ssh_keys),
     })
     .await?;
     let cgroup = ManagedCgroup::create(&host.cgroup_root, &format!("run-{me}"))?;
@@ -165,7 +186,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
             &child_env,
             &hidden,
             fd_limit,
-            &out_of_reach(&hide_paths)?,
+            out_of_reach(&hide_paths)?
+                .into_iter()
+                .chain(mounts)
+                .collect(),
         )?;
         supervise(&mut child).await
     }
@@ -253,16 +277,22 @@ impl TargetUser {
     }
 }
 
-/// A path the program must not reach, checked before the fork.
-struct Covered {
-    path: CString,
-    directory: bool,
+/// What the program's own mount namespace changes, prepared before the fork.
+enum Mount {
+    /// An empty read-only tmpfs over a directory.
+    HideDir(CString),
+    /// /dev/null over a socket or file.
+    HideFile(CString),
+    /// A file of the agent's over one of the host's.
+    File { source: CString, target: CString },
+    /// A read-only overlay: `options` names the lower directories.
+    Overlay { target: CString, options: CString },
 }
 
 /// The existing sockets and socket directories to cover: PostgreSQL's usual
 /// places and `extra`. A path given in `extra` that does not exist is an
 /// error (a typo would leave a socket in reach).
-fn out_of_reach(extra: &[PathBuf]) -> anyhow::Result<Vec<Covered>> {
+fn out_of_reach(extra: &[PathBuf]) -> anyhow::Result<Vec<Mount>> {
     let mut paths: Vec<PathBuf> = UNIX_SOCKETS_HIDDEN.iter().map(PathBuf::from).collect();
     if let Ok(entries) = std::fs::read_dir("/tmp") {
         paths.extend(
@@ -286,6 +316,7 @@ fn out_of_reach(extra: &[PathBuf]) -> anyhow::Result<Vec<Covered>> {
         paths.push(path.clone());
     }
     let mut covered = Vec::new();
+    let mut seen = Vec::new();
     for path in paths {
         // Through symlinks (/var/run -> /run): the mount lands on the target.
         let Ok(real) = std::fs::canonicalize(&path) else {
@@ -294,25 +325,82 @@ fn out_of_reach(extra: &[PathBuf]) -> anyhow::Result<Vec<Covered>> {
         let Ok(meta) = std::fs::metadata(&real) else {
             continue;
         };
-        let c_path = CString::new(real.as_os_str().as_encoded_bytes())
-            .with_context(|| format!("{} has a NUL byte", real.display()))?;
-        if !covered.iter().any(|c: &Covered| c.path == c_path) {
-            covered.push(Covered {
-                path: c_path,
-                directory: meta.is_dir(),
-            });
+        let c_path = c_path(&real)?;
+        if seen.contains(&c_path) {
+            continue;
         }
+        seen.push(c_path.clone());
+        covered.push(if meta.is_dir() {
+            Mount::HideDir(c_path)
+        } else {
+            Mount::HideFile(c_path)
+        });
     }
     Ok(covered)
 }
 
+/// Writes the known_hosts files the program sees: the system's
+/// (`/etc/ssh/ssh_known_hosts`, through a read-only overlay on /etc/ssh)
+/// and, when the user has one, `~/.ssh/known_hosts`, each with its own
+/// lines kept and the agent's `lines` added. Returns the file with the
+/// agent's lines and the mounts to make.
+fn ssh_known_hosts(
+    run_dir: &Path,
+    lines: &str,
+    home: Option<&Path>,
+) -> anyhow::Result<(PathBuf, Vec<Mount>)> {
+    let write = |path: &Path, original: Option<&Path>| -> anyhow::Result<()> {
+        let mut text = original
+            .and_then(|p| fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(lines);
+        fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644))?;
+        Ok(())
+    };
+    let dir = run_dir.join("ssh");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+    let system = Path::new(SYSTEM_SSH_DIR);
+    let trusted = dir.join("ssh_known_hosts");
+    write(&trusted, Some(&system.join("ssh_known_hosts")))?;
+    let mut mounts = Vec::new();
+    if system.is_dir() {
+        mounts.push(Mount::Overlay {
+            target: c_path(system)?,
+            options: CString::new(format!("lowerdir={}:{SYSTEM_SSH_DIR}", dir.display()))?,
+        });
+    }
+    if let Some(user_file) = home.map(|h| h.join(".ssh/known_hosts"))
+        && user_file.is_file()
+    {
+        let copy = run_dir.join("user_known_hosts");
+        write(&copy, Some(&user_file))?;
+        mounts.push(Mount::File {
+            source: c_path(&copy)?,
+            target: c_path(&user_file)?,
+        });
+    }
+    Ok((trusted, mounts))
+}
+
+fn c_path(path: &Path) -> anyhow::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .with_context(|| format!("{} has a NUL byte", path.display()))
+}
+
 /// In the child, before exec: a mount namespace of its own in which each
-/// directory is an empty read-only tmpfs and each socket is /dev/null, so
-/// that connecting to them fails. Host mounts made later still propagate in.
+/// hidden directory is an empty read-only tmpfs and each hidden socket is
+/// /dev/null, so that connecting to them fails, and the agent's SSH host
+/// keys are in the known_hosts files. Host mounts made later still
+/// propagate in.
 ///
 /// # Safety
 /// Between fork and exec: only syscalls on data prepared before the fork.
-unsafe fn cover_in_new_namespace(covered: &[(CString, bool)]) -> std::io::Result<()> {
+unsafe fn mount_in_new_namespace(mounts: &[Mount]) -> std::io::Result<()> {
     let check = |rc: libc::c_int| {
         if rc == 0 {
             Ok(())
@@ -330,23 +418,36 @@ unsafe fn cover_in_new_namespace(covered: &[(CString, bool)]) -> std::io::Result
             libc::MS_REC | libc::MS_SLAVE,
             std::ptr::null(),
         ))?;
-        for (path, directory) in covered {
-            if *directory {
-                check(libc::mount(
+        for mount in mounts {
+            match mount {
+                Mount::HideDir(path) => check(libc::mount(
                     c"warden-hidden".as_ptr(),
                     path.as_ptr(),
                     c"tmpfs".as_ptr(),
                     libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                     c"size=4k,mode=0755".as_ptr().cast(),
-                ))?;
-            } else {
-                check(libc::mount(
+                ))?,
+                Mount::HideFile(path) => check(libc::mount(
                     c"/dev/null".as_ptr(),
                     path.as_ptr(),
                     std::ptr::null(),
                     libc::MS_BIND,
                     std::ptr::null(),
-                ))?;
+                ))?,
+                Mount::File { source, target } => check(libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ))?,
+                Mount::Overlay { target, options } => check(libc::mount(
+                    c"warden-ssh".as_ptr(),
+                    target.as_ptr(),
+                    c"overlay".as_ptr(),
+                    libc::MS_RDONLY,
+                    options.as_ptr().cast(),
+                ))?,
             }
         }
     }
@@ -360,7 +461,7 @@ fn spawn(
     env: &[(&str, PathBuf)],
     hidden: &[OsString],
     (fd_soft, fd_hard): (libc::rlim_t, libc::rlim_t),
-    covered: &[Covered],
+    mounts: Vec<Mount>,
 ) -> anyhow::Result<tokio::process::Child> {
     let Some((program, args)) = command.split_first() else {
         bail!("no program to run: put it after `--`, e.g. `warden run -- python3 app.py`");
@@ -385,10 +486,6 @@ fn spawn(
             .env("LOGNAME", &u.name)
             .env("HOME", &u.home);
     }
-    let covered: Vec<(CString, bool)> = covered
-        .iter()
-        .map(|c| (c.path.clone(), c.directory))
-        .collect();
     // SAFETY: only async-signal-safe calls between fork and exec: write,
     // unshare, mount, setrlimit, setgroups, setgid, setuid, on data prepared
     // before the fork. The cgroup is joined first, while the child is still
@@ -399,8 +496,8 @@ fn spawn(
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(std::io::Error::last_os_error());
             }
-            if !covered.is_empty() {
-                cover_in_new_namespace(&covered)?;
+            if !mounts.is_empty() {
+                mount_in_new_namespace(&mounts)?;
             }
             let limit = libc::rlimit {
                 rlim_cur: fd_soft,

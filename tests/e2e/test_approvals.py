@@ -438,6 +438,54 @@ def test_an_http_request_is_held_and_released(idp, tokens, tmp_path, audit_dir, 
         api.shutdown()
 
 
+def test_an_ssh_command_is_held_and_released(idp, tokens, tmp_path, audit_dir, held):
+    from sshd import Sshd
+
+    with Sshd(password_user=False) as sshd:
+        path = tmp_path / "policy.yaml"
+        path.write_text(textwrap.dedent(f"""\
+            version: 1
+            targets:
+              box: {{ address: 127.0.0.1, port: {sshd.port}, protocol: ssh, host_keys: {json.dumps(sshd.host_key_lines())} }}
+            credentials:
+              box: {{ user: root, private_key_file: {sshd.client_key} }}
+            rules:
+              - name: restarts-need-ops
+                when: {{ target: box, ssh: {{ command: ["touch *"] }} }}
+                action: approve
+                approve: {{ groups: [ops], message: "ask #ops" }}
+            approvals:
+              oidc: {{ issuer: "{idp.issuer}", client_id: warden }}
+            """))
+        marker = tmp_path / "restarted"
+        code = textwrap.dedent(f"""
+            import json, os, paramiko
+            c = paramiko.SSHClient()
+            c.load_host_keys(os.environ["WARDEN_SSH_KNOWN_HOSTS"])
+            c.connect("127.0.0.1", {sshd.port}, username="root", password="placeholder", look_for_keys=False, allow_agent=False)
+            out = {{}}
+            for name, cmd in (("first", "touch {marker}"), ("second", "touch {marker}.again")):
+                _, o, e = c.exec_command(cmd)
+                out[name] = [o.channel.recv_exit_status(), e.read().decode()]
+            print(json.dumps(out))
+        """)
+        run = held(path, code)
+        [first] = run.pending()
+        assert first["protocol"] == "ssh" and first["request"] == f"touch {marker}"
+        assert first["context"]["ssh user"] == "root"
+        assert not marker.exists()
+        assert run.approvals("approve", first["id"], token=tokens["second"]).returncode == 0
+        [second] = [p for p in run.pending() if p["id"] != first["id"]]
+        assert run.approvals("reject", second["id"], "--reason", "not now", token=tokens["second"]).returncode == 0
+        report = run.finish()
+        assert report["first"][0] == 0 and "ask #ops" in report["first"][1], report
+        assert report["second"][0] == 126 and "not now" in report["second"][1], report
+        assert marker.exists() and not Path(f"{marker}.again").exists()
+        rows = read_requests(audit_dir, "protocol = 'ssh'")
+        assert [(r["decision"], r["approval_id"], r["exit_status"]) for r in rows] == [
+            ("allow", first["id"], 0), ("deny", second["id"], 126)]
+
+
 def test_an_agent_killed_while_a_request_waits_runs_nothing(pg, idp, tokens, tmp_path, audit_dir, held):
     """Pending requests live in the agent's memory: killed (SIGKILL, no
     goodbye), it takes them along. The held client's connection breaks, the

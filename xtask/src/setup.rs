@@ -25,6 +25,10 @@ const DEB_PACKAGES: &[&str] = &[
     "chromium-driver",
     // The pooler the PostgreSQL benchmark compares the agent with.
     "pgbouncer",
+    // The SSH peer (tests/peers/sshd.py): /usr/sbin/sshd with a config and
+    // host keys of its own (never the system's), and the ssh client.
+    "openssh-server",
+    "openssh-client",
 ];
 
 pub struct PythonEnv {

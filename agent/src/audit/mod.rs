@@ -19,6 +19,7 @@
 mod files;
 mod journal;
 pub mod query;
+pub mod recording;
 pub mod replay;
 pub mod retention;
 mod schema;
@@ -129,6 +130,8 @@ pub struct RequestRow {
     pub http: Option<HttpFields>,
     /// For a recognised LLM API call: the model, prompt and answer.
     pub llm: Option<LlmFields>,
+    /// For an SSH channel request: who, what, and how it ended.
+    pub ssh: Option<SshFields>,
     /// The LLM exchange whose answer proposed this request, and how the two
     /// matched ([`crate::lineage`]).
     pub caused_by: Option<Link>,
@@ -147,6 +150,23 @@ pub struct HttpFields {
     pub path: String,
     /// The status the client got: the server's, or the agent's own on a denial.
     pub status: Option<u16>,
+}
+
+/// The SSH columns of a `requests` row: one row per exec, shell,
+/// subsystem, forward or agent request.
+#[derive(Clone, Debug, Default)]
+pub struct SshFields {
+    /// The user the agent logged in as upstream.
+    pub user: String,
+    /// "exec", "shell", "subsystem", "forward", "agent" or "x11".
+    pub channel: &'static str,
+    /// The exec command line, the subsystem's name, or a forward's
+    /// `host:port`.
+    pub command: Option<String>,
+    /// The exit status the server (or the agent, on a refusal) gave.
+    pub exit_status: Option<u32>,
+    /// The asciicast v2 file of what the channel showed, when recorded.
+    pub recording: Option<String>,
 }
 
 /// The LLM columns of a `requests` row.

@@ -745,6 +745,7 @@ mod tests {
             sqlstate: None,
             http: None,
             llm: None,
+            ssh: None,
             caused_by: None,
             approval_id: None,
         }
@@ -1352,6 +1353,59 @@ mod tests {
             ),
             "{out}"
         );
+    }
+
+    #[tokio::test]
+    async fn replay_shows_ssh_commands_with_their_exit_and_recording() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ssh = |seq, command: Option<&str>, channel, exit, recording: Option<&str>| RequestRow {
+            protocol: "ssh",
+            database: None,
+            db_user: None,
+            statement: None,
+            statement_class: None,
+            rows: None,
+            ssh: Some(crate::audit::SshFields {
+                user: "deploy".into(),
+                channel,
+                command: command.map(str::to_string),
+                exit_status: exit,
+                recording: recording.map(str::to_string),
+            }),
+            ..statement("s-ssh", seq, at(5, 0, 0, seq as i64 * 1_000), "")
+        };
+        let mut denied = ssh(2, Some("rm -rf /srv"), "exec", Some(126), None);
+        denied.decision = "deny";
+        denied.rule = "no-rm".into();
+        write(
+            tmp.path(),
+            Vec::new(),
+            vec![
+                ssh(
+                    1,
+                    Some("uname -a"),
+                    "exec",
+                    Some(0),
+                    Some("/audit/recordings/s-ssh-1.cast"),
+                ),
+                denied,
+                ssh(3, None, "shell", None, None),
+            ],
+        )
+        .await;
+        let q = AuditQuery::open(tmp.path()).unwrap();
+        let out = replayed(&q, "s-ssh").await.unwrap();
+        assert!(
+            out.contains("#1 SSH exec as deploy: uname -a -> exit 0 | recording /audit/recordings/s-ssh-1.cast\n"),
+            "{out}"
+        );
+        assert!(out.contains("deny no-rm "), "{out}");
+        assert!(
+            out.contains("#2 SSH exec as deploy: rm -rf /srv -> exit 126\n"),
+            "{out}"
+        );
+        assert!(!out.contains("database"), "{out}");
+        assert!(out.contains("#3 SSH shell as deploy\n"), "{out}");
     }
 
     /// A writer the test can read while `tail` holds it.

@@ -428,6 +428,22 @@ fn request(r: &Cells, i: usize) -> String {
         } else if let Some(m) = r.int("masked", i).filter(|m| *m > 0) {
             let _ = write!(s, ", masked {m}");
         }
+    } else if protocol == "ssh" {
+        let channel = r.str("ssh_channel", i).unwrap_or_default();
+        let _ = write!(
+            s,
+            "SSH {channel} as {}",
+            r.str("ssh_user", i).as_deref().unwrap_or("?")
+        );
+        if let Some(command) = r.str("command", i) {
+            let _ = write!(s, ": {}", one_line(&command));
+        }
+        if let Some(status) = r.int("exit_status", i) {
+            let _ = write!(s, " -> exit {status}");
+        }
+        if let Some(recording) = r.str("recording", i) {
+            let _ = write!(s, " | recording {recording}");
+        }
     } else {
         let _ = write!(s, "{protocol} request");
     }

@@ -29,7 +29,7 @@ pub const SCHEMA_VERSION: i16 = 1;
 
 /// The version of the `requests` schema (see [`SCHEMA_VERSION`]); the two
 /// tables' versions move independently.
-pub const REQUESTS_SCHEMA_VERSION: i16 = 4;
+pub const REQUESTS_SCHEMA_VERSION: i16 = 5;
 
 /// The `connections` table's name: its directory under the audit directory
 /// and the file's `warden.table` key-value metadata.
@@ -325,6 +325,11 @@ static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("caused_by_seq", DataType::Int64, true),
         Field::new("caused_by_match", DataType::Utf8, true),
         Field::new("approval_id", DataType::Utf8, true),
+        Field::new("ssh_user", DataType::Utf8, true),
+        Field::new("ssh_channel", DataType::Utf8, true),
+        Field::new("command", DataType::Utf8, true),
+        Field::new("exit_status", DataType::Int64, true),
+        Field::new("recording", DataType::Utf8, true),
     ]);
     Arc::new(Schema::new(fields))
 });
@@ -474,6 +479,9 @@ impl Table for RequestRow {
             + self.http.as_ref().map_or(0, |h| {
                 h.method.len() + opt_len(&h.host) + h.path.len() + 3 * 4 + 4
             })
+            + self.ssh.as_ref().map_or(0, |s| {
+                s.user.len() + opt_len(&s.command) + opt_len(&s.recording) + 8 + 5 * 4
+            })
             + self.llm.as_ref().map_or(0, |l| {
                 opt_len(&l.model)
                     + opt_len(&l.prompt)
@@ -620,6 +628,30 @@ impl Table for RequestRow {
             (
                 "approval_id",
                 opt_strings(rows, |r| r.approval_id.as_deref()),
+            ),
+            (
+                "ssh_user",
+                opt_strings(rows, |r| r.ssh.as_ref().map(|s| s.user.as_str())),
+            ),
+            (
+                "ssh_channel",
+                opt_strings(rows, |r| r.ssh.as_ref().map(|s| s.channel)),
+            ),
+            (
+                "command",
+                opt_strings(rows, |r| r.ssh.as_ref().and_then(|s| s.command.as_deref())),
+            ),
+            (
+                "exit_status",
+                opt_ints(rows, |r| {
+                    r.ssh.as_ref().and_then(|s| s.exit_status).map(i64::from)
+                }),
+            ),
+            (
+                "recording",
+                opt_strings(rows, |r| {
+                    r.ssh.as_ref().and_then(|s| s.recording.as_deref())
+                }),
             ),
         ]);
         batch(Self::schema(), columns)

@@ -249,6 +249,7 @@ impl Exchange {
                 status: None,
             }),
             llm: None,
+            ssh: None,
             caused_by: None,
             approval_id: None,
         };

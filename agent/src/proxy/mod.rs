@@ -4,8 +4,9 @@
 //! 2. decide: the policy allows or denies the connection;
 //! 3. connect: the agent opens its own connection to the original destination;
 //! 4. detect: the first bytes name the protocol (decoders plug in here);
-//! 5. relay: PostgreSQL and HTTP through their decoders (HTTP inside TLS
-//!    once [`intercept`] has ended the client's TLS), anything else as bytes;
+//! 5. relay: PostgreSQL, HTTP and SSH through their decoders (HTTP inside
+//!    TLS once [`intercept`] has ended the client's TLS), anything else as
+//!    bytes;
 //! 6. log: one audit row when the connection ends (decoders add one per request).
 pub mod detect;
 pub mod http;
@@ -13,8 +14,9 @@ pub mod intercept;
 mod io;
 pub mod postgres;
 pub mod relay;
+pub mod ssh;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use chrono::Utc;
 use tokio::net::{TcpListener, TcpStream};
@@ -51,6 +53,10 @@ pub struct Proxy {
     /// Where requests a rule holds wait for reviewers; None when the
     /// policy has no `approvals:`.
     pub approvals: Option<Arc<Approvals>>,
+    /// The host keys shown to SSH clients; None: SSH is relayed opaque.
+    pub ssh_host_keys: Option<Arc<ssh::HostKeys>>,
+    /// Where SSH sessions are recorded (asciicast); None: not recorded.
+    pub recordings: Option<PathBuf>,
 }
 
 impl Proxy {
@@ -228,6 +234,24 @@ impl Proxy {
                     }
                 }
             }
+            (Protocol::Ssh, _) => match self.ssh_session(&row) {
+                Ok(session) => {
+                    let served = ssh::serve(client, upstream, session).await;
+                    (served.moved, served.result.err().map(|e| e.to_string()))
+                }
+                Err(Opaque::Relay(note)) => {
+                    let (moved, result) = relay::relay(&client, &upstream).await;
+                    (
+                        moved,
+                        Some(result.err().map_or(note, |e| format!("relay: {e}"))),
+                    )
+                }
+                Err(Opaque::Refuse(why)) => {
+                    refuse(client);
+                    row.decision = "deny";
+                    (relay::Transferred::default(), Some(why))
+                }
+            },
             (Protocol::Http, _) => {
                 // h2c with prior knowledge starts with the HTTP/2 preface.
                 let mut first = [0u8; 3];
@@ -298,6 +322,49 @@ impl Proxy {
         (moved, result.err().map(|e| format!("relay: {e}")), false)
     }
 
+    /// The SSH relay's session when the target has an SSH login; else
+    /// whether to relay the bytes unseen or refuse: refused when SSH rules
+    /// would apply to the connection, or when `ssh_default` is not allow.
+    /// (Under `default: deny`, only connections a rule allows get here.)
+    fn ssh_session(&self, row: &ConnectionRow) -> Result<ssh::SshSession, Opaque> {
+        let destination = row.destination;
+        let login = self.policy.ssh_login_for(destination);
+        let (Some(login), Some(keys)) = (login, &self.ssh_host_keys) else {
+            if self.policy.has_ssh_rules_for(&row.identity, destination) {
+                return Err(Opaque::Refuse(
+                    "refused: SSH rules apply to this destination and the policy gives it no SSH \
+                     credential, so the agent cannot see its commands; add one under credentials: \
+                     (docs/ssh.md)"
+                        .into(),
+                ));
+            }
+            if self.policy.ssh_default() != Action::Allow {
+                return Err(Opaque::Refuse(
+                    "refused: no SSH credential for this destination, so the agent cannot see \
+                     its commands, and the policy's ssh_default is not allow (docs/ssh.md)"
+                        .into(),
+                ));
+            }
+            return Err(Opaque::Relay(
+                "relayed opaque: no SSH credential for this destination, so its commands were \
+                 not seen (docs/ssh.md)"
+                    .into(),
+            ));
+        };
+        Ok(ssh::SshSession {
+            session_id: row.session_id.clone(),
+            identity: row.identity.clone(),
+            workload: row.workload.clone(),
+            destination,
+            audit: self.audit.clone(),
+            policy: self.policy.clone(),
+            approvals: self.approvals.clone(),
+            host_key: keys.for_target(&login.target),
+            login: login.clone(),
+            recordings: self.recordings.clone(),
+        })
+    }
+
     fn http_session(&self, row: &ConnectionRow, server_name: Option<String>) -> http::HttpSession {
         http::HttpSession {
             session_id: row.session_id.clone(),
@@ -335,6 +402,13 @@ impl Proxy {
     }
 }
 
+/// Why an SSH connection is not decoded.
+enum Opaque {
+    /// Relay its bytes; the note goes in the connection's row.
+    Relay(String),
+    Refuse(String),
+}
+
 /// Close with a reset, so that the client fails at once instead of reading
 /// an orderly end of stream.
 fn refuse(stream: TcpStream) {
@@ -367,7 +441,15 @@ async fn detect_protocol(client: &TcpStream, upstream: &TcpStream) -> Protocol {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             },
-            _ = upstream.readable(), if seen == 0 => return Protocol::ServerFirst,
+            _ = upstream.readable(), if seen == 0 => {
+                // Both sides of SSH send their version at once; the
+                // server's may come first.
+                let mut banner = [0u8; 4];
+                return match upstream.peek(&mut banner).await {
+                    Ok(4) if &banner == b"SSH-" => Protocol::Ssh,
+                    _ => Protocol::ServerFirst,
+                };
+            }
         }
     }
 }

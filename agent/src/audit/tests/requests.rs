@@ -26,6 +26,7 @@ pub(super) fn request(session: u32, seq: u64, start: DateTime<Utc>) -> RequestRo
         sqlstate: None,
         http: None,
         llm: None,
+        ssh: None,
         caused_by: None,
         approval_id: None,
     }
@@ -131,6 +132,13 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
         functions: vec!["pg_sleep".into(), "version".into()],
         tables_read: Vec::new(),
         statement_class: Some("function"),
+        ssh: Some(crate::audit::SshFields {
+            user: "deploy".into(),
+            channel: "exec",
+            command: Some("uname -a".into()),
+            exit_status: Some(u32::MAX),
+            recording: Some("/audit/recordings/s-3-1.cast".into()),
+        }),
         ..request(3, 2, start)
     };
     sink.record_request(full);
@@ -157,7 +165,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
     // File metadata: zstd, key-value metadata, the documented schema.
     let kv = kv_metadata(&files[0]);
     assert!(
-        kv.contains(&("warden.schema_version".into(), s("4"))),
+        kv.contains(&("warden.schema_version".into(), s("5"))),
         "{kv:?}"
     );
     assert!(
@@ -237,12 +245,17 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
             "caused_by_seq",
             "caused_by_match",
             "approval_id",
+            "ssh_user",
+            "ssh_channel",
+            "command",
+            "exit_status",
+            "recording",
         ]
     );
 
     let b = read(&files[0]);
     assert_eq!(b.num_rows(), 3);
-    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[4, 4, 4]);
+    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[5, 5, 5]);
     assert_eq!(strs(&b, "session_id"), [s("s-1"), s("s-2"), s("s-3")]);
     assert_eq!(col::<Int64Array>(&b, "seq").values(), &[1, 7, 2]);
     let starts = col::<TimestampMicrosecondArray>(&b, "start_time");
@@ -351,6 +364,19 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
     );
     assert_eq!(strs(&b, "sqlstate"), [s("23505"), None, None]);
     assert_eq!(strs(&b, "approval_id"), [s("ap-1"), None, None]);
+    assert_eq!(strs(&b, "ssh_user"), [None, None, s("deploy")]);
+    assert_eq!(strs(&b, "ssh_channel"), [None, None, s("exec")]);
+    assert_eq!(strs(&b, "command"), [None, None, s("uname -a")]);
+    assert_eq!(
+        col::<Int64Array>(&b, "exit_status")
+            .iter()
+            .collect::<Vec<_>>(),
+        [None, None, Some(i64::from(u32::MAX))]
+    );
+    assert_eq!(
+        strs(&b, "recording"),
+        [None, None, s("/audit/recordings/s-3-1.cast")]
+    );
     for name in [
         "user",
         "exe",

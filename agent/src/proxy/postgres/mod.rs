@@ -1565,6 +1565,7 @@ fn emit(
         sqlstate,
         http: None,
         llm: None,
+        ssh: None,
         caused_by: p.verdict.link,
         approval_id: p.verdict.approval_id,
     });

@@ -1,0 +1,347 @@
+"""SSH through the agent: the program's OpenSSH client and paramiko reach a
+real sshd on loopback through `warden run`. The agent shows them its own
+host key for the target (trusted through the known_hosts files `warden run`
+gives the program), logs in upstream with the policy's key while the
+program holds a placeholder, decides each exec, shell, subsystem and
+forward, and records what the server showed in asciicast files that
+`asciinema cat` replays."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "peers"))
+from sshd import Sshd, keygen, public_line  # noqa: E402
+
+from conftest import read_audit, read_requests, warden_run  # noqa: E402
+
+ASCIINEMA = str(Path(sys.executable).parent / "asciinema")
+
+
+@pytest.fixture(scope="module")
+def sshd():
+    with Sshd() as server:
+        yield server
+
+
+@pytest.fixture
+def placeholder_key(tmp_path):
+    """A key the server has never seen: what the program holds."""
+    return keygen(tmp_path / "placeholder", "ed25519", "placeholder")
+
+
+def policy(tmp_path: Path, sshd: Sshd, rules: str = "", host_keys: str | None = None, credential: str | None = None,
+           extra: str = "") -> Path:
+    if host_keys is None:
+        host_keys = json.dumps(sshd.host_key_lines())
+    if credential is None:
+        credential = f"{{ user: root, private_key_file: {sshd.client_key} }}"
+    path = tmp_path / "policy.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        version: 1
+        targets:
+          box: {{ address: 127.0.0.1, port: {sshd.port}, protocol: ssh, host_keys: {host_keys} }}
+        credentials:
+          box: {credential}
+        """) + extra + (f"rules:\n{textwrap.indent(textwrap.dedent(rules), '  ')}" if rules else ""))
+    return path
+
+
+def openssh(sshd: Sshd, key, *args, **kw) -> list[str]:
+    """The program's OpenSSH client as a user would run it: the system's
+    known_hosts (where `warden run` puts the agent's keys), no other."""
+    return sshd.ssh_cmd(*args, key=key, known_hosts="/dev/null",
+                        extra_opts={"GlobalKnownHostsFile": "/etc/ssh/ssh_known_hosts", **kw.pop("opts", {})}, **kw)
+
+
+def run_program(tmp_path, audit_dir, policy_path, code: str, timeout: float = 120):
+    run = warden_run(code, audit_dir, "--policy", str(policy_path), timeout=timeout)
+    return run
+
+
+def ssh_rows(audit_dir):
+    if not list((audit_dir / "requests").glob("**/*.parquet")):
+        return []
+    return read_requests(audit_dir, "protocol = 'ssh'")
+
+
+def replay(recording: str) -> str:
+    out = subprocess.run([ASCIINEMA, "cat", recording], capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.decode(errors="replace")
+
+
+def test_an_allowed_exec_runs_with_the_agents_key_and_is_recorded(sshd, audit_dir, tmp_path, placeholder_key):
+    argv = openssh(sshd, placeholder_key, "echo", "hello-from-$(hostname -s)", ";", "exit", "3")
+    code = textwrap.dedent(f"""
+        import json, subprocess
+        out = subprocess.run({argv!r}, capture_output=True, text=True)
+        print(json.dumps(dict(code=out.returncode, out=out.stdout, err=out.stderr)))
+    """)
+    run = run_program(tmp_path, audit_dir, policy(tmp_path, sshd), code)
+    assert run.returncode == 0, run.stderr
+    assert run.report["code"] == 3, run.report
+    assert run.report["out"].startswith("hello-from-"), run.report
+    # Upstream, the agent logged in with the policy's key, not the placeholder.
+    sshd.wait_log("Accepted publickey for root")
+    [row] = ssh_rows(audit_dir)
+    assert row["ssh_channel"] == "exec"
+    assert row["ssh_user"] == "root"
+    assert row["command"].startswith("echo hello-from-")
+    assert row["exit_status"] == 3
+    assert row["decision"] == "allow" and row["rule"] == "default"
+    assert Path(row["recording"]).is_file()
+    assert replay(row["recording"]).startswith("hello-from-")
+    [conn] = [c for c in read_audit(audit_dir) if c["dst_port"] == sshd.port]
+    assert conn["protocol"] == "ssh" and conn["error"] is None, conn
+    assert conn["bytes_up"] > 0 and conn["bytes_down"] > 0
+
+
+PARAMIKO = """
+import json, os, paramiko
+c = paramiko.SSHClient()
+c.load_host_keys(os.environ["WARDEN_SSH_KNOWN_HOSTS"])
+c.set_missing_host_key_policy(paramiko.RejectPolicy())
+c.connect("127.0.0.1", {port}, username="root", password="placeholder", look_for_keys=False, allow_agent=False)
+def run(cmd):
+    _, out, err = c.exec_command(cmd)
+    status = out.channel.recv_exit_status()
+    return dict(status=status, out=out.read().decode(), err=err.read().decode())
+"""
+
+
+def test_a_denied_exec_gets_an_exit_status_and_the_session_stays_usable(sshd, audit_dir, tmp_path):
+    rules = """\
+        - name: no-destruction
+          when: { target: box, ssh: { command: ["rm *", "shutdown*"] } }
+          action: deny
+        """
+    code = PARAMIKO.format(port=sshd.port) + textwrap.dedent("""
+        denied = run("rm -rf /srv/data")
+        allowed = run("echo still-here")
+        print(json.dumps(dict(denied=denied, allowed=allowed)))
+    """)
+    run = run_program(tmp_path, audit_dir, policy(tmp_path, sshd, rules), code)
+    assert run.returncode == 0, run.stderr
+    denied, allowed = run.report["denied"], run.report["allowed"]
+    assert denied["status"] == 126, denied
+    assert 'denied by rule "no-destruction"' in denied["err"], denied
+    assert allowed == {"status": 0, "out": "still-here\n", "err": ""}
+    rows = ssh_rows(audit_dir)
+    assert [(r["command"], r["decision"], r["rule"], r["exit_status"]) for r in rows] == [
+        ("rm -rf /srv/data", "deny", "no-destruction", 126),
+        ("echo still-here", "allow", "default", 0),
+    ]
+    assert rows[0]["recording"] is None
+    # One connection carried both.
+    assert len({r["session_id"] for r in rows}) == 1
+
+
+def test_a_shell_session_is_recorded_and_replayed_by_asciinema(sshd, audit_dir, tmp_path):
+    code = PARAMIKO.format(port=sshd.port) + textwrap.dedent("""
+        import time
+        chan = c.invoke_shell(term="xterm", width=100, height=30)
+        chan.send(b"echo marker-$((6*7))\\n")
+        seen = b""
+        deadline = time.time() + 20
+        while b"marker-42" not in seen and time.time() < deadline:
+            seen += chan.recv(65536)
+        chan.send(b"exit 5\\n")
+        status = chan.recv_exit_status()
+        print(json.dumps(dict(status=status, seen="marker-42" in seen.decode(errors="replace"))))
+    """)
+    run = run_program(tmp_path, audit_dir, policy(tmp_path, sshd), code)
+    assert run.returncode == 0, run.stderr
+    assert run.report == {"status": 5, "seen": True}
+    [row] = ssh_rows(audit_dir)
+    assert row["ssh_channel"] == "shell" and row["exit_status"] == 5
+    header = json.loads(Path(row["recording"]).read_text().splitlines()[0])
+    assert (header["version"], header["width"], header["height"]) == (2, 100, 30)
+    assert header["env"]["TERM"] == "xterm"
+    assert "marker-42" in replay(row["recording"])
+
+
+def test_shells_can_be_refused(sshd, audit_dir, tmp_path):
+    rules = """\
+        - name: no-shells
+          when: { ssh: { channel: shell } }
+          action: deny
+        """
+    code = PARAMIKO.format(port=sshd.port) + textwrap.dedent("""
+        chan = c.invoke_shell()
+        status = chan.recv_exit_status()
+        err = chan.recv_stderr(4096).decode()
+        print(json.dumps(dict(status=status, err=err, after=run("echo ok"))))
+    """)
+    run = run_program(tmp_path, audit_dir, policy(tmp_path, sshd, rules), code)
+    assert run.returncode == 0, run.stderr
+    assert run.report["status"] == 126
+    assert "interactive shell denied by rule" in run.report["err"]
+    assert run.report["after"]["out"] == "ok\n"
+    assert [(r["ssh_channel"], r["decision"]) for r in ssh_rows(audit_dir)] == [("shell", "deny"), ("exec", "allow")]
+
+
+def test_the_real_key_never_reaches_the_program(sshd, audit_dir, tmp_path):
+    """The program logs in with a password it made up; it gets in as the
+    policy's user, and the private key is not in its environment."""
+    key_text = Path(sshd.client_key).read_text()
+    code = PARAMIKO.format(port=sshd.port) + textwrap.dedent(f"""
+        leaked = [k for k, v in os.environ.items() if {key_text.splitlines()[1]!r} in v]
+        print(json.dumps(dict(who=run("id -un")["out"].strip(), leaked=leaked)))
+    """)
+    os.environ["WARDEN_TEST_SSH_KEY"] = key_text
+    try:
+        pol = policy(tmp_path, sshd, credential="{ user: root, private_key_env: WARDEN_TEST_SSH_KEY }")
+        run = run_program(tmp_path, audit_dir, pol, code)
+    finally:
+        del os.environ["WARDEN_TEST_SSH_KEY"]
+    assert run.returncode == 0, run.stderr
+    assert run.report == {"who": "root", "leaked": []}
+
+
+def test_a_password_credential(sshd, audit_dir, tmp_path, placeholder_key):
+    os.environ["WARDEN_TEST_SSH_PASSWORD"] = sshd.password
+    try:
+        pol = policy(tmp_path, sshd, credential=f"{{ user: {sshd.password_user}, password_env: WARDEN_TEST_SSH_PASSWORD }}")
+        argv = openssh(sshd, placeholder_key, "id", "-un")
+        code = f"import subprocess, json; o = subprocess.run({argv!r}, capture_output=True, text=True); print(json.dumps(dict(code=o.returncode, out=o.stdout, err=o.stderr)))"
+        run = run_program(tmp_path, audit_dir, pol, code)
+    finally:
+        del os.environ["WARDEN_TEST_SSH_PASSWORD"]
+    assert run.returncode == 0, run.stderr
+    assert run.report["code"] == 0, run.report
+    assert run.report["out"] == f"{sshd.password_user}\n"
+    assert ssh_rows(audit_dir)[0]["ssh_user"] == sshd.password_user
+
+
+def test_a_wrong_upstream_host_key_is_refused(sshd, audit_dir, tmp_path, placeholder_key):
+    other = keygen(tmp_path / "not-the-server", "ed25519", "impostor")
+    pol = policy(tmp_path, sshd, host_keys=json.dumps([public_line(f"{other}.pub")]))
+    argv = openssh(sshd, placeholder_key, "echo", "never")
+    code = f"import subprocess, json; o = subprocess.run({argv!r}, capture_output=True, text=True); print(json.dumps(dict(code=o.returncode, out=o.stdout, err=o.stderr)))"
+    run = run_program(tmp_path, audit_dir, pol, code)
+    assert run.returncode == 0, run.stderr
+    assert run.report["code"] == 255 and run.report["out"] == "", run.report
+    [conn] = [c for c in read_audit(audit_dir) if c["dst_port"] == sshd.port]
+    assert "host key" in conn["error"] and "is not one of the host_keys" in conn["error"], conn
+    assert ssh_rows(audit_dir) == []
+
+
+def test_a_known_hosts_file_verifies_the_server(sshd, audit_dir, tmp_path, placeholder_key):
+    known = sshd.write_known_hosts(tmp_path / "upstream_known_hosts")
+    pol = tmp_path / "kh.yaml"
+    pol.write_text(policy(tmp_path, sshd).read_text().replace(
+        f"host_keys: {json.dumps(sshd.host_key_lines())}", f"known_hosts: {known}"))
+    argv = openssh(sshd, placeholder_key, "echo", "verified")
+    code = f"import subprocess, json; o = subprocess.run({argv!r}, capture_output=True, text=True); print(json.dumps(dict(code=o.returncode, out=o.stdout, err=o.stderr)))"
+    run = run_program(tmp_path, audit_dir, pol, code)
+    assert run.returncode == 0, run.stderr
+    assert run.report["out"] == "verified\n", run.report
+
+
+def test_port_and_agent_forwarding_are_refused(sshd, audit_dir, tmp_path):
+    code = PARAMIKO.format(port=sshd.port) + textwrap.dedent(f"""
+        t = c.get_transport()
+        try:
+            t.open_channel("direct-tcpip", ("127.0.0.1", {sshd.port}), ("127.0.0.1", 0))
+            local = "opened"
+        except paramiko.ChannelException as e:
+            local = e.text
+        try:
+            t.request_port_forward("127.0.0.1", 0)
+            remote = "granted"
+        except paramiko.SSHException as e:
+            remote = "refused"
+        print(json.dumps(dict(local=local, remote=remote, after=run("echo ok")["out"])))
+    """)
+    run = run_program(tmp_path, audit_dir, policy(tmp_path, sshd), code)
+    assert run.returncode == 0, run.stderr
+    assert run.report == {"local": "Administratively prohibited", "remote": "refused", "after": "ok\n"}
+    rows = ssh_rows(audit_dir)
+    forwards = [(r["ssh_channel"], r["command"], r["decision"], r["rule"]) for r in rows if r["ssh_channel"] == "forward"]
+    assert forwards == [
+        ("forward", f"127.0.0.1:{sshd.port}", "deny", "ssh.forwarding"),
+        ("forward", "127.0.0.1:0", "deny", "ssh.forwarding"),
+    ]
+
+
+def test_a_local_forward_the_policy_allows(sshd, audit_dir, tmp_path):
+    rules = """\
+        - name: tunnel-to-sshd
+          when: { target: box, ssh: { channel: forward } }
+          action: allow
+        """
+    code = PARAMIKO.format(port=sshd.port) + textwrap.dedent(f"""
+        chan = c.get_transport().open_channel("direct-tcpip", ("127.0.0.1", {sshd.port}), ("127.0.0.1", 0))
+        banner = chan.recv(64).decode()
+        print(json.dumps(dict(banner=banner[:8])))
+    """)
+    run = run_program(tmp_path, audit_dir, policy(tmp_path, sshd, rules), code)
+    assert run.returncode == 0, run.stderr
+    assert run.report == {"banner": "SSH-2.0-"}
+    [row] = ssh_rows(audit_dir)
+    assert (row["ssh_channel"], row["decision"], row["rule"]) == ("forward", "allow", "tunnel-to-sshd")
+
+
+def test_a_large_sftp_transfer_is_intact(sshd, audit_dir, tmp_path):
+    src = tmp_path / "blob"
+    src.write_bytes(os.urandom(24 * 1024 * 1024))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    remote = tmp_path / "uploaded"
+    back = tmp_path / "downloaded"
+    code = PARAMIKO.format(port=sshd.port) + textwrap.dedent(f"""
+        import hashlib
+        sftp = c.open_sftp()
+        sftp.put({str(src)!r}, {str(remote)!r})
+        sftp.get({str(remote)!r}, {str(back)!r})
+        sftp.close()
+        print(json.dumps(dict(up=hashlib.sha256(open({str(remote)!r}, "rb").read()).hexdigest(),
+                              down=hashlib.sha256(open({str(back)!r}, "rb").read()).hexdigest())))
+    """)
+    run = run_program(tmp_path, audit_dir, policy(tmp_path, sshd), code, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.report == {"up": digest, "down": digest}
+    [row] = ssh_rows(audit_dir)
+    assert (row["ssh_channel"], row["command"], row["decision"]) == ("subsystem", "sftp", "allow")
+    [conn] = [c for c in read_audit(audit_dir) if c["dst_port"] == sshd.port]
+    assert conn["bytes_up"] > 24 * 1024 * 1024 and conn["bytes_down"] > 24 * 1024 * 1024
+
+
+def test_without_a_credential_ssh_is_relayed_opaque_and_says_so(sshd, audit_dir, tmp_path):
+    pol = tmp_path / "none.yaml"
+    pol.write_text(f"version: 1\ntargets:\n  box: {{ address: 127.0.0.1, port: {sshd.port}, protocol: ssh }}\n")
+    argv = sshd.ssh_cmd("echo", "direct")
+    code = f"import subprocess, json; o = subprocess.run({argv!r}, capture_output=True, text=True); print(json.dumps(dict(code=o.returncode, out=o.stdout, err=o.stderr)))"
+    run = run_program(tmp_path, audit_dir, pol, code)
+    assert run.returncode == 0, run.stderr
+    # The client saw the real server's key and logged in with its own.
+    assert run.report["out"] == "direct\n", run.report
+    [conn] = [c for c in read_audit(audit_dir) if c["dst_port"] == sshd.port]
+    assert conn["protocol"] == "ssh" and conn["decision"] == "allow"
+    assert conn["error"].startswith("relayed opaque: no SSH credential"), conn
+    assert ssh_rows(audit_dir) == []
+
+
+def test_without_a_credential_ssh_rules_refuse_the_connection(sshd, audit_dir, tmp_path):
+    pol = tmp_path / "rules-no-cred.yaml"
+    pol.write_text(textwrap.dedent(f"""\
+        version: 1
+        targets:
+          box: {{ address: 127.0.0.1, port: {sshd.port}, protocol: ssh }}
+        rules:
+          - name: no-rm
+            when: {{ target: box, ssh: {{ command: ["rm *"] }} }}
+            action: deny
+        """))
+    argv = sshd.ssh_cmd("echo", "direct")
+    code = f"import subprocess, json; o = subprocess.run({argv!r}, capture_output=True, text=True); print(json.dumps(dict(code=o.returncode, out=o.stdout, err=o.stderr)))"
+    run = run_program(tmp_path, audit_dir, pol, code)
+    assert run.returncode == 0, run.stderr
+    assert run.report["code"] == 255 and run.report["out"] == ""
+    [conn] = [c for c in read_audit(audit_dir) if c["dst_port"] == sshd.port]
+    assert conn["decision"] == "deny" and "SSH rules apply" in conn["error"], conn
