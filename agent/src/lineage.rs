@@ -1,5 +1,5 @@
-//! Lineage: which LLM exchange produced a database statement or an HTTP
-//! request.
+//! Lineage: which LLM exchange produced a database statement, an HTTP
+//! request or an SSH command.
 //!
 //! When an LLM answer reaches a process (tool-call arguments, or text with
 //! SQL or URLs in it), the SQL and the URLs it carries are remembered for
@@ -15,6 +15,10 @@
 //!   a request, the same host, port and path, whatever the query;
 //! - `fingerprint`: the same shape with other literal values (the
 //!   `fingerprint` column's form), as when an app binds the values itself.
+//!
+//! Commands come from tool-call arguments named like one (`command`, `cmd`,
+//! `commands`, `script`) and from fenced `sh`, `bash` or `shell` blocks in
+//! the text; they match exactly, or once whitespace is folded.
 //!
 //! A proposal links one statement, the first that matches it: an app that
 //! later runs the same text on its own is not credited to the model. The
@@ -78,7 +82,8 @@ struct Proposal {
     at: Instant,
 }
 
-/// A URL an answer carried, in the forms requests are compared in.
+/// A URL (or a command) an answer carried, in the forms requests are
+/// compared in.
 struct UrlProposal {
     exact: String,
     normalized: String,
@@ -90,6 +95,7 @@ struct UrlProposal {
 struct Scope {
     sql: VecDeque<Proposal>,
     http: VecDeque<UrlProposal>,
+    commands: VecDeque<UrlProposal>,
 }
 
 /// Proposals by cgroup id. One per agent, shared by the decoders.
@@ -111,21 +117,44 @@ impl Lineage {
     pub fn record_answer(&self, cgroup: u64, exchange: &Exchange, answer: &LlmResponse) {
         let mut found = Vec::new();
         let mut urls = Vec::new();
+        let mut commands = Vec::new();
         for call in &answer.tool_calls {
             match serde_json::from_str::<Value>(&call.arguments) {
-                Ok(args) => sql_in_json(&args, &mut found),
+                Ok(args) => {
+                    sql_in_json(&args, &mut found);
+                    commands_in_json(&args, false, &mut commands);
+                }
                 Err(_) => sql_in_text(&call.arguments, &mut found),
             }
             urls_in(&call.arguments, &mut urls);
         }
         sql_in_text(&answer.text, &mut found);
         urls_in(&answer.text, &mut urls);
-        if found.is_empty() && urls.is_empty() {
+        commands_in_text(&answer.text, &mut commands);
+        if found.is_empty() && urls.is_empty() && commands.is_empty() {
             return;
         }
         let now = Instant::now();
         let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
         let scope = scopes.entry(cgroup).or_default();
+        scope
+            .commands
+            .retain(|p| now.duration_since(p.at) < PROPOSAL_TTL);
+        for command in commands {
+            let exact = command.trim().to_string();
+            if exact.is_empty() {
+                continue;
+            }
+            if scope.commands.len() >= PROPOSALS_PER_SCOPE {
+                scope.commands.pop_front();
+            }
+            scope.commands.push_back(UrlProposal {
+                normalized: folded(&exact),
+                exact,
+                exchange: exchange.clone(),
+                at: now,
+            });
+        }
         scope
             .http
             .retain(|p| now.duration_since(p.at) < PROPOSAL_TTL);
@@ -222,6 +251,80 @@ impl Lineage {
             exchange: proposal.exchange,
             kind,
         })
+    }
+}
+
+impl Lineage {
+    /// The exchange that proposed this command (an SSH exec's command
+    /// line), if one from this cgroup did; the proposal is used up.
+    pub fn claim_command(&self, cgroup: u64, command: &str) -> Option<Link> {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        let proposals = &mut scopes.get_mut(&cgroup)?.commands;
+        let now = Instant::now();
+        proposals.retain(|p| now.duration_since(p.at) < PROPOSAL_TTL);
+        let exact = command.trim();
+        let normalized = folded(exact);
+        let (i, kind) = proposals
+            .iter()
+            .rposition(|p| p.exact == exact)
+            .map(|i| (i, MatchKind::Exact))
+            .or_else(|| {
+                proposals
+                    .iter()
+                    .rposition(|p| p.normalized == normalized)
+                    .map(|i| (i, MatchKind::Normalized))
+            })?;
+        let proposal = proposals.remove(i)?;
+        Some(Link {
+            exchange: proposal.exchange,
+            kind,
+        })
+    }
+}
+
+/// A command with its whitespace folded; case matters in commands.
+fn folded(command: &str) -> String {
+    command.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The argument names tools give a shell command.
+const COMMAND_KEYS: [&str; 5] = ["command", "cmd", "commands", "script", "shell_command"];
+
+/// The strings of tool-call arguments under a command-like key (a string,
+/// or a list of them).
+fn commands_in_json(value: &Value, under_command_key: bool, out: &mut Vec<String>) {
+    match value {
+        Value::String(s) if under_command_key => out.push(s.clone()),
+        Value::Array(items) => items
+            .iter()
+            .for_each(|v| commands_in_json(v, under_command_key, out)),
+        Value::Object(map) => map.iter().for_each(|(k, v)| {
+            let key = k.to_ascii_lowercase();
+            commands_in_json(v, COMMAND_KEYS.contains(&key.as_str()), out)
+        }),
+        _ => {}
+    }
+}
+
+/// Commands in fenced `sh`, `bash` or `shell` blocks: the block, and each
+/// of its lines that is not a comment.
+fn commands_in_text(text: &str, out: &mut Vec<String>) {
+    for block in text.split("```").skip(1).step_by(2) {
+        let Some((tag, body)) = block.split_once('\n') else {
+            continue;
+        };
+        if !matches!(tag.trim(), "sh" | "bash" | "shell" | "console") {
+            continue;
+        }
+        out.push(body.to_string());
+        let lines: Vec<&str> = body
+            .lines()
+            .map(|l| l.trim().trim_start_matches("$ "))
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        if lines.len() > 1 {
+            out.extend(lines.iter().map(|l| l.to_string()));
+        }
     }
 }
 
@@ -354,6 +457,36 @@ mod tests {
             session_id: "s".into(),
             seq,
         }
+    }
+
+    #[test]
+    fn commands_from_tool_calls_and_shell_blocks_link_once() {
+        let l = Lineage::default();
+        l.record_answer(
+            3,
+            &ex(4),
+            &answer(
+                "Run this:\n```bash\n$ df -h /srv\n# then\nsystemctl status app\n```\n",
+                &[
+                    r#"{"host": "build-box", "command": "uptime"}"#,
+                    r#"{"commands": ["ls  -la /tmp"]}"#,
+                ],
+            ),
+        );
+        assert_eq!(l.claim_command(3, "uptime").unwrap().kind, MatchKind::Exact);
+        assert_eq!(l.claim_command(3, "uptime"), None, "used up");
+        let folded = l.claim_command(3, "ls -la /tmp").unwrap();
+        assert_eq!(
+            (folded.exchange, folded.kind),
+            (ex(4), MatchKind::Normalized)
+        );
+        assert!(l.claim_command(3, "df -h /srv").is_some());
+        assert!(l.claim_command(3, "systemctl status app").is_some());
+        // Other arguments are not commands; other cgroups see nothing.
+        assert_eq!(l.claim_command(3, "build-box"), None);
+        l.record_answer(3, &ex(5), &answer("", &[r#"{"cmd": "whoami"}"#]));
+        assert_eq!(l.claim_command(4, "whoami"), None);
+        assert_eq!(l.claim_command(3, "WHOAMI"), None, "case matters");
     }
 
     #[test]

@@ -345,3 +345,41 @@ def test_without_a_credential_ssh_rules_refuse_the_connection(sshd, audit_dir, t
     assert run.report["code"] == 255 and run.report["out"] == ""
     [conn] = [c for c in read_audit(audit_dir) if c["dst_port"] == sshd.port]
     assert conn["decision"] == "deny" and "SSH rules apply" in conn["error"], conn
+
+
+def test_a_command_the_model_proposed_is_linked_to_its_llm_call(sshd, audit_dir, tmp_path):
+    """The openai client asks the (loopback) model what to run; the tool
+    call's command runs over SSH and names that LLM call in the audit; a
+    command the program runs on its own names none, and a rule on
+    `from_llm` refuses only the model's."""
+    from llm_server import start_server
+
+    server, port = start_server("127.0.0.1", 0, log=tmp_path / "llm.jsonl")
+    try:
+        server.script.entries.append(
+            {"match": "disk", "tool_calls": [{"name": "run_on_host", "arguments": {"command": "df -P /"}}]})
+        rules = """\
+            - name: no-model-disk-commands
+              when: { target: box, ssh: { from_llm: true, command: ["df *"] } }
+              action: deny
+            """
+        code = PARAMIKO.format(port=sshd.port) + textwrap.dedent(f"""
+            import openai
+            llm = openai.OpenAI(base_url="http://127.0.0.1:{port}/v1", api_key="sk-placeholder")
+            answer = llm.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "How is the disk?"}}],
+                tools=[{{"type": "function", "function": {{"name": "run_on_host", "parameters": {{"type": "object", "properties": {{"command": {{"type": "string"}}}}}}}}}}])
+            command = json.loads(answer.choices[0].message.tool_calls[0].function.arguments)["command"]
+            print(json.dumps(dict(model=run(command)["status"], own=run(command)["status"])))
+        """)
+        run = run_program(tmp_path, audit_dir, policy(tmp_path, sshd, rules), code)
+    finally:
+        server.close()
+    assert run.returncode == 0, run.stderr
+    assert run.report == {"model": 126, "own": 0}
+    rows = read_requests(audit_dir)
+    [llm] = [r for r in rows if r["protocol"] == "llm"]
+    model, own = [r for r in rows if r["protocol"] == "ssh"]
+    assert (model["command"], model["decision"], model["rule"]) == ("df -P /", "deny", "no-model-disk-commands")
+    assert (model["caused_by_session_id"], model["caused_by_seq"], model["caused_by_match"]) == (
+        llm["session_id"], llm["seq"], "exact")
+    assert (own["command"], own["decision"], own["caused_by_session_id"]) == ("df -P /", "allow", None)

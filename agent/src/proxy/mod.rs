@@ -358,6 +358,7 @@ impl Proxy {
             destination,
             audit: self.audit.clone(),
             policy: self.policy.clone(),
+            lineage: self.lineage.clone(),
             approvals: self.approvals.clone(),
             host_key: keys.for_target(&login.target),
             login: login.clone(),

@@ -30,6 +30,7 @@ use crate::{
         SshFields,
         recording::{CastHeader, Recording},
     },
+    lineage::Link,
     policy::{Action, SshChannel},
 };
 
@@ -148,6 +149,7 @@ struct Running {
     command: Option<String>,
     rule: String,
     approval_id: Option<String>,
+    caused_by: Option<Link>,
 }
 
 impl SessionChannel {
@@ -344,7 +346,18 @@ impl SessionChannel {
             pty,
         } = start;
         let started = Utc::now();
-        let decision = self.shared.decide(&self.user, channel, command.as_deref());
+        // An exec an LLM answer proposed names that exchange.
+        let caused_by = match (channel, &command) {
+            (SshChannel::Exec, Some(c)) => self
+                .shared
+                .s
+                .lineage
+                .claim_command(self.shared.s.identity.cgroup_id, c),
+            _ => None,
+        };
+        let decision =
+            self.shared
+                .decide(&self.user, channel, command.as_deref(), caused_by.is_some());
         let newline = if pty.is_some() { "\r\n" } else { "\n" };
         let what = match (channel, &command) {
             (SshChannel::Exec, Some(c)) => format!("command {c:?}"),
@@ -356,7 +369,7 @@ impl SessionChannel {
             Action::Allow => None,
             Action::Deny => Some(format!("warden: {what} denied by rule {:?}", decision.rule)),
             Action::Approve => match self
-                .hold(&decision, channel, &command, &what, to_client, newline)
+                .hold(&decision, channel, &command, &caused_by, to_client, newline)
                 .await
             {
                 Ok(id) => {
@@ -387,6 +400,7 @@ impl SessionChannel {
                 },
             );
             row.approval_id = approval_id;
+            row.caused_by = caused_by;
             row.error = Some(message);
             self.shared.s.audit.record_request(row);
             return None;
@@ -411,6 +425,7 @@ impl SessionChannel {
             command,
             rule: decision.rule,
             approval_id,
+            caused_by,
         })
     }
 
@@ -421,7 +436,7 @@ impl SessionChannel {
         decision: &crate::policy::Decision,
         channel: SshChannel,
         command: &Option<String>,
-        what: &str,
+        caused_by: &Option<Link>,
         to_client: &ChannelWriteHalf<Msg>,
         newline: &str,
     ) -> Result<String, (Option<String>, String)> {
@@ -446,9 +461,12 @@ impl SessionChannel {
             workload: s.workload.clone(),
             destination: s.destination,
             rule: decision.rule.clone(),
-            request: command.clone().unwrap_or_else(|| what.to_string()),
+            // A shell has no command: the reviewer sees "shell".
+            request: command
+                .clone()
+                .unwrap_or_else(|| channel.as_str().to_string()),
             context,
-            caused_by: None,
+            caused_by: caused_by.clone(),
             approval: rule.clone(),
         });
         let notice = format!("warden: {}{newline}", ticket.notice());
@@ -552,6 +570,7 @@ impl SessionChannel {
             },
         );
         row.approval_id = running.approval_id;
+        row.caused_by = running.caused_by;
         self.shared.s.audit.record_request(row);
     }
 }

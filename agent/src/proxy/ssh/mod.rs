@@ -38,6 +38,7 @@ use crate::{
     approvals::Approvals,
     audit::{AuditSink, RequestRow, SshFields},
     identity::Identity,
+    lineage::Lineage,
     policy::{
         Action, Decision, Policy, SshChannel, SshLogin, SshRequest, SshSecret, UpstreamHostKeys,
     },
@@ -57,6 +58,8 @@ pub struct SshSession {
     pub destination: SocketAddr,
     pub audit: AuditSink,
     pub policy: Arc<Policy>,
+    /// What LLM answers proposed, for the commands that follow.
+    pub lineage: Arc<Lineage>,
     pub approvals: Option<Arc<Approvals>>,
     pub login: Arc<SshLogin>,
     /// The key the client is shown for this target.
@@ -101,14 +104,20 @@ impl Shared {
             .get_or_insert(why);
     }
 
-    fn decide(&self, user: &str, channel: SshChannel, command: Option<&str>) -> Decision {
+    fn decide(
+        &self,
+        user: &str,
+        channel: SshChannel,
+        command: Option<&str>,
+        from_llm: bool,
+    ) -> Decision {
         self.s.policy.decide_ssh(&SshRequest {
             identity: &self.s.identity,
             destination: self.s.destination,
             user,
             channel,
             command,
-            from_llm: false,
+            from_llm,
         })
     }
 
@@ -415,7 +424,9 @@ impl ClientSide {
     /// Audits a request the agent refuses outright (agent or X11
     /// forwarding, remote forwards).
     fn refuse_request(&self, channel: SshChannel, command: Option<String>) {
-        let decision = self.shared.decide(&self.user, channel, command.as_deref());
+        let decision = self
+            .shared
+            .decide(&self.user, channel, command.as_deref(), false);
         let mut row = self.shared.row(
             Utc::now(),
             "deny",
@@ -518,7 +529,7 @@ impl server::Handler for ClientSide {
         let target = format!("{host_to_connect}:{port_to_connect}");
         let decision = self
             .shared
-            .decide(&self.user, SshChannel::Forward, Some(&target));
+            .decide(&self.user, SshChannel::Forward, Some(&target), false);
         let upstream = self.upstream();
         let allowed = decision.action == Action::Allow;
         let start = Utc::now();
