@@ -16,15 +16,12 @@ use warden_common::UdpDenied;
 
 use crate::{
     approvals::{Approvals, Fetcher, control, review},
-    audit::{AuditConfig, AuditSink, AuditWriter, ConnectionRow, Event, EventRow},
+    audit::{AuditConfig, AuditSink, AuditWriter, ConnectionRow, Event, EventRow, RECORDINGS_DIR},
     capture::{Capture, Listener},
     identity::Origin,
     policy::{ApprovalSettings, ConnectionRequest, Policy, Transport},
     proxy::{Proxy, detect::Protocol, intercept::Interceptor, ssh::HostKeys},
 };
-
-/// Where SSH sessions are recorded, under the audit directory.
-pub const RECORDINGS_DIR: &str = "recordings";
 
 pub struct AgentOptions {
     /// Port of the loopback listeners (127.0.0.1 and ::1); 0 picks a free one.

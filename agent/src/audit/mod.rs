@@ -20,6 +20,9 @@ mod files;
 mod journal;
 pub mod query;
 pub mod recording;
+
+/// Where session recordings go, under the audit directory ([`recording`]).
+pub const RECORDINGS_DIR: &str = "recordings";
 pub mod replay;
 pub mod retention;
 mod schema;

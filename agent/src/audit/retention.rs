@@ -2,8 +2,10 @@
 //!
 //! Files are removed by whole Hive partitions: an `hour=HH` directory goes
 //! once the end of its hour is older than the retention, so that no reader
-//! ever sees half an hour. The agent sweeps at start and then every
-//! [`SWEEP_EVERY`].
+//! ever sees half an hour. Session recordings go by day
+//! (`recordings/<YYYY-MM-DD>`), once the end of their day is: at most a
+//! day after the rows that name them. The agent sweeps at start and then
+//! every [`SWEEP_EVERY`].
 use std::{
     fs, io,
     path::{Path, PathBuf},
@@ -12,7 +14,10 @@ use std::{
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 
-use super::schema::{APPROVALS_TABLE, CONNECTIONS_TABLE, EVENTS_TABLE, REQUESTS_TABLE};
+use super::{
+    RECORDINGS_DIR,
+    schema::{APPROVALS_TABLE, CONNECTIONS_TABLE, EVENTS_TABLE, REQUESTS_TABLE},
+};
 
 pub const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
@@ -60,6 +65,18 @@ pub fn sweep(dir: &Path, keep: Duration, now: DateTime<Utc>) -> io::Result<Swept
                 // Empty now, unless something else lives there.
                 let _ = fs::remove_dir(&date_dir);
             }
+        }
+    }
+    for (day_dir, day) in partitions(&dir.join(RECORDINGS_DIR), "", |v| {
+        NaiveDate::parse_from_str(v, "%Y-%m-%d").ok()
+    })? {
+        let end = day
+            .and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc() + TimeDelta::days(1));
+        if end.is_some_and(|end| end <= cutoff) {
+            swept.files += count_files(&day_dir)?;
+            fs::remove_dir_all(&day_dir)?;
+            swept.partitions += 1;
         }
     }
     Ok(swept)
@@ -131,6 +148,10 @@ mod tests {
         touch(d, "requests/date=2025-03-02/hour=00/part-e.parquet");
         touch(d, "requests/date=2025-03-02/hour=01/part-f.parquet");
         touch(d, "requests/notes/keep.txt");
+        touch(d, "recordings/2025-03-01/s-1-1.cast");
+        touch(d, "recordings/2025-03-01/s-1-2.cast");
+        touch(d, "recordings/2025-03-02/s-2-1.cast");
+        touch(d, "recordings/notes/keep.txt");
         touch(d, "requests/date=garbage/hour=01/keep.parquet");
 
         // A day's retention at 00:30 on the 3rd: hours ending by 00:30 on
@@ -140,10 +161,14 @@ mod tests {
         assert_eq!(
             swept,
             Swept {
-                partitions: 4,
-                files: 5
+                partitions: 5,
+                files: 7
             }
         );
+        // A day of recordings goes once the whole day is past the cutoff.
+        assert!(!d.join("recordings/2025-03-01").exists());
+        assert!(d.join("recordings/2025-03-02/s-2-1.cast").exists());
+        assert!(d.join("recordings/notes/keep.txt").exists());
         assert!(!d.join("connections/date=2025-03-01").exists());
         assert!(!d.join("requests/date=2025-03-01").exists());
         assert!(!d.join("approvals/date=2025-03-01").exists());
