@@ -65,6 +65,12 @@ fn main() -> anyhow::Result<()> {
                 Command::new(env.python())
                     .arg("tests/bench/pgbench_ratio.py")
                     .env("WARDEN_BIN", warden_bin()),
+            )?;
+            step(
+                "SSH benchmark (paramiko, sshd)",
+                Command::new(env.python())
+                    .arg("tests/bench/ssh_ratio.py")
+                    .env("WARDEN_BIN", warden_bin()),
             )
         }
         Task::Demo => demo(),
