@@ -270,22 +270,35 @@ def test_port_and_agent_forwarding_are_refused(sshd, audit_dir, tmp_path):
     ]
 
 
-def test_a_local_forward_the_policy_allows(sshd, audit_dir, tmp_path):
+def test_forwards_the_policy_allows(sshd, audit_dir, tmp_path):
     rules = """\
-        - name: tunnel-to-sshd
+        - name: tunnels
           when: { target: box, ssh: { channel: forward } }
           action: allow
         """
     code = PARAMIKO.format(port=sshd.port) + textwrap.dedent(f"""
-        chan = c.get_transport().open_channel("direct-tcpip", ("127.0.0.1", {sshd.port}), ("127.0.0.1", 0))
-        banner = chan.recv(64).decode()
-        print(json.dumps(dict(banner=banner[:8])))
+        import socket
+        t = c.get_transport()
+        # Local (-L): to the server's own port, through the tunnel.
+        chan = t.open_channel("direct-tcpip", ("127.0.0.1", {sshd.port}), ("127.0.0.1", 0))
+        banner = chan.recv(64).decode()[:8]
+        # Remote (-R): the server listens, and its connections come back here.
+        port = t.request_port_forward("127.0.0.1", 0)
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"ping")
+        back = t.accept(20)
+        got = back.recv(4).decode()
+        back.sendall(b"pong")
+        answer = s.recv(4).decode()
+        print(json.dumps(dict(banner=banner, got=got, answer=answer, remote_port=port)))
     """)
     run = run_program(tmp_path, audit_dir, policy(tmp_path, sshd, rules), code)
     assert run.returncode == 0, run.stderr
-    assert run.report == {"banner": "SSH-2.0-"}
-    [row] = ssh_rows(audit_dir)
-    assert (row["ssh_channel"], row["decision"], row["rule"]) == ("forward", "allow", "tunnel-to-sshd")
+    report = run.report
+    assert (report["banner"], report["got"], report["answer"]) == ("SSH-2.0-", "ping", "pong"), report
+    rows = [(r["ssh_channel"], r["command"], r["decision"], r["rule"]) for r in ssh_rows(audit_dir)]
+    assert ("forward", f"127.0.0.1:{sshd.port}", "allow", "tunnels") in rows
+    assert ("forward", "127.0.0.1:0", "allow", "tunnels") in rows
 
 
 def test_a_large_sftp_transfer_is_intact(sshd, audit_dir, tmp_path):

@@ -92,6 +92,10 @@ struct Shared {
     channels: AtomicU64,
     /// Why the upstream side failed, for the connection's row.
     failure: Mutex<Option<String>>,
+    /// The remote forwards (address, port on the server) the policy
+    /// allowed, and the client's session to open their connections on.
+    remote_forwards: Mutex<Vec<(String, u32)>>,
+    client: std::sync::OnceLock<server::Handle>,
     tasks: TaskTracker,
 }
 
@@ -171,6 +175,8 @@ pub async fn serve(client: TcpStream, upstream: TcpStream, session: SshSession) 
         seq: AtomicU64::new(0),
         channels: AtomicU64::new(0),
         failure: Mutex::new(None),
+        remote_forwards: Mutex::new(Vec::new()),
+        client: std::sync::OnceLock::new(),
         tasks: TaskTracker::new(),
     });
 
@@ -180,7 +186,7 @@ pub async fn serve(client: TcpStream, upstream: TcpStream, session: SshSession) 
             nodelay: true,
             ..Default::default()
         });
-        let checker = HostKeyCheck {
+        let checker = ServerSide {
             shared: shared.clone(),
         };
         let stream = Counted::new(upstream, down.clone());
@@ -250,13 +256,15 @@ pub async fn serve(client: TcpStream, upstream: TcpStream, session: SshSession) 
     }
 }
 
-/// Verifies the real server's host key against the target's `host_keys`
-/// or `known_hosts`.
-struct HostKeyCheck {
+/// The agent's side towards the real server: verifies its host key against
+/// the target's `host_keys` or `known_hosts`, and takes the channels it
+/// opens back: connections to a remote forward the policy allowed, nothing
+/// else.
+struct ServerSide {
     shared: Arc<Shared>,
 }
 
-impl client::Handler for HostKeyCheck {
+impl client::Handler for ServerSide {
     type Error = russh::Error;
 
     async fn check_server_key(
@@ -313,6 +321,88 @@ impl client::Handler for HostKeyCheck {
             }
         }
     }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.forwarded_tcpip(
+            channel,
+            (connected_address, connected_port),
+            (originator_address, originator_port),
+            reply,
+        )
+        .await;
+        Ok(())
+    }
+
+    // The server may not reach the program's agent or X display: the
+    // agent asked for neither.
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+}
+
+impl ServerSide {
+    async fn forwarded_tcpip(
+        &self,
+        channel: russh::Channel<client::Msg>,
+        connected: (&str, u32),
+        originator: (&str, u32),
+        reply: client::ChannelOpenHandle,
+    ) {
+        let allowed = self
+            .shared
+            .remote_forwards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(a, p)| a == connected.0 && *p == connected.1);
+        let Some(client) = self.shared.client.get().filter(|_| allowed) else {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return;
+        };
+        match client
+            .channel_open_forwarded_tcpip(connected.0, connected.1, originator.0, originator.1)
+            .await
+        {
+            Ok(to_client) => {
+                reply.accept().await;
+                self.shared.tasks.spawn(channel::pipe(to_client, channel));
+            }
+            Err(_) => reply.reject(russh::ChannelOpenFailure::ConnectFailed).await,
+        }
+    }
 }
 
 /// How OpenSSH names a host in known_hosts: `[ip]:port` unless the port is 22.
@@ -325,8 +415,8 @@ fn known_hosts_name(dst: SocketAddr) -> String {
 }
 
 enum Upstream {
-    Connecting(JoinHandle<Result<Handle<HostKeyCheck>, russh::Error>>),
-    LoggedIn(Arc<Handle<HostKeyCheck>>),
+    Connecting(JoinHandle<Result<Handle<ServerSide>, russh::Error>>),
+    LoggedIn(Arc<Handle<ServerSide>>),
     Failed,
 }
 
@@ -414,7 +504,7 @@ impl ClientSide {
         }
     }
 
-    fn upstream(&self) -> Option<Arc<Handle<HostKeyCheck>>> {
+    fn upstream(&self) -> Option<Arc<Handle<ServerSide>>> {
         match &self.upstream {
             Upstream::LoggedIn(handle) => Some(handle.clone()),
             _ => None,
@@ -422,7 +512,7 @@ impl ClientSide {
     }
 
     /// Audits a request the agent refuses outright (agent or X11
-    /// forwarding, remote forwards).
+    /// forwarding).
     fn refuse_request(&self, channel: SshChannel, command: Option<String>) {
         let decision = self
             .shared
@@ -585,10 +675,56 @@ impl server::Handler for ClientSide {
         &mut self,
         address: &str,
         port: &mut u32,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        self.refuse_request(SshChannel::Forward, Some(format!("{address}:{port}")));
-        Ok(false)
+        let asked = format!("{address}:{port}");
+        let decision = self
+            .shared
+            .decide(&self.user, SshChannel::Forward, Some(&asked), false);
+        let allowed = decision.action == Action::Allow;
+        let mut row = self.shared.row(
+            Utc::now(),
+            if allowed { "allow" } else { "deny" },
+            decision.rule,
+            SshFields {
+                user: self.user.clone(),
+                channel: SshChannel::Forward.as_str(),
+                command: Some(asked),
+                exit_status: None,
+                recording: None,
+            },
+        );
+        let granted = match (allowed, self.upstream()) {
+            (false, _) => None,
+            (true, None) => {
+                row.error = Some("not logged in upstream".into());
+                None
+            }
+            (true, Some(upstream)) => match upstream.tcpip_forward(address, *port).await {
+                Ok(bound) => {
+                    // Port 0: the server chose one, and says which.
+                    let bound = if *port == 0 { bound } else { *port };
+                    let _ = self.shared.client.set(session.handle());
+                    self.shared
+                        .remote_forwards
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((address.to_string(), bound));
+                    Some(bound)
+                }
+                Err(e) => {
+                    row.error = Some(format!("the server refused the forward: {e}"));
+                    None
+                }
+            },
+        };
+        if let Some(bound) = granted {
+            *port = bound;
+        } else {
+            row.decision = "deny";
+        }
+        self.shared.s.audit.record_request(row);
+        Ok(granted.is_some())
     }
 
     async fn agent_request(
