@@ -301,6 +301,45 @@ def test_forwards_the_policy_allows(sshd, audit_dir, tmp_path):
     assert ("forward", "127.0.0.1:0", "allow", "tunnels") in rows
 
 
+@pytest.mark.parametrize("allowed", [False, True])
+def test_agent_forwarding_only_where_a_rule_allows_it(sshd, audit_dir, tmp_path, allowed):
+    """The program's ssh-agent holds a key; the remote `ssh-add -l` sees it
+    through the forwarded agent only when a rule allows agent forwarding."""
+    key = keygen(tmp_path / "agent-key", "ed25519", "in-the-agent")
+    rules = """\
+        - name: agent-ok
+          when: { target: box, ssh: { channel: agent } }
+          action: allow
+        """ if allowed else ""
+    code = PARAMIKO.format(port=sshd.port) + textwrap.dedent(f"""
+        import subprocess, paramiko.agent
+        sock = {str(tmp_path / "agent.sock")!r}
+        agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL)
+        import time
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        os.environ["SSH_AUTH_SOCK"] = sock
+        subprocess.run(["ssh-add", {str(key)!r}], check=True, capture_output=True)
+        session = c.get_transport().open_session()
+        paramiko.agent.AgentRequestHandler(session)
+        session.exec_command("ssh-add -l")
+        out = session.makefile().read().decode()
+        status = session.recv_exit_status()
+        agent.terminate()
+        print(json.dumps(dict(status=status, out=out)))
+    """)
+    run = run_program(tmp_path, audit_dir, policy(tmp_path, sshd, rules), code)
+    assert run.returncode == 0, run.stderr
+    if allowed:
+        assert run.report["status"] == 0 and "in-the-agent" in run.report["out"], run.report
+    else:
+        assert run.report["status"] != 0 and "in-the-agent" not in run.report["out"], run.report
+    [row] = [r for r in ssh_rows(audit_dir) if r["ssh_channel"] == "agent"]
+    assert (row["decision"], row["rule"]) == (("allow", "agent-ok") if allowed else ("deny", "ssh.forwarding"))
+
+
 def test_a_large_sftp_transfer_is_intact(sshd, audit_dir, tmp_path):
     src = tmp_path / "blob"
     src.write_bytes(os.urandom(24 * 1024 * 1024))

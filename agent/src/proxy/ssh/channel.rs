@@ -158,6 +158,11 @@ impl SessionChannel {
         let (mut from_client, to_client) = client.split();
         let (from_server, to_server) = upstream.split();
         let to_server = Arc::new(to_server);
+        self.shared
+            .upstream_channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, to_server.clone());
         let (upload, uploading) = Upload::start(to_server.clone());
         let to_client = Arc::new(to_client);
         let output = Arc::new(Mutex::new(Output::default()));
@@ -298,7 +303,7 @@ impl SessionChannel {
                     let _ = to_server.signal(signal).await;
                 }
                 ChannelMsg::Close => break,
-                // X11 and agent forwarding are answered (refused) by the
+                // X11 and agent forwarding are answered by the
                 // connection's handler; the rest needs nothing.
                 _ => {}
             }
@@ -308,6 +313,11 @@ impl SessionChannel {
         // now has no one to go to. What the client sent goes before the close.
         drop(upload);
         let _ = uploading.await;
+        self.shared
+            .upstream_channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         let _ = to_server.close().await;
         down.abort();
         let _ = to_client.close().await;

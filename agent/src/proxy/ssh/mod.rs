@@ -95,7 +95,13 @@ struct Shared {
     /// The remote forwards (address, port on the server) the policy
     /// allowed, and the client's session to open their connections on.
     remote_forwards: Mutex<Vec<(String, u32)>>,
+    /// Whether a rule allowed agent forwarding on this connection.
+    agent_forwarding: std::sync::atomic::AtomicBool,
     client: std::sync::OnceLock<server::Handle>,
+    /// The server's side of each open session channel, by the client's
+    /// channel id: where the connection's handler passes requests on.
+    upstream_channels:
+        Mutex<std::collections::HashMap<ChannelId, Arc<russh::ChannelWriteHalf<client::Msg>>>>,
     tasks: TaskTracker,
 }
 
@@ -176,7 +182,9 @@ pub async fn serve(client: TcpStream, upstream: TcpStream, session: SshSession) 
         channels: AtomicU64::new(0),
         failure: Mutex::new(None),
         remote_forwards: Mutex::new(Vec::new()),
+        agent_forwarding: std::sync::atomic::AtomicBool::new(false),
         client: std::sync::OnceLock::new(),
+        upstream_channels: Mutex::default(),
         tasks: TaskTracker::new(),
     });
 
@@ -342,19 +350,35 @@ impl client::Handler for ServerSide {
         Ok(())
     }
 
-    // The server may not reach the program's agent or X display: the
-    // agent asked for neither.
+    /// The server reaches the program's SSH agent only where a rule
+    /// allowed agent forwarding.
     async fn server_channel_open_agent_forward(
         &mut self,
-        _channel: russh::Channel<client::Msg>,
+        channel: russh::Channel<client::Msg>,
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+        let allowed = self.shared.agent_forwarding.load(Ordering::Acquire);
+        let opened = match self.shared.client.get().filter(|_| allowed) {
+            Some(client) => client.channel_open_agent().await.ok(),
+            None => None,
+        };
+        match opened {
+            Some(to_client) => {
+                reply.accept().await;
+                self.shared.tasks.spawn(channel::pipe(to_client, channel));
+            }
+            None => {
+                reply
+                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
+        }
         Ok(())
     }
+
+    // The server may not reach the program's X display: the agent never
+    // asks for X11 forwarding.
 
     async fn server_channel_open_x11(
         &mut self,
@@ -511,8 +535,7 @@ impl ClientSide {
         }
     }
 
-    /// Audits a request the agent refuses outright (agent or X11
-    /// forwarding).
+    /// Audits a request the agent refuses outright (X11 forwarding).
     fn refuse_request(&self, channel: SshChannel, command: Option<String>) {
         let decision = self
             .shared
@@ -531,7 +554,7 @@ impl ClientSide {
         );
         if decision.action != Action::Deny {
             row.error = Some(format!(
-                "{} requests are not relayed by the agent yet, whatever the policy says",
+                "{} requests are not relayed by the agent, whatever the policy says",
                 channel.as_str()
             ));
         }
@@ -586,6 +609,7 @@ impl server::Handler for ClientSide {
         match upstream.channel_open_session().await {
             Ok(upstream_channel) => {
                 reply.accept().await;
+                let _ = self.shared.client.set(session.handle());
                 let n = self.shared.channels.fetch_add(1, Ordering::Relaxed) + 1;
                 let relay = channel::SessionChannel {
                     shared: self.shared.clone(),
@@ -729,11 +753,43 @@ impl server::Handler for ClientSide {
 
     async fn agent_request(
         &mut self,
-        _channel: ChannelId,
+        channel: ChannelId,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        self.refuse_request(SshChannel::Agent, None);
-        Ok(false)
+        let decision = self
+            .shared
+            .decide(&self.user, SshChannel::Agent, None, false);
+        let upstream = self
+            .shared
+            .upstream_channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&channel)
+            .cloned();
+        let granted = match (decision.action, upstream) {
+            (Action::Allow, Some(upstream)) => {
+                self.shared.agent_forwarding.store(true, Ordering::Release);
+                upstream.agent_forward(false).await.is_ok()
+            }
+            _ => false,
+        };
+        let mut row = self.shared.row(
+            Utc::now(),
+            if granted { "allow" } else { "deny" },
+            decision.rule,
+            SshFields {
+                user: self.user.clone(),
+                channel: SshChannel::Agent.as_str(),
+                command: None,
+                exit_status: None,
+                recording: None,
+            },
+        );
+        if !granted && decision.action != Action::Deny {
+            row.error = Some("agent forwarding could not be set up with the server".into());
+        }
+        self.shared.s.audit.record_request(row);
+        Ok(granted)
     }
 
     async fn x11_request(
