@@ -84,7 +84,7 @@ struct Proposal {
 
 /// A URL (or a command) an answer carried, in the forms requests are
 /// compared in.
-struct UrlProposal {
+struct TextProposal {
     exact: String,
     normalized: String,
     exchange: Exchange,
@@ -94,8 +94,8 @@ struct UrlProposal {
 #[derive(Default)]
 struct Scope {
     sql: VecDeque<Proposal>,
-    http: VecDeque<UrlProposal>,
-    commands: VecDeque<UrlProposal>,
+    http: VecDeque<TextProposal>,
+    commands: VecDeque<TextProposal>,
 }
 
 /// Proposals by cgroup id. One per agent, shared by the decoders.
@@ -148,7 +148,7 @@ impl Lineage {
             if scope.commands.len() >= PROPOSALS_PER_SCOPE {
                 scope.commands.pop_front();
             }
-            scope.commands.push_back(UrlProposal {
+            scope.commands.push_back(TextProposal {
                 normalized: folded(&exact),
                 exact,
                 exchange: exchange.clone(),
@@ -162,7 +162,7 @@ impl Lineage {
             if scope.http.len() >= PROPOSALS_PER_SCOPE {
                 scope.http.pop_front();
             }
-            scope.http.push_back(UrlProposal {
+            scope.http.push_back(TextProposal {
                 exact,
                 normalized,
                 exchange: exchange.clone(),
@@ -236,25 +236,9 @@ impl Lineage {
         let now = Instant::now();
         proposals.retain(|p| now.duration_since(p.at) < PROPOSAL_TTL);
         let (exact, normalized) = url_forms(target.host, target.port, target.path_and_query);
-        let (i, kind) = proposals
-            .iter()
-            .rposition(|p| p.exact == exact)
-            .map(|i| (i, MatchKind::Exact))
-            .or_else(|| {
-                proposals
-                    .iter()
-                    .rposition(|p| p.normalized == normalized)
-                    .map(|i| (i, MatchKind::Normalized))
-            })?;
-        let proposal = proposals.remove(i)?;
-        Some(Link {
-            exchange: proposal.exchange,
-            kind,
-        })
+        claim_text(proposals, &exact, &normalized)
     }
-}
 
-impl Lineage {
     /// The exchange that proposed this command (an SSH exec's command
     /// line), if one from this cgroup did; the proposal is used up.
     pub fn claim_command(&self, cgroup: u64, command: &str) -> Option<Link> {
@@ -263,23 +247,32 @@ impl Lineage {
         let now = Instant::now();
         proposals.retain(|p| now.duration_since(p.at) < PROPOSAL_TTL);
         let exact = command.trim();
-        let normalized = folded(exact);
-        let (i, kind) = proposals
-            .iter()
-            .rposition(|p| p.exact == exact)
-            .map(|i| (i, MatchKind::Exact))
-            .or_else(|| {
-                proposals
-                    .iter()
-                    .rposition(|p| p.normalized == normalized)
-                    .map(|i| (i, MatchKind::Normalized))
-            })?;
-        let proposal = proposals.remove(i)?;
-        Some(Link {
-            exchange: proposal.exchange,
-            kind,
-        })
+        claim_text(proposals, exact, &folded(exact))
     }
+}
+
+/// The newest proposal with this exact form, else with this normalized
+/// one, taken out.
+fn claim_text(
+    proposals: &mut VecDeque<TextProposal>,
+    exact: &str,
+    normalized: &str,
+) -> Option<Link> {
+    let (i, kind) = proposals
+        .iter()
+        .rposition(|p| p.exact == exact)
+        .map(|i| (i, MatchKind::Exact))
+        .or_else(|| {
+            proposals
+                .iter()
+                .rposition(|p| p.normalized == normalized)
+                .map(|i| (i, MatchKind::Normalized))
+        })?;
+    let proposal = proposals.remove(i)?;
+    Some(Link {
+        exchange: proposal.exchange,
+        kind,
+    })
 }
 
 /// A command with its whitespace folded; case matters in commands.

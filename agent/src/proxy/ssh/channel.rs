@@ -180,6 +180,8 @@ impl SessionChannel {
         let mut closed_by_agent = false;
 
         while let Some(msg) = from_client.wait().await {
+            // An exec, shell or subsystem request, decided after the match.
+            let mut asked = None;
             match msg {
                 ChannelMsg::RequestPty {
                     want_reply,
@@ -225,62 +227,34 @@ impl SessionChannel {
                     }
                 }
                 ChannelMsg::RequestShell { want_reply } => {
-                    running = self
-                        .start(
-                            Start {
-                                id,
-                                channel: SshChannel::Shell,
-                                command: None,
-                                want_reply,
-                                pty: pty.as_ref(),
-                            },
-                            &to_client,
-                            &to_server,
-                            &mut replies,
-                            &output,
-                        )
-                        .await;
-                    closed_by_agent |= running.is_none();
+                    asked = Some(Start {
+                        id,
+                        channel: SshChannel::Shell,
+                        command: None,
+                        want_reply,
+                        pty: pty.as_ref(),
+                    });
                 }
                 ChannelMsg::Exec {
                     want_reply,
                     command,
                 } => {
-                    let command = String::from_utf8_lossy(&command).into_owned();
-                    running = self
-                        .start(
-                            Start {
-                                id,
-                                channel: SshChannel::Exec,
-                                command: Some(command),
-                                want_reply,
-                                pty: pty.as_ref(),
-                            },
-                            &to_client,
-                            &to_server,
-                            &mut replies,
-                            &output,
-                        )
-                        .await;
-                    closed_by_agent |= running.is_none();
+                    asked = Some(Start {
+                        id,
+                        channel: SshChannel::Exec,
+                        command: Some(String::from_utf8_lossy(&command).into_owned()),
+                        want_reply,
+                        pty: pty.as_ref(),
+                    });
                 }
                 ChannelMsg::RequestSubsystem { want_reply, name } => {
-                    running = self
-                        .start(
-                            Start {
-                                id,
-                                channel: SshChannel::Subsystem,
-                                command: Some(name),
-                                want_reply,
-                                pty: None,
-                            },
-                            &to_client,
-                            &to_server,
-                            &mut replies,
-                            &output,
-                        )
-                        .await;
-                    closed_by_agent |= running.is_none();
+                    asked = Some(Start {
+                        id,
+                        channel: SshChannel::Subsystem,
+                        command: Some(name),
+                        want_reply,
+                        pty: None,
+                    });
                 }
                 ChannelMsg::Data { data } if !closed_by_agent => {
                     upload.send(Upward::Data(data)).await;
@@ -306,6 +280,12 @@ impl SessionChannel {
                 // X11 and agent forwarding are answered by the
                 // connection's handler; the rest needs nothing.
                 _ => {}
+            }
+            if let Some(start) = asked {
+                running = self
+                    .start(start, &to_client, &to_server, &mut replies, &output)
+                    .await;
+                closed_by_agent |= running.is_none();
             }
         }
         // The client closed the channel (after the server did, as clients
