@@ -435,3 +435,35 @@ def test_a_command_the_model_proposed_is_linked_to_its_llm_call(sshd, audit_dir,
     assert (model["caused_by_session_id"], model["caused_by_seq"], model["caused_by_match"]) == (
         llm["session_id"], llm["seq"], "exact")
     assert (own["command"], own["decision"], own["caused_by_session_id"]) == ("df -P /", "allow", None)
+
+
+def test_a_malformed_client_closes_its_connection_only(sshd, audit_dir, tmp_path):
+    """Garbage after a valid SSH banner ends that connection; the next one
+    through the same agent works."""
+    code = textwrap.dedent(f"""
+        import json, os, socket, paramiko
+        s = socket.create_connection(("127.0.0.1", {sshd.port}))
+        # A packet length no implementation accepts, then noise.
+        s.sendall(b"SSH-2.0-fuzzer\\r\\n" + b"\\xff\\xff\\xff\\xf0" + bytes(range(256)) * 64)
+        s.settimeout(10)
+        got = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        except (ConnectionResetError, socket.timeout) as e:
+            got += repr(e).encode()
+        c = paramiko.SSHClient()
+        c.load_host_keys(os.environ["WARDEN_SSH_KNOWN_HOSTS"])
+        c.connect("127.0.0.1", {sshd.port}, username="root", password="x", look_for_keys=False, allow_agent=False)
+        _, out, _ = c.exec_command("echo fine")
+        print(json.dumps(dict(closed="timed out" not in got.decode(errors="replace"), after=out.read().decode())))
+    """)
+    run = run_program(tmp_path, audit_dir, policy(tmp_path, sshd), code)
+    assert run.returncode == 0, run.stderr
+    assert run.report == {"closed": True, "after": "fine\n"}
+    conns = [c for c in read_audit(audit_dir) if c["dst_port"] == sshd.port]
+    assert len(conns) == 2
+    assert any(c["error"] and c["error"].startswith("ssh") for c in conns), conns
