@@ -282,6 +282,11 @@ impl SessionChannel {
                 _ => {}
             }
             if let Some(start) = asked {
+                // One exec, shell or subsystem per channel, as servers allow.
+                if running.is_some() || closed_by_agent {
+                    self.reply(id, start.want_reply, false).await;
+                    continue;
+                }
                 running = self
                     .start(start, &to_client, &to_server, &mut replies, &output)
                     .await;
