@@ -1,15 +1,17 @@
 //! The agent: listeners, kernel programs, proxy and audit, started together
 //! and stopped in the order that loses nothing. `warden run` starts one for
-//! a single program; a host daemon will start the same agent for many cgroups.
+//! a single program; `warden daemon` starts the same agent for many cgroups.
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::Context;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use tokio::{io::unix::AsyncFd, net::TcpListener};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use warden_common::UdpDenied;
@@ -19,7 +21,7 @@ use crate::{
     audit::{AuditConfig, AuditSink, AuditWriter, ConnectionRow, Event, EventRow, RECORDINGS_DIR},
     capture::{Capture, Listener},
     identity::Origin,
-    policy::{ApprovalSettings, ConnectionRequest, Policy, Transport},
+    policy::{ApprovalSettings, ConnectionRequest, LivePolicy, Policy, Transport},
     proxy::{Proxy, detect::Protocol, intercept::Interceptor, ssh::HostKeys},
 };
 
@@ -27,16 +29,22 @@ pub struct AgentOptions {
     /// Port of the loopback listeners (127.0.0.1 and ::1); 0 picks a free one.
     pub listen_port: u16,
     pub policy: Policy,
+    /// The file a reload rereads; None for the embedded default.
+    pub policy_source: Option<PathBuf>,
     pub audit: AuditConfig,
-    /// This agent's directory in bpffs.
-    pub pin_dir: PathBuf,
+    /// This agent's directory in bpffs: its links are pinned there and
+    /// outlive it, so its cgroups fail closed. None: they fail open.
+    pub pin_dir: Option<PathBuf>,
     /// TLS interception; None relays TLS as opaque bytes.
     pub tls: Option<Interceptor>,
     /// Extra CAs the agent trusts for its own TLS (servers, the identity
     /// provider, the approvals webhook).
     pub upstream_ca: Vec<PathBuf>,
-    /// The control API's socket, served when the policy has `approvals:`.
+    /// The control API's socket, served when the policy has `approvals:`
+    /// or `serve_control` asks for it.
     pub control_socket: PathBuf,
+    /// Serve the control API (status, policy reload) even without approvals.
+    pub serve_control: bool,
     /// Where the reviewers' web page listens (loopback), if anywhere.
     pub review_listen: Option<SocketAddr>,
     /// Where the control API also listens, with TLS (loopback), if anywhere.
@@ -46,13 +54,60 @@ pub struct AgentOptions {
 }
 
 pub struct Agent {
-    capture: Arc<Capture>,
-    sink: AuditSink,
+    core: Arc<Core>,
     audit: AuditWriter,
     tracker: TaskTracker,
     cancel: CancellationToken,
-    listener: SocketAddr,
+}
+
+/// What the agent's operations (status, reload, attach) share with the
+/// control API.
+struct Core {
+    capture: Arc<Capture>,
+    sink: AuditSink,
+    policy: Arc<LivePolicy>,
+    policy_source: Option<PathBuf>,
+    policy_loaded: Mutex<DateTime<Utc>>,
     approvals: Option<Arc<Approvals>>,
+    listener: SocketAddr,
+    audit_dir: PathBuf,
+    started: DateTime<Utc>,
+    /// Why each attached cgroup is managed, and since when.
+    reasons: Mutex<BTreeMap<PathBuf, (String, DateTime<Utc>)>>,
+    /// What is wrong now, by subject, for `warden status`.
+    problems: Mutex<BTreeMap<String, String>>,
+}
+
+/// What `warden status` shows.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub started: DateTime<Utc>,
+    pub listener: SocketAddr,
+    /// Whether managed cgroups fail closed while the agent is down.
+    pub fail_closed: bool,
+    pub policy: PolicyStatus,
+    pub attached: Vec<AttachedCgroup>,
+    pub approvals_pending: Option<usize>,
+    pub audit_dir: PathBuf,
+    pub audit_writable: bool,
+    pub audit_rows_dropped: u64,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct PolicyStatus {
+    pub source: Option<PathBuf>,
+    pub summary: String,
+    pub loaded: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct AttachedCgroup {
+    pub cgroup: PathBuf,
+    pub reason: String,
+    pub since: DateTime<Utc>,
 }
 
 /// What a stop left behind, for the caller to report.
@@ -79,7 +134,8 @@ impl Agent {
             .context("loading the kernel programs")?,
         );
         capture.set_udp_allowed(&options.policy.udp_allowed_ports())?;
-        let recordings = options.audit.dir.join(RECORDINGS_DIR);
+        let audit_dir = options.audit.dir.clone();
+        let recordings = audit_dir.join(RECORDINGS_DIR);
         let (sink, audit) =
             AuditWriter::start(options.audit).context("starting the audit writer")?;
         sink.record_event(EventRow::now(
@@ -90,23 +146,39 @@ impl Agent {
                 options.policy.summary()
             ),
         ));
-        let policy = Arc::new(options.policy);
+        let policy = Arc::new(LivePolicy::new(options.policy));
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let approvals = match policy.approvals() {
-            Some(settings) => Some(
-                start_approvals(
-                    settings,
-                    &policy,
-                    &sink,
-                    &options.upstream_ca,
-                    options.control_socket,
-                    cancel.clone(),
-                )
-                .await?,
-            ),
+        let approvals = match policy.current().approvals() {
+            Some(settings) => {
+                Some(start_approvals(settings, &policy, &sink, &options.upstream_ca).await?)
+            }
             None => None,
         };
+        let now = Utc::now();
+        let core = Arc::new(Core {
+            capture: capture.clone(),
+            sink: sink.clone(),
+            policy: policy.clone(),
+            policy_source: options.policy_source,
+            policy_loaded: Mutex::new(now),
+            approvals: approvals.clone(),
+            listener: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            audit_dir,
+            started: now,
+            reasons: Mutex::default(),
+            problems: Mutex::default(),
+        });
+        if approvals.is_some() || options.serve_control {
+            let socket = options.control_socket;
+            let listener = control::bind(&socket).await?;
+            tracing::info!(socket = %socket.display(), "control API listening");
+            let services = control::Services {
+                approvals: approvals.clone(),
+                operations: Some(core.clone()),
+            };
+            tokio::spawn(control::serve(listener, socket, services, cancel.clone()));
+        }
         if options.review_listen.is_some() || options.control_listen.is_some() {
             let Some(approvals) = &approvals else {
                 anyhow::bail!(
@@ -132,55 +204,100 @@ impl Agent {
             audit: sink.clone(),
             tls: options.tls,
             lineage: Arc::default(),
-            approvals: approvals.clone(),
+            approvals,
             ssh_host_keys: options.ssh_host_keys,
             recordings: Some(recordings),
         });
         tokio::spawn(proxy.clone().serve(v4, tracker.clone(), cancel.clone()));
         tokio::spawn(proxy.serve(v6, tracker.clone(), cancel.clone()));
         if let Some(ring) = capture.take_udp_denials() {
-            tokio::spawn(audit_udp_denials(
-                ring,
-                policy,
-                sink.clone(),
-                cancel.clone(),
-            ));
+            tokio::spawn(audit_udp_denials(ring, policy, sink, cancel.clone()));
         }
         tracing::info!(port, "agent listening on 127.0.0.1 and [::1]");
         Ok(Agent {
-            capture,
-            sink,
+            core,
             audit,
             tracker,
             cancel,
-            listener: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
-            approvals,
         })
     }
 
     pub fn listener(&self) -> SocketAddr {
-        self.listener
+        self.core.listener
     }
 
     /// Redirect the connections of every process in a cgroup (and below it).
     pub fn attach(&self, cgroup: &Path) -> anyhow::Result<()> {
-        self.capture
+        self.core
+            .capture
             .attach(cgroup)
             .with_context(|| format!("attaching to cgroup {}", cgroup.display()))
     }
 
+    /// [`Agent::attach`], remembered with the reason for `warden status`
+    /// and written to the audit's events.
+    pub fn manage(&self, cgroup: &Path, reason: &str) -> anyhow::Result<()> {
+        self.attach(cgroup)?;
+        self.core
+            .reasons
+            .lock()
+            .expect("agent lock")
+            .insert(cgroup.to_path_buf(), (reason.to_string(), Utc::now()));
+        self.core.sink.record_event(EventRow::now(
+            Event::CgroupAttached,
+            format!("{}: {reason}", cgroup.display()),
+        ));
+        Ok(())
+    }
+
+    /// Stop managing a cgroup (it went, or no longer matches).
+    pub fn release(&self, cgroup: &Path, why: &str) {
+        self.detach(cgroup);
+        self.core.reasons.lock().expect("agent lock").remove(cgroup);
+        self.core.sink.record_event(EventRow::now(
+            Event::CgroupDetached,
+            format!("{}: {why}", cgroup.display()),
+        ));
+    }
+
     pub fn detach(&self, cgroup: &Path) {
-        self.capture.detach(cgroup);
+        self.core.capture.detach(cgroup);
+    }
+
+    /// The cgroups this agent's programs are attached to.
+    pub fn attached(&self) -> Vec<PathBuf> {
+        self.core.capture.attached()
+    }
+
+    /// Something `warden status` should say is wrong, until cleared.
+    pub fn set_problem(&self, subject: &str, problem: Option<String>) {
+        let mut problems = self.core.problems.lock().expect("agent lock");
+        match problem {
+            Some(p) => problems.insert(subject.to_string(), p),
+            None => problems.remove(subject),
+        };
+    }
+
+    /// Reread the policy file and put it in force; see [`Core::reload`].
+    pub fn reload(&self) -> anyhow::Result<String> {
+        self.core.reload()
+    }
+
+    pub fn status(&self) -> Status {
+        self.core.status()
     }
 
     /// Stop: no new connections, in-flight ones get `grace` to finish, then
-    /// the audit is flushed. The caller detaches cgroups first (or kills
-    /// what is in them), so that nothing slips through unredirected.
-    pub async fn stop(self, grace: Duration) -> anyhow::Result<StopReport> {
+    /// the audit is flushed. With `Detach::All` the caller has already
+    /// emptied the cgroups (or chose fail-open); with `Detach::KeepPins`
+    /// the pinned programs stay, and the cgroups' new connections fail
+    /// until an agent takes over.
+    pub async fn stop(self, grace: Duration, detach: Detach) -> anyhow::Result<StopReport> {
         self.cancel.cancel();
+        let core = &self.core;
         // Held requests are refused now rather than cut at the end of the
         // grace: their clients get the reason.
-        if let Some(approvals) = &self.approvals {
+        if let Some(approvals) = &core.approvals {
             approvals.abandon_all("the agent stopped before a reviewer decided");
         }
         self.tracker.close();
@@ -190,15 +307,24 @@ impl Agent {
         if connections_cut {
             tracing::warn!(?grace, "connections still open at shutdown were cut");
         }
-        let (pending, flows) = self.capture.records_in_flight();
+        let (pending, flows) = core.capture.records_in_flight();
         tracing::info!(pending, flows, "kernel records left at stop");
-        self.capture.detach_all();
-        self.sink.record_event(EventRow::now(
+        let kept = match detach {
+            Detach::KeepPins if core.capture.pinned() => {
+                core.capture.leave_pinned();
+                "; managed cgroups fail closed until an agent takes over"
+            }
+            _ => {
+                core.capture.detach_all();
+                ""
+            }
+        };
+        core.sink.record_event(EventRow::now(
             Event::AgentStopped,
             if connections_cut {
-                format!("agent stopped; connections still open after {grace:?} were cut")
+                format!("agent stopped; connections still open after {grace:?} were cut{kept}")
             } else {
-                "agent stopped".to_string()
+                format!("agent stopped{kept}")
             },
         ));
         let rows_written = self.audit.shutdown().await.context("flushing the audit")?;
@@ -209,25 +335,118 @@ impl Agent {
     }
 }
 
-/// The approvals broker and its control socket; the identity provider is
-/// read now so that a wrong issuer shows at start (the agent serves on
-/// without it: reviews fail until it answers).
+/// What happens to the kernel programs when the agent stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detach {
+    All,
+    KeepPins,
+}
+
+impl Core {
+    /// A reload is all or nothing: a policy that does not load, or that
+    /// changes what is read only at start, is refused with the reason and
+    /// the old one stays in force. Either way it is an audit event.
+    fn reload(&self) -> anyhow::Result<String> {
+        let result = self.try_reload();
+        let (event, message) = match &result {
+            Ok(summary) => (Event::PolicyReloaded, summary.clone()),
+            Err(e) => (Event::PolicyReloadRefused, format!("{e:#}")),
+        };
+        self.sink.record_event(EventRow::now(event, message));
+        result
+    }
+
+    fn try_reload(&self) -> anyhow::Result<String> {
+        let Some(source) = &self.policy_source else {
+            anyhow::bail!(
+                "this agent runs the embedded default policy: there is no file to reread; \
+                 give the daemon a `policy:` file to reload"
+            );
+        };
+        let policy = self.policy.replace(Policy::load(source)?)?;
+        self.capture
+            .set_udp_allowed(&policy.udp_allowed_ports())
+            .context("the new policy is in force, but the kernel kept the old UDP ports")?;
+        *self.policy_loaded.lock().expect("agent lock") = Utc::now();
+        Ok(format!("{}: {}", source.display(), policy.summary()))
+    }
+
+    fn status(&self) -> Status {
+        let reasons = self.reasons.lock().expect("agent lock");
+        let attached = self
+            .capture
+            .attached()
+            .into_iter()
+            .map(|cgroup| {
+                let (reason, since) = reasons
+                    .get(&cgroup)
+                    .cloned()
+                    .unwrap_or_else(|| ("attached by warden run".into(), self.started));
+                AttachedCgroup {
+                    cgroup,
+                    reason,
+                    since,
+                }
+            })
+            .collect();
+        let mut problems: Vec<String> = self
+            .problems
+            .lock()
+            .expect("agent lock")
+            .values()
+            .cloned()
+            .collect();
+        if !self.sink.writable() {
+            problems.push(format!(
+                "the audit cannot be written to {}: check the disk and its permissions",
+                self.audit_dir.display()
+            ));
+        }
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            started: self.started,
+            listener: self.listener,
+            fail_closed: self.capture.pinned(),
+            policy: PolicyStatus {
+                source: self.policy_source.clone(),
+                summary: self.policy.current().summary(),
+                loaded: *self.policy_loaded.lock().expect("agent lock"),
+            },
+            attached,
+            approvals_pending: self.approvals.as_ref().map(|a| a.list().len()),
+            audit_dir: self.audit_dir.clone(),
+            audit_writable: self.sink.writable(),
+            audit_rows_dropped: self.sink.dropped(),
+            problems,
+        }
+    }
+}
+
+impl control::Operations for Core {
+    fn status(&self) -> serde_json::Value {
+        serde_json::to_value(Core::status(self)).unwrap_or_default()
+    }
+
+    fn reload_policy(&self) -> Result<String, String> {
+        self.reload().map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// The approvals broker; the identity provider is read now so that a wrong
+/// issuer shows at start (the agent serves on without it: reviews fail
+/// until it answers).
 async fn start_approvals(
     settings: &ApprovalSettings,
-    policy: &Arc<Policy>,
+    policy: &Arc<LivePolicy>,
     sink: &AuditSink,
     upstream_ca: &[PathBuf],
-    socket: PathBuf,
-    cancel: CancellationToken,
 ) -> anyhow::Result<Arc<Approvals>> {
     let tls = crate::tls::upstream_config(upstream_ca, &[b"http/1.1".to_vec()])?;
     let approvals = Approvals::new(settings, policy.clone(), sink.clone(), Fetcher::new(tls));
     if let Err(error) = approvals.verifier().discover().await {
         tracing::warn!(%error, "reviewers cannot sign in until the identity provider answers");
     }
-    let listener = control::bind(&socket).await?;
-    tracing::info!(socket = %socket.display(), "control API listening");
-    tokio::spawn(control::serve(listener, socket, approvals.clone(), cancel));
     Ok(approvals)
 }
 
@@ -271,7 +490,7 @@ async fn bind_listeners(port: u16) -> anyhow::Result<(TcpListener, TcpListener)>
 /// The kernel refuses non-DNS UDP on its own; this turns its reports into audit rows.
 async fn audit_udp_denials(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
-    policy: Arc<Policy>,
+    policy: Arc<LivePolicy>,
     audit: AuditSink,
     cancel: CancellationToken,
 ) {
@@ -298,7 +517,7 @@ async fn audit_udp_denials(
             // SAFETY: the kernel wrote a UdpDenied; read_unaligned copes with the ring's alignment.
             let event: UdpDenied = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             let origin = Origin::from_record(&event.conn);
-            let decision = policy.decide_connection(&ConnectionRequest {
+            let decision = policy.current().decide_connection(&ConnectionRequest {
                 identity: &origin.identity,
                 destination: origin.destination,
                 transport: Transport::Udp,

@@ -20,6 +20,7 @@ pub mod approvals;
 pub mod audit;
 pub mod capture;
 pub mod cgroup;
+pub mod daemon;
 pub mod identity;
 pub mod lineage;
 pub mod policy;

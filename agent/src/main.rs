@@ -73,6 +73,25 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<OsString>,
     },
+    /// The host daemon: protect the systemd units, cgroups and pods that
+    /// /etc/warden/warden.yaml selects, until SIGTERM (docs/daemon.md).
+    Daemon {
+        /// The daemon's configuration (YAML).
+        #[arg(long, env = "WARDEN_CONFIG", default_value = warden::daemon::config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Check the configuration and the policy it names, then exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// What the running daemon manages, and what is wrong.
+    Status {
+        /// The daemon's control socket.
+        #[arg(long, env = "WARDEN_CONTROL_SOCKET", default_value = warden::approvals::control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print the JSON the control API answers.
+        #[arg(long)]
+        json: bool,
+    },
     /// Policy files.
     Policy {
         #[command(subcommand)]
@@ -247,6 +266,13 @@ const DEFAULT_STATE_DIR: &str = "/var/lib/warden";
 enum PolicyCommand {
     /// Check a policy file; errors name the line and what to write instead.
     Check { file: PathBuf },
+    /// Make the running daemon reread its policy file; a bad file is refused
+    /// with its line number and the policy in force stays.
+    Reload {
+        /// The daemon's control socket.
+        #[arg(long, env = "WARDEN_CONTROL_SOCKET", default_value = warden::approvals::control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -310,6 +336,50 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Policy {
+            command: PolicyCommand::Reload { socket },
+        } => match control_call(&socket, http::Method::POST, "/v1/policy/reload") {
+            Ok(answer) => {
+                println!(
+                    "policy reloaded: {}",
+                    answer["policy"].as_str().unwrap_or("")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("warden: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Daemon { config, check } => daemon(&config, check),
+        Command::Status { socket, json } => {
+            match control_call(&socket, http::Method::GET, "/v1/status") {
+                Ok(answer) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&answer).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(answer) => match serde_json::from_value::<warden::agent::Status>(answer) {
+                    Ok(status) => {
+                        print!("{}", status_text(&status));
+                        if status.problems.is_empty() {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::from(1)
+                        }
+                    }
+                    Err(e) => fail(&anyhow::anyhow!(
+                        "the daemon answered in a form this warden does not read ({e}); is it another version? try --json"
+                    )),
+                },
+                Err(e) => {
+                    eprintln!("warden: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Ca {
             command: CaCommand::Export { state_dir },
         } => match warden::tls::Authority::load_or_create(&state_dir.join("ca")) {
@@ -345,6 +415,108 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
     }
+}
+
+/// `warden daemon`: exit 0 on a clean stop, 125 when it could not start.
+fn daemon(config: &std::path::Path, check: bool) -> ExitCode {
+    if check {
+        return match warden::daemon::check(config) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("warden: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&anyhow::anyhow!("starting the runtime: {e}")),
+    };
+    match runtime.block_on(warden::daemon::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// One call to the control socket; an answer that is not a success is the
+/// agent's reason as an error.
+fn control_call(
+    socket: &std::path::Path,
+    method: http::Method,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = warden::approvals::control::Client::new(socket.to_path_buf());
+    let (status, answer) = runtime.block_on(client.call(method, path, None, None))?;
+    if !status.is_success() {
+        let why = answer
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("the agent refused");
+        anyhow::bail!("{why}");
+    }
+    Ok(answer)
+}
+
+/// `warden status` for people: what is attached where, then what is wrong.
+fn status_text(status: &warden::agent::Status) -> String {
+    let mut out = format!(
+        "warden {} (pid {}), up since {}, listening on {}\n\
+         policy: {} ({}), loaded {}\n\
+         when stopped: managed cgroups {}\n\
+         audit: {} ({}{})\n",
+        status.version,
+        status.pid,
+        status.started.format("%Y-%m-%d %H:%M:%S UTC"),
+        status.listener,
+        status
+            .policy
+            .source
+            .as_ref()
+            .map_or("embedded default".to_string(), |p| p.display().to_string()),
+        status.policy.summary,
+        status.policy.loaded.format("%Y-%m-%d %H:%M:%S UTC"),
+        if status.fail_closed {
+            "fail closed"
+        } else {
+            "fail open"
+        },
+        status.audit_dir.display(),
+        if status.audit_writable {
+            "writable"
+        } else {
+            "NOT writable"
+        },
+        match status.audit_rows_dropped {
+            0 => String::new(),
+            n => format!(", {n} rows dropped"),
+        },
+    );
+    if let Some(n) = status.approvals_pending {
+        out.push_str(&format!("approvals pending: {n}\n"));
+    }
+    if status.attached.is_empty() {
+        out.push_str("managed cgroups: none\n");
+    } else {
+        out.push_str(&format!("managed cgroups: {}\n", status.attached.len()));
+        for a in &status.attached {
+            out.push_str(&format!(
+                "  {}  since {}\n    {}\n",
+                a.cgroup.display(),
+                a.since.format("%H:%M:%S"),
+                a.reason
+            ));
+        }
+    }
+    for problem in &status.problems {
+        out.push_str(&format!("problem: {problem}\n"));
+    }
+    out
 }
 
 fn fail(e: &anyhow::Error) -> ExitCode {
@@ -584,6 +756,17 @@ fn cleanup(kill: bool) -> anyhow::Result<()> {
         println!("nothing to clean up");
     }
     for (pins, pid) in stale {
+        let is_daemon = pins
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(capture::DAEMON_PIN_PREFIX));
+        if is_daemon {
+            // A daemon's services are not its own: they keep running.
+            capture::remove_pins(&pins)?;
+            println!(
+                "daemon {pid}: released the programs it left on the cgroups it managed; their new connections now go direct"
+            );
+            continue;
+        }
         let cg = host.cgroup_root.join("warden").join(format!("run-{pid}"));
         let pids = cgroup::pids_in(&cg);
         if !pids.is_empty() && !kill {

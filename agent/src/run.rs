@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    agent::{Agent, AgentOptions},
+    agent::{Agent, AgentOptions, Detach},
     audit::AuditConfig,
     capture,
     cgroup::ManagedCgroup,
@@ -165,11 +165,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
     let agent = Agent::start(AgentOptions {
         listen_port: opts.listen_port,
         policy,
+        policy_source: opts.policy.clone(),
         audit,
-        pin_dir: host.bpffs.join("warden").join(format!("agent-{me}")),
+        pin_dir: Some(host.bpffs.join("warden").join(format!("agent-{me}"))),
         tls: interceptor,
         upstream_ca: opts.upstream_ca.clone(),
         control_socket: opts.control_socket.clone(),
+        serve_control: false,
         review_listen: opts.review_listen,
         control_listen: opts.control_listen,
         ssh_host_keys: Some(ssh_keys),
@@ -205,7 +207,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
         );
     }
     let removed = cgroup.kill_and_remove(Duration::from_secs(5));
-    let report = agent.stop(opts.grace).await?;
+    let report = agent.stop(opts.grace, Detach::All).await?;
     tracing::info!(rows = report.rows_written, "audit flushed");
     let _ = fs::remove_dir_all(&run_dir);
     removed?;

@@ -1,6 +1,9 @@
 //! The control API: JSON over HTTP/1.1 on a unix socket that only root can
-//! open (mode 0600). `warden approvals` is its client.
+//! open (mode 0600). `warden approvals`, `warden status` and `warden policy
+//! reload` are its clients.
 //!
+//! - `GET /v1/status`: what the agent manages and what is wrong;
+//! - `POST /v1/policy/reload`: reread the policy file;
 //! - `GET /v1/approvals`: the requests waiting;
 //! - `GET /v1/approvals/{id}`: one of them, with all its context;
 //! - `POST /v1/approvals/{id}/approve`: approve, as the reviewer whose
@@ -62,6 +65,21 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The agent's own operations, for the socket.
+pub trait Operations: Send + Sync {
+    fn status(&self) -> serde_json::Value;
+    /// The new policy's summary, or why the old one stays in force.
+    fn reload_policy(&self) -> Result<String, String>;
+}
+
+/// What the socket serves: approvals when the policy holds requests for
+/// review, the agent's operations when it is a daemon.
+#[derive(Clone)]
+pub struct Services {
+    pub approvals: Option<Arc<Approvals>>,
+    pub operations: Option<Arc<dyn Operations>>,
+}
+
 /// Who reaches the API, and so what needs a token.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Access {
@@ -75,7 +93,7 @@ enum Access {
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
-    approvals: Arc<Approvals>,
+    services: Services,
     cancel: CancellationToken,
 ) {
     loop {
@@ -89,7 +107,7 @@ pub async fn serve(
                 }
             },
         };
-        tokio::spawn(serve_connection(stream, approvals.clone(), Access::Socket));
+        tokio::spawn(serve_connection(stream, services.clone(), Access::Socket));
     }
     let _ = std::fs::remove_file(&path);
 }
@@ -102,19 +120,24 @@ pub async fn serve_tls(
     approvals: Arc<Approvals>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Over the network: approvals only, never the agent's operations.
+    let services = Services {
+        approvals: Some(approvals),
+        operations: None,
+    };
     serve_loopback_tls(addr, authority, "the control API", cancel, move |tls| {
-        serve_connection(tls, approvals.clone(), Access::Network)
+        serve_connection(tls, services.clone(), Access::Network)
     })
     .await
 }
 
-async fn serve_connection<S>(io: S, approvals: Arc<Approvals>, access: Access)
+async fn serve_connection<S>(io: S, services: Services, access: Access)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
-        let approvals = approvals.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(req, approvals, access).await) }
+        let services = services.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(req, services, access).await) }
     });
     if let Err(error) = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(io), service)
@@ -125,6 +148,8 @@ where
 }
 
 enum Route {
+    Status,
+    Reload,
     List,
     Show(String),
     Approve(String),
@@ -135,6 +160,8 @@ enum Route {
 fn route<B>(req: &Request<B>) -> Route {
     let parts: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
     match (req.method(), parts.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => Route::Status,
+        (&Method::POST, ["v1", "policy", "reload"]) => Route::Reload,
         (&Method::GET, ["v1", "approvals"]) => Route::List,
         (&Method::GET, ["v1", "approvals", id]) => Route::Show(id.to_string()),
         (&Method::POST, ["v1", "approvals", id, "approve"]) => Route::Approve(id.to_string()),
@@ -143,13 +170,35 @@ fn route<B>(req: &Request<B>) -> Route {
     }
 }
 
+const NO_APPROVALS: &str =
+    "this agent holds nothing for approval: its policy has no `approvals:` section";
+
 async fn handle(
     req: Request<Incoming>,
-    approvals: Arc<Approvals>,
+    services: Services,
     access: Access,
 ) -> Response<Full<Bytes>> {
-    let token = bearer(&req);
     let route = route(&req);
+    match (&route, &services.operations) {
+        (Route::Status, Some(ops)) => return json(StatusCode::OK, &ops.status()),
+        (Route::Reload, Some(ops)) => {
+            return match ops.reload_policy() {
+                Ok(summary) => json(StatusCode::OK, &serde_json::json!({ "policy": summary })),
+                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
+            };
+        }
+        (Route::Status | Route::Reload, None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "this endpoint is the daemon's: `warden run` agents serve approvals only",
+            );
+        }
+        _ => {}
+    }
+    let Some(approvals) = services.approvals else {
+        return error(StatusCode::NOT_FOUND, NO_APPROVALS);
+    };
+    let token = bearer(&req);
     // Over the network, reading what waits is for signed-in people only.
     if access == Access::Network && matches!(route, Route::List | Route::Show(_)) {
         let Some(token) = &token else {
@@ -191,9 +240,9 @@ async fn handle(
                 Err(e) => failure(&e),
             }
         }
-        Route::Unknown => error(
+        Route::Status | Route::Reload | Route::Unknown => error(
             StatusCode::NOT_FOUND,
-            "no such endpoint: GET /v1/approvals, GET /v1/approvals/{id}, POST /v1/approvals/{id}/approve, POST /v1/approvals/{id}/reject",
+            "no such endpoint: GET /v1/status, POST /v1/policy/reload, GET /v1/approvals, GET /v1/approvals/{id}, POST /v1/approvals/{id}/approve, POST /v1/approvals/{id}/reject",
         ),
     }
 }
@@ -249,7 +298,7 @@ impl Client {
     ) -> anyhow::Result<(StatusCode, serde_json::Value)> {
         let stream = UnixStream::connect(&self.socket).await.with_context(|| {
             format!(
-                "cannot reach the agent's control socket {} (is an agent with an `approvals:` policy running? are you root? pass --socket)",
+                "cannot reach the agent's control socket {} (is `warden daemon`, or an agent with an `approvals:` policy, running? are you root? pass --socket)",
                 self.socket.display()
             )
         })?;

@@ -34,7 +34,7 @@ use crate::{
     audit::{ApprovalRow, ApprovalStep, AuditSink},
     identity::Identity,
     lineage::Link,
-    policy::{ApprovalRule, ApprovalSettings, Policy},
+    policy::{ApprovalRule, ApprovalSettings, LivePolicy},
 };
 
 /// What a decoder holds: one statement or request, with what a reviewer
@@ -177,7 +177,7 @@ struct Entry {
 pub struct Approvals {
     pending: Mutex<HashMap<String, Entry>>,
     audit: AuditSink,
-    policy: Arc<Policy>,
+    policy: Arc<LivePolicy>,
     verifier: Verifier,
     webhook: Option<String>,
     fetcher: Fetcher,
@@ -186,7 +186,7 @@ pub struct Approvals {
 impl Approvals {
     pub fn new(
         settings: &ApprovalSettings,
-        policy: Arc<Policy>,
+        policy: Arc<LivePolicy>,
         audit: AuditSink,
         fetcher: Fetcher,
     ) -> Arc<Approvals> {
@@ -416,6 +416,7 @@ impl Approvals {
         if let Some(workload) = &entry.request.workload
             && let Some(owner) = self
                 .policy
+                .current()
                 .owners_of(workload)
                 .iter()
                 .find(|o| names.iter().any(|n| same(n, o)))

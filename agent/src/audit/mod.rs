@@ -288,6 +288,14 @@ pub enum Event {
     AuditWritable,
     /// Rows a dead agent left in its journal were written.
     AuditRecovered,
+    /// A new policy is in force; the message says where it came from.
+    PolicyReloaded,
+    /// A new policy was refused (the message says why); the old one stays.
+    PolicyReloadRefused,
+    /// The agent's programs now redirect a cgroup's connections.
+    CgroupAttached,
+    /// They no longer do (the cgroup went, or the agent stopped managing it).
+    CgroupDetached,
 }
 
 impl Event {
@@ -298,6 +306,10 @@ impl Event {
             Event::AuditUnwritable => "audit_unwritable",
             Event::AuditWritable => "audit_writable",
             Event::AuditRecovered => "audit_recovered",
+            Event::PolicyReloaded => "policy_reloaded",
+            Event::PolicyReloadRefused => "policy_reload_refused",
+            Event::CgroupAttached => "cgroup_attached",
+            Event::CgroupDetached => "cgroup_detached",
         }
     }
 }

@@ -88,19 +88,28 @@ pub struct Capture {
     flows: Mutex<HashMap<MapData, FlowKey, ConnRecord>>,
     udp_allow: Mutex<HashMap<MapData, u16, u8>>,
     udp_denied: Mutex<Option<RingBuf<MapData>>>,
-    pin_dir: PathBuf,
+    /// Where the links are pinned; None holds them by descriptor only.
+    pin_dir: Option<PathBuf>,
     attached: Mutex<Vec<Attachment>>,
 }
 
 struct Attachment {
     cgroup: PathBuf,
-    links: Vec<PinnedLink>,
+    links: Links,
+}
+
+/// Pinned links outlive the agent, so that its cgroups fail closed when it
+/// dies; held ones go with its descriptors, and its cgroups fail open.
+enum Links {
+    Pinned(Vec<PinnedLink>),
+    Held(Vec<FdLink>),
 }
 
 impl Capture {
     /// Load the programs for this agent. `pin_dir` is this agent's own
-    /// directory in bpffs, e.g. /sys/fs/bpf/warden/agent-1234.
-    pub fn load(listener: Listener, pin_dir: PathBuf) -> Result<Capture, CaptureError> {
+    /// directory in bpffs, e.g. /sys/fs/bpf/warden/agent-1234; None leaves
+    /// the links unpinned (fail open).
+    pub fn load(listener: Listener, pin_dir: Option<PathBuf>) -> Result<Capture, CaptureError> {
         let config = AgentConfig {
             listen_v4: listener.v4.octets(),
             listen_v6: listener.v6.octets(),
@@ -132,10 +141,12 @@ impl Capture {
             name: names::UDP_DENIED,
             source,
         })?;
-        fs::create_dir_all(&pin_dir).map_err(|e| CaptureError::Pin {
-            path: pin_dir.clone(),
-            reason: e.to_string(),
-        })?;
+        if let Some(dir) = &pin_dir {
+            fs::create_dir_all(dir).map_err(|e| CaptureError::Pin {
+                path: dir.clone(),
+                reason: e.to_string(),
+            })?;
+        }
         Ok(Capture {
             ebpf: Mutex::new(ebpf),
             pending,
@@ -159,6 +170,7 @@ impl Capture {
         let tag = cgroup_tag(cgroup);
         let mut ebpf = self.ebpf.lock().expect("capture lock");
         let mut links = Vec::new();
+        let mut pinned = Vec::new();
         for name in PROGRAMS {
             let program = ebpf.program_mut(name).ok_or(CaptureError::Missing(name))?;
             let fd_link: FdLink = match program {
@@ -166,13 +178,29 @@ impl Capture {
                 aya::programs::Program::SockOps(p) => attach_sock_ops(p, &dir, name)?,
                 _ => return Err(CaptureError::Missing(name)),
             };
-            let path = self.pin_dir.join(format!("{tag}-{name}"));
-            let pinned = fd_link.pin(&path).map_err(|e| CaptureError::Pin {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            links.push(pinned);
+            match &self.pin_dir {
+                Some(dir) => {
+                    let path = dir.join(format!("{tag}-{name}"));
+                    match fd_link.pin(&path) {
+                        Ok(link) => pinned.push(link),
+                        Err(e) => {
+                            // The links pinned so far would keep redirecting.
+                            unpin_all(pinned);
+                            return Err(CaptureError::Pin {
+                                path,
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
+                }
+                None => links.push(fd_link),
+            }
         }
+        let links = if self.pin_dir.is_some() {
+            Links::Pinned(pinned)
+        } else {
+            Links::Held(links)
+        };
         self.attached
             .lock()
             .expect("capture lock")
@@ -183,13 +211,28 @@ impl Capture {
         Ok(())
     }
 
+    /// The cgroups attached now, in the order they were.
+    pub fn attached(&self) -> Vec<PathBuf> {
+        self.attached
+            .lock()
+            .expect("capture lock")
+            .iter()
+            .map(|a| a.cgroup.clone())
+            .collect()
+    }
+
+    /// Whether this agent's links outlive it (fail closed).
+    pub fn pinned(&self) -> bool {
+        self.pin_dir.is_some()
+    }
+
     /// Detach from one cgroup: its new connections are no longer redirected.
     pub fn detach(&self, cgroup: &Path) {
         let mut attached = self.attached.lock().expect("capture lock");
         let (gone, kept): (Vec<_>, Vec<_>) = attached.drain(..).partition(|a| a.cgroup == cgroup);
         *attached = kept;
         for attachment in gone {
-            unpin_all(attachment.links);
+            attachment.links.release();
         }
     }
 
@@ -202,9 +245,17 @@ impl Capture {
             .drain(..)
             .collect();
         for attachment in all {
-            unpin_all(attachment.links);
+            attachment.links.release();
         }
-        let _ = fs::remove_dir(&self.pin_dir);
+        if let Some(dir) = &self.pin_dir {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+
+    /// Stop holding the links but leave them pinned: the cgroups keep
+    /// failing closed until another agent takes over or `warden cleanup`.
+    pub fn leave_pinned(&self) {
+        self.attached.lock().expect("capture lock").clear();
     }
 
     /// The kernel's record of an accepted connection, removed from the map
@@ -289,6 +340,16 @@ fn attach_sock_ops(
     FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
 }
 
+impl Links {
+    /// Detach now.
+    fn release(self) {
+        match self {
+            Links::Pinned(links) => unpin_all(links),
+            Links::Held(links) => drop(links),
+        }
+    }
+}
+
 /// Removing the pin drops the last reference to the link: it detaches.
 fn unpin_all(links: Vec<PinnedLink>) {
     for link in links {
@@ -326,6 +387,10 @@ pub fn addr_to_bytes(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+/// A daemon's pin directory is `daemon-<pid>`; a daemon that starts takes
+/// over the cgroups its dead predecessors left failing closed.
+pub const DAEMON_PIN_PREFIX: &str = "daemon-";
+
 /// Pins left by agents that are gone. Their cgroups still fail closed; this
 /// is what `warden cleanup` and a starting agent look at.
 pub fn stale_pin_dirs(bpffs: &Path) -> Vec<(PathBuf, u32)> {
@@ -336,7 +401,11 @@ pub fn stale_pin_dirs(bpffs: &Path) -> Vec<(PathBuf, u32)> {
         .filter_map(Result::ok)
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let pid: u32 = name.strip_prefix("agent-")?.parse().ok()?;
+            let pid: u32 = name
+                .strip_prefix("agent-")
+                .or_else(|| name.strip_prefix(DAEMON_PIN_PREFIX))?
+                .parse()
+                .ok()?;
             (!Path::new(&format!("/proc/{pid}")).exists()).then(|| (e.path(), pid))
         })
         .collect()

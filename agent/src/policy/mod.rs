@@ -56,8 +56,10 @@ use ipnet::IpNet;
 use crate::{identity::Identity, masking::Masker};
 
 pub mod glob;
+mod live;
 mod parse;
 
+pub use live::{LivePolicy, ReloadError};
 #[cfg(test)]
 pub(crate) use parse::with_test_env;
 pub use parse::{MAX_UDP_PORTS, SUPPORTED_VERSION};

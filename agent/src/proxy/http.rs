@@ -52,8 +52,8 @@ use crate::{
     lineage::{Exchange as Proposer, HttpTarget, Lineage},
     masking::Masker,
     policy::{
-        Action, Credential, CredentialHeader, HttpDecision, HttpRequest, LlmInfo, OnDetect, Policy,
-        PromptAudit,
+        Action, Credential, CredentialHeader, HttpDecision, HttpRequest, LivePolicy, LlmInfo,
+        OnDetect, PromptAudit,
     },
     protocols::llm::{self, Endpoint, LlmRequest, Provider, StreamMasker},
 };
@@ -76,7 +76,7 @@ pub struct HttpSession {
     /// The TLS name the client asked for, used when a request names no host.
     pub server_name: Option<String>,
     pub audit: AuditSink,
-    pub policy: Arc<Policy>,
+    pub policy: Arc<LivePolicy>,
     pub lineage: Arc<Lineage>,
     /// Where requests a rule holds wait for reviewers.
     pub approvals: Option<Arc<Approvals>>,
@@ -316,7 +316,7 @@ impl Exchange {
         }
 
         // 2. decide
-        let decision = s.policy.decide_http(&HttpRequest {
+        let decision = s.policy.current().decide_http(&HttpRequest {
             identity: &s.identity,
             destination: s.destination,
             host: host.as_deref(),

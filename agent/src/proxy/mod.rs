@@ -28,7 +28,7 @@ use crate::{
     capture::Capture,
     identity::{Identity, Origin},
     lineage::Lineage,
-    policy::{Action, ConnectionRequest, OnAuditFailure, Policy, Transport},
+    policy::{Action, ConnectionRequest, LivePolicy, OnAuditFailure, Transport},
 };
 use bytes::Bytes;
 use detect::Protocol;
@@ -44,7 +44,9 @@ const RECORD_RETRIES: u32 = 5;
 /// What every connection handler shares.
 pub struct Proxy {
     pub capture: Arc<Capture>,
-    pub policy: Arc<Policy>,
+    /// Connections are decided by the policy in force when they open;
+    /// the requests inside them by the one in force when each arrives.
+    pub policy: Arc<LivePolicy>,
     pub audit: AuditSink,
     /// TLS interception, unless turned off.
     pub tls: Option<Interceptor>,
@@ -120,7 +122,8 @@ impl Proxy {
         };
 
         // 2. decide
-        let decision = self.policy.decide_connection(&ConnectionRequest {
+        let policy = self.policy.current();
+        let decision = policy.decide_connection(&ConnectionRequest {
             identity: &origin.identity,
             destination: origin.destination,
             transport: Transport::Tcp,
@@ -148,7 +151,7 @@ impl Proxy {
             self.finish(row);
             return;
         }
-        if self.policy.on_audit_failure() == OnAuditFailure::FailClosed && !self.audit.writable() {
+        if policy.on_audit_failure() == OnAuditFailure::FailClosed && !self.audit.writable() {
             // Kept in memory with the rest until the audit is written again.
             refuse(client);
             row.decision = "deny";
@@ -201,10 +204,9 @@ impl Proxy {
                     policy: self.policy.clone(),
                     lineage: self.lineage.clone(),
                     approvals: self.approvals.clone(),
-                    login: self.policy.login_for(origin.destination).cloned(),
+                    login: policy.login_for(origin.destination).cloned(),
                     tls: self.tls.as_ref(),
-                    upstream_tls: self
-                        .policy
+                    upstream_tls: policy
                         .upstream_tls_for(origin.destination)
                         .map(|name| name.map(str::to_string)),
                 };
@@ -328,9 +330,10 @@ impl Proxy {
     /// (Under `default: deny`, only connections a rule allows get here.)
     fn ssh_session(&self, row: &ConnectionRow) -> Result<ssh::SshSession, Opaque> {
         let destination = row.destination;
-        let login = self.policy.ssh_login_for(destination);
+        let policy = self.policy.current();
+        let login = policy.ssh_login_for(destination);
         let (Some(login), Some(keys)) = (login, &self.ssh_host_keys) else {
-            if self.policy.has_ssh_rules_for(&row.identity, destination) {
+            if policy.has_ssh_rules_for(&row.identity, destination) {
                 return Err(Opaque::Refuse(
                     "refused: SSH rules apply to this destination and the policy gives it no SSH \
                      credential, so the agent cannot see its commands; add one under credentials: \
@@ -338,7 +341,7 @@ impl Proxy {
                         .into(),
                 ));
             }
-            if self.policy.ssh_default() != Action::Allow {
+            if policy.ssh_default() != Action::Allow {
                 return Err(Opaque::Refuse(
                     "refused: no SSH credential for this destination, so the agent cannot see \
                      its commands, and the policy's ssh_default is not allow (docs/ssh.md)"

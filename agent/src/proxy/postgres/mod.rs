@@ -50,7 +50,7 @@ use crate::{
     identity::Identity,
     lineage::{Lineage, Link},
     masking::Masker,
-    policy::{Action, ApprovalRule, Credential, Policy, SecretKind, StatementRequest},
+    policy::{Action, ApprovalRule, Credential, LivePolicy, SecretKind, StatementRequest},
     protocols::postgres::{
         Authentication, BackendFramer, BackendMessage, DataRow, FieldDescription, Frame,
         FrontendFramer, FrontendMessage, ProtocolError, Severity, Statement, StatementClass,
@@ -66,7 +66,7 @@ pub struct Session<'a> {
     pub destination: std::net::SocketAddr,
     pub rule: String,
     pub audit: AuditSink,
-    pub policy: Arc<Policy>,
+    pub policy: Arc<LivePolicy>,
     pub lineage: Arc<Lineage>,
     /// Where statements a rule holds wait for reviewers.
     pub approvals: Option<Arc<Approvals>>,
@@ -1178,17 +1178,20 @@ fn decide(session: &Session, st: &State, statement: &Statement) -> Verdict {
     let link = session
         .lineage
         .claim_statement(session.identity.cgroup_id, &statement.text);
-    let decision = session.policy.decide_statement(&StatementRequest {
-        identity: &session.identity,
-        destination: session.destination,
-        database: st.database.as_deref(),
-        db_user: st.db_user.as_deref(),
-        class: statement.class.as_str(),
-        tables_read: &statement.reads,
-        tables_written: &statement.writes,
-        functions: &statement.functions,
-        from_llm: link.is_some(),
-    });
+    let decision = session
+        .policy
+        .current()
+        .decide_statement(&StatementRequest {
+            identity: &session.identity,
+            destination: session.destination,
+            database: st.database.as_deref(),
+            db_user: st.db_user.as_deref(),
+            class: statement.class.as_str(),
+            tables_read: &statement.reads,
+            tables_written: &statement.writes,
+            functions: &statement.functions,
+            from_llm: link.is_some(),
+        });
     let hold = decision
         .approval
         .filter(|_| decision.action == Action::Approve);

@@ -40,7 +40,7 @@ use crate::{
     identity::Identity,
     lineage::Lineage,
     policy::{
-        Action, Decision, Policy, SshChannel, SshLogin, SshRequest, SshSecret, UpstreamHostKeys,
+        Action, Decision, LivePolicy, SshChannel, SshLogin, SshRequest, SshSecret, UpstreamHostKeys,
     },
 };
 
@@ -57,7 +57,7 @@ pub struct SshSession {
     pub workload: Option<String>,
     pub destination: SocketAddr,
     pub audit: AuditSink,
-    pub policy: Arc<Policy>,
+    pub policy: Arc<LivePolicy>,
     /// What LLM answers proposed, for the commands that follow.
     pub lineage: Arc<Lineage>,
     pub approvals: Option<Arc<Approvals>>,
@@ -121,7 +121,7 @@ impl Shared {
         command: Option<&str>,
         from_llm: bool,
     ) -> Decision {
-        self.s.policy.decide_ssh(&SshRequest {
+        self.s.policy.current().decide_ssh(&SshRequest {
             identity: &self.s.identity,
             destination: self.s.destination,
             user,

@@ -1,0 +1,304 @@
+//! `/etc/warden/warden.yaml`: what the host daemon protects and how.
+//! Read once at start; the policy it names is the part that reloads.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::policy::glob::Glob;
+
+pub const DEFAULT_PATH: &str = "/etc/warden/warden.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}; create it (docs/daemon.md shows one) or pass --config")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid {
+        path: PathBuf,
+        line: Option<usize>,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    policy: Option<PathBuf>,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    audit_dir: Option<PathBuf>,
+    #[serde(default)]
+    listen_port: u16,
+    #[serde(default = "default_control_socket")]
+    control_socket: PathBuf,
+    metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    fail_open: bool,
+    #[serde(default = "yes")]
+    tls_intercept: bool,
+    #[serde(default)]
+    upstream_ca: Vec<PathBuf>,
+    review_listen: Option<SocketAddr>,
+    control_listen: Option<SocketAddr>,
+    #[serde(default)]
+    manage: RawManage,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManage {
+    #[serde(default)]
+    units: Vec<String>,
+    #[serde(default)]
+    cgroups: Vec<String>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/warden")
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(crate::approvals::control::DEFAULT_SOCKET)
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The daemon's configuration, checked.
+#[derive(Debug)]
+pub struct DaemonConfig {
+    pub policy: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub audit_dir: Option<PathBuf>,
+    pub listen_port: u16,
+    pub control_socket: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
+    pub fail_open: bool,
+    pub tls_intercept: bool,
+    pub upstream_ca: Vec<PathBuf>,
+    pub review_listen: Option<SocketAddr>,
+    pub control_listen: Option<SocketAddr>,
+    pub manage: Selection,
+}
+
+/// Which cgroups the daemon manages.
+#[derive(Debug, Default)]
+pub struct Selection {
+    /// systemd units, by name or glob ("langchain-*.service").
+    pub units: Vec<Glob>,
+    /// cgroup v2 paths relative to the hierarchy's root, "/" first.
+    pub cgroups: Vec<String>,
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        DaemonConfig::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<DaemonConfig, ConfigError> {
+        let invalid = |line, message: String| ConfigError::Invalid {
+            path: path.into(),
+            line,
+            message,
+        };
+        // An empty file is the defaults, not an error.
+        let raw: Raw = if text.trim().is_empty() {
+            serde_yaml::from_str("{}")
+        } else {
+            serde_yaml::from_str(text)
+        }
+        .map_err(|e| invalid(e.location().map(|l| l.line()), strip_location(&e)))?;
+        let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).map(|i| i + 1);
+        let units = raw
+            .manage
+            .units
+            .iter()
+            .map(|u| {
+                Glob::new(u).map_err(|e| invalid(line_of(u), format!("manage.units: {u:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let cgroups = raw
+            .manage
+            .cgroups
+            .iter()
+            .map(|c| normalize_cgroup(c).map_err(|e| invalid(line_of(c), e)))
+            .collect::<Result<_, _>>()?;
+        for (name, addr) in [
+            ("metrics_listen", raw.metrics_listen),
+            ("review_listen", raw.review_listen),
+            ("control_listen", raw.control_listen),
+        ] {
+            if let Some(addr) = addr
+                && !addr.ip().is_loopback()
+            {
+                return Err(invalid(
+                    line_of(name),
+                    format!("{name}: {addr} is not a loopback address; use 127.0.0.1 or [::1]"),
+                ));
+            }
+        }
+        Ok(DaemonConfig {
+            policy: raw.policy,
+            state_dir: raw.state_dir,
+            audit_dir: raw.audit_dir,
+            listen_port: raw.listen_port,
+            control_socket: raw.control_socket,
+            metrics_listen: raw.metrics_listen,
+            fail_open: raw.fail_open,
+            tls_intercept: raw.tls_intercept,
+            upstream_ca: raw.upstream_ca,
+            review_listen: raw.review_listen,
+            control_listen: raw.control_listen,
+            manage: Selection { units, cgroups },
+        })
+    }
+}
+
+/// serde_yaml appends " at line L column C"; the line is in our prefix.
+fn strip_location(e: &serde_yaml::Error) -> String {
+    let text = e.to_string();
+    match text.find(" at line ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// "/langchain.slice/", "langchain.slice" and "/sys/fs/cgroup/langchain.slice"
+/// name the same cgroup: "/langchain.slice".
+fn normalize_cgroup(path: &str) -> Result<String, String> {
+    let trimmed = path
+        .strip_prefix("/sys/fs/cgroup")
+        .unwrap_or(path)
+        .trim_matches('/');
+    if trimmed.is_empty() {
+        return Err(format!(
+            "manage.cgroups: {path:?} is the root cgroup: that would redirect every process on the host, the daemon's own clients included; name the slices or units to protect"
+        ));
+    }
+    if trimmed
+        .split('/')
+        .any(|seg| seg == ".." || seg == "." || seg.is_empty())
+    {
+        return Err(format!(
+            "manage.cgroups: {path:?} is not a plain cgroup path; write it like /langchain.slice or /apps/agent"
+        ));
+    }
+    Ok(format!("/{trimmed}"))
+}
+
+impl Selection {
+    pub fn is_empty(&self) -> bool {
+        self.units.is_empty() && self.cgroups.is_empty()
+    }
+
+    /// Why the cgroup at `path` (relative to the root, "/" first) is
+    /// managed, or None when nothing selects it.
+    pub fn reason(&self, path: &str) -> Option<String> {
+        if self.cgroups.iter().any(|c| c == path) {
+            return Some(format!("cgroup {path} is listed in manage.cgroups"));
+        }
+        let name = path.rsplit('/').next()?;
+        if !is_unit_name(name) {
+            return None;
+        }
+        self.units
+            .iter()
+            .find(|g| g.is_match(name))
+            .map(|g| format!("unit {name} matches manage.units {:?}", g.as_str()))
+    }
+}
+
+/// The kinds of unit that own a cgroup of their own.
+fn is_unit_name(name: &str) -> bool {
+    [".service", ".scope", ".slice"]
+        .iter()
+        .any(|suffix| name.len() > suffix.len() && name.ends_with(suffix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<DaemonConfig, ConfigError> {
+        DaemonConfig::parse(text, Path::new("warden.yaml"))
+    }
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config.state_dir, Path::new("/var/lib/warden"));
+        assert!(config.policy.is_none());
+        assert!(!config.fail_open);
+        assert!(config.tls_intercept);
+        assert!(config.manage.is_empty());
+    }
+
+    #[test]
+    fn an_unknown_key_names_its_line() {
+        let err = parse("policy: /etc/warden/policy.yaml\nmanage:\n  unit: [a.service]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("warden.yaml:3: "), "{err}");
+        assert!(err.contains("unknown field `unit`"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_glob_names_its_line() {
+        let err = parse("manage:\n  units:\n    - \"app-[.service\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("warden.yaml:3: manage.units"), "{err}");
+    }
+
+    #[test]
+    fn the_root_cgroup_and_odd_paths_are_refused() {
+        for bad in ["/", "/sys/fs/cgroup", "/a/../b", "a//b"] {
+            let text = format!("manage:\n  cgroups: [\"{bad}\"]\n");
+            assert!(parse(&text).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listeners_must_be_on_loopback() {
+        let err = parse("metrics_listen: 0.0.0.0:9464\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("warden.yaml:1: ") && err.contains("loopback"),
+            "{err}"
+        );
+        assert!(parse("metrics_listen: \"[::1]:9464\"\n").is_ok());
+    }
+
+    #[test]
+    fn units_and_cgroups_select_with_a_reason() {
+        let config = parse(
+            "manage:\n  units: [\"langchain-*.service\"]\n  cgroups: [\"/sys/fs/cgroup/apps.slice/\"]\n",
+        )
+        .unwrap();
+        let m = &config.manage;
+        assert_eq!(
+            m.reason("/system.slice/langchain-chat.service").as_deref(),
+            Some("unit langchain-chat.service matches manage.units \"langchain-*.service\"")
+        );
+        assert_eq!(
+            m.reason("/apps.slice").as_deref(),
+            Some("cgroup /apps.slice is listed in manage.cgroups")
+        );
+        assert_eq!(m.reason("/system.slice/sshd.service"), None);
+        assert_eq!(m.reason("/apps.slice/other"), None);
+        // A directory inside a unit is the unit's own business, not a unit.
+        assert_eq!(m.reason("/system.slice/x.service/langchain-a"), None);
+    }
+}

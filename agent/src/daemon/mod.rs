@@ -1,0 +1,250 @@
+//! `warden daemon`: one agent per host for the services it is told to
+//! protect. The same [`Agent`] as `warden run`, attached to the cgroups the
+//! configuration selects, following them as they come and go, rereading
+//! the policy on SIGHUP, and failing closed across its own restarts.
+pub mod config;
+mod watch;
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    agent::{Agent, AgentOptions, Detach},
+    audit::AuditConfig,
+    capture,
+    policy::Policy,
+    preflight,
+    proxy::{intercept::Interceptor, ssh::HostKeys},
+    tls::{self, Authority},
+};
+pub use config::DaemonConfig;
+use watch::{CgroupWatch, Change, Descend};
+
+/// Connections still open at stop get this long to finish.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// `warden daemon --check`: the configuration and the policy it names
+/// load, and what they say, in one line each.
+pub fn check(config_path: &Path) -> anyhow::Result<String> {
+    let config = DaemonConfig::load(config_path)?;
+    let policy = match &config.policy {
+        Some(path) => format!("{}: ok ({})", path.display(), Policy::load(path)?.summary()),
+        None => format!(
+            "embedded default policy ({})",
+            Policy::embedded_default().summary()
+        ),
+    };
+    Ok(format!(
+        "{}: ok ({} unit patterns, {} cgroups, {})\n{policy}",
+        config_path.display(),
+        config.manage.units.len(),
+        config.manage.cgroups.len(),
+        if config.fail_open {
+            "fail open"
+        } else {
+            "fail closed"
+        }
+    ))
+}
+
+/// Runs until SIGTERM or SIGINT.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = DaemonConfig::load(config_path)?;
+    let host = preflight::check()?;
+    let policy = match &config.policy {
+        Some(path) => Policy::load(path)?,
+        None => Policy::embedded_default(),
+    };
+    if config.manage.is_empty() {
+        tracing::warn!(
+            config = %config_path.display(),
+            "manage: selects nothing, so the daemon protects nothing; list units or cgroups there"
+        );
+    }
+    let from_policy = policy.audit_settings();
+    let defaults = AuditConfig::default();
+    let audit = AuditConfig {
+        dir: config
+            .audit_dir
+            .clone()
+            .or(from_policy.dir)
+            .unwrap_or(defaults.dir),
+        rotate_every: from_policy.rotate.unwrap_or(defaults.rotate_every),
+        retention: from_policy.retention,
+        ..defaults
+    };
+    let interceptor = if config.tls_intercept {
+        let authority = Arc::new(Authority::load_or_create(&config.state_dir.join("ca"))?);
+        let upstream = tls::upstream_config(&config.upstream_ca, &[])?;
+        Some(Interceptor::new(authority, upstream))
+    } else {
+        None
+    };
+    let ssh_keys = Arc::new(HostKeys::load_or_create(&config.state_dir.join("ssh"))?);
+    // Dead daemons' pins keep their cgroups failing closed until this one
+    // has attached; then they go.
+    let predecessors: Vec<PathBuf> = capture::stale_pin_dirs(&host.bpffs)
+        .into_iter()
+        .filter(|(dir, _)| {
+            dir.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(capture::DAEMON_PIN_PREFIX))
+        })
+        .map(|(dir, _)| dir)
+        .collect();
+    let pin_dir = (!config.fail_open).then(|| {
+        host.bpffs.join("warden").join(format!(
+            "{}{}",
+            capture::DAEMON_PIN_PREFIX,
+            std::process::id()
+        ))
+    });
+    let agent = Agent::start(AgentOptions {
+        listen_port: config.listen_port,
+        policy,
+        policy_source: config.policy.clone(),
+        audit,
+        pin_dir,
+        tls: interceptor,
+        upstream_ca: config.upstream_ca.clone(),
+        control_socket: config.control_socket.clone(),
+        serve_control: true,
+        review_listen: config.review_listen,
+        control_listen: config.control_listen,
+        ssh_host_keys: Some(ssh_keys),
+    })
+    .await?;
+
+    let result = serve(&agent, &config, &host.cgroup_root, &predecessors).await;
+    let detach = if config.fail_open {
+        Detach::All
+    } else {
+        Detach::KeepPins
+    };
+    let report = agent.stop(DRAIN, detach).await?;
+    tracing::info!(
+        rows = report.rows_written,
+        fail_closed = detach == Detach::KeepPins,
+        "daemon stopped"
+    );
+    result
+}
+
+/// The daemon's life between start and stop.
+async fn serve(
+    agent: &Agent,
+    config: &DaemonConfig,
+    cgroup_root: &Path,
+    predecessors: &[PathBuf],
+) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut manager = Manager {
+        agent,
+        config,
+        managed: BTreeSet::new(),
+        watch: CgroupWatch::new(cgroup_root)?,
+    };
+    manager.rescan();
+    for dir in predecessors {
+        match capture::remove_pins(dir) {
+            Ok(()) => tracing::info!(pins = %dir.display(), "took over from a daemon that stopped"),
+            Err(e) => {
+                tracing::warn!(pins = %dir.display(), error = %e, "could not remove a stopped daemon's pins; `warden cleanup` releases them")
+            }
+        }
+    }
+    tracing::info!(
+        managed = manager.managed.len(),
+        watched = manager.watch.watched(),
+        "daemon ready"
+    );
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match agent.reload() {
+                Ok(summary) => tracing::info!(policy = %summary, "policy reloaded"),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "policy reload refused; the old policy stays in force"),
+            },
+            changes = manager.watch.changes() => {
+                for change in changes.context("watching the cgroup tree")? {
+                    manager.apply(change);
+                }
+            }
+        }
+    }
+    tracing::info!("stopping: draining open connections");
+    Ok(())
+}
+
+struct Manager<'a> {
+    agent: &'a Agent,
+    config: &'a DaemonConfig,
+    managed: BTreeSet<String>,
+    watch: CgroupWatch,
+}
+
+impl Manager<'_> {
+    fn rescan(&mut self) {
+        self.scan_from("/");
+    }
+
+    fn scan_from(&mut self, relative: &str) {
+        let Manager {
+            agent,
+            config,
+            managed,
+            watch,
+        } = self;
+        let root = watch.absolute("/");
+        watch.scan(relative, &mut |rel| {
+            if managed.contains(rel) {
+                return Descend::No;
+            }
+            // Cgroups `warden run` makes have their own agent.
+            if rel == "/warden" || rel.starts_with("/warden/") {
+                return Descend::No;
+            }
+            let Some(reason) = config.manage.reason(rel) else {
+                return Descend::Yes;
+            };
+            let path = root.join(rel.trim_start_matches('/'));
+            match agent.manage(&path, &reason) {
+                Ok(()) => {
+                    tracing::info!(cgroup = %rel, %reason, "managing");
+                    agent.set_problem(rel, None);
+                    managed.insert(rel.to_string());
+                }
+                Err(e) => {
+                    let problem = format!("{rel}: {e:#}");
+                    tracing::error!(%problem, "cannot manage a selected cgroup");
+                    agent.set_problem(rel, Some(problem));
+                }
+            }
+            Descend::No
+        });
+    }
+
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Appeared(rel) if rel == "/" => self.rescan(),
+            Change::Appeared(rel) => self.scan_from(&rel),
+            Change::Gone(rel) => {
+                self.agent.set_problem(&rel, None);
+                if self.managed.remove(&rel) {
+                    tracing::info!(cgroup = %rel, "a managed cgroup went");
+                    self.agent
+                        .release(&self.watch.absolute(&rel), "the cgroup was removed");
+                }
+            }
+        }
+    }
+}
