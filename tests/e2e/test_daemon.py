@@ -1,0 +1,315 @@
+"""`warden daemon`: one agent for the host's services. Cgroups made by the
+test stand for systemd units; a real PostgreSQL server and real clients run
+in them. Covers selection (at start and later), policy reload (good, bad,
+SIGHUP), `warden status`, and what a stop or a crash does to the services'
+connections (fail closed, or open when configured)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import WARDEN, read_requests
+from test_lifecycle import cgroup2_root
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "peers"))
+from pg import PostgresServer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = PostgresServer()
+    server.psql_admin("CREATE TABLE IF NOT EXISTS cards (id int, number text)", database=server.database)
+    server.psql_admin("GRANT ALL ON cards TO app", database=server.database)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def slice_dir():
+    """A slice of the test's own at the top of the cgroup tree; its children stand for units."""
+    path = cgroup2_root() / f"warden-test-{uuid.uuid4().hex[:8]}.slice"
+    path.mkdir()
+    yield path
+    for child in sorted(path.glob("*"), reverse=True):
+        if child.is_dir():
+            kill_all(child)
+            child.rmdir()
+    path.rmdir()
+
+
+def kill_all(cgroup: Path):
+    for pid in (cgroup / "cgroup.procs").read_text().split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + 5
+    while (cgroup / "cgroup.procs").read_text().strip() and time.monotonic() < end:
+        time.sleep(0.02)
+
+
+class Daemon:
+    """`warden daemon` with a configuration in a temporary directory."""
+
+    def __init__(self, tmp: Path, manage: dict, policy: Path | None = None, fail_open: bool = False):
+        self.tmp = tmp
+        self.socket = tmp / "control.sock"
+        self.audit_dir = tmp / "audit"
+        self.config = tmp / "warden.yaml"
+        config = {
+            "state_dir": str(tmp / "state"),
+            "audit_dir": str(self.audit_dir),
+            "control_socket": str(self.socket),
+            "fail_open": fail_open,
+            "manage": manage,
+        }
+        if policy:
+            config["policy"] = str(policy)
+        # JSON is YAML.
+        self.config.write_text(json.dumps(config, indent=2))
+        self.log = open(tmp / f"daemon-{time.monotonic_ns()}.log", "w+")
+        self.proc = subprocess.Popen([WARDEN, "daemon", "--config", str(self.config)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        end = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the daemon exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                self.status()
+                break
+            except AssertionError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([WARDEN, *args, "--socket", str(self.socket)], capture_output=True, text=True, timeout=30)
+
+    def status(self) -> dict:
+        out = self.cli("status", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def managed(self) -> list[str]:
+        return [a["cgroup"] for a in self.status()["attached"]]
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+    def events(self) -> list[tuple[str, str]]:
+        import duckdb
+
+        glob = str(self.audit_dir / "events" / "**" / "*.parquet")
+        return duckdb.connect().execute(
+            f"SELECT event, message FROM read_parquet('{glob}', hive_partitioning=true) ORDER BY start_time").fetchall()
+
+
+def in_cgroup(cgroup: Path, code: str, timeout: float = 60) -> dict:
+    """Runs a Python snippet as a process of `cgroup`; returns the JSON it prints last."""
+    def join():
+        (cgroup / "cgroup.procs").write_text("0")
+
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], preexec_fn=join,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def query(pg, sql: str) -> str:
+    """A psycopg client's code that runs `sql` and prints what happened."""
+    return f"""
+        import json, psycopg
+        try:
+            with psycopg.connect({pg.dsn!r}, autocommit=True, connect_timeout=5) as conn:
+                rows = conn.execute({sql!r}).fetchall()
+            print(json.dumps({{"ok": len(rows)}}))
+        except psycopg.errors.InsufficientPrivilege as e:
+            print(json.dumps({{"denied": str(e)}}))
+        except psycopg.OperationalError as e:
+            print(json.dumps({{"failed": str(e)}}))
+        """
+
+
+def connect(port: int) -> str:
+    """A raw TCP client's code: connects to 127.0.0.1:port, says what happened."""
+    return f"""
+        import json, socket
+        try:
+            s = socket.create_connection(("127.0.0.1", {port}), timeout=5)
+            s.sendall(b"ping"); reply = s.recv(4); s.close()
+            print(json.dumps({{"reply": reply.decode()}}))
+        except OSError as e:
+            print(json.dumps({{"error": type(e).__name__}}))
+        """
+
+
+def wait_until(predicate, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def test_selected_units_are_managed_from_start_and_as_they_appear(pg, slice_dir, tmp_path):
+    before = slice_dir / "langchain-batch.service"
+    before.mkdir()
+    other = slice_dir / "backup.service"
+    other.mkdir()
+    daemon = Daemon(tmp_path, {"units": ["langchain-*.service"]})
+    try:
+        root = cgroup2_root()
+        assert daemon.managed() == [str(before)]
+        # A service that starts later is managed within a second (inotify, no polling).
+        later = slice_dir / "langchain-chat.service"
+        later.mkdir()
+        took = wait_until(lambda: str(later) in daemon.managed(), 1.0, "managing the new unit")
+        print(f"new unit managed after {took * 1000:.1f} ms")
+
+        assert in_cgroup(later, query(pg, "SELECT 'from chat'")) == {"ok": 1}
+        assert in_cgroup(before, query(pg, "SELECT 'from batch'")) == {"ok": 1}
+        assert in_cgroup(other, query(pg, "SELECT 'from backup'")) == {"ok": 1}
+
+        status = daemon.cli("status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "managed cgroups: 2" in status.stdout
+        assert 'unit langchain-chat.service matches manage.units "langchain-*.service"' in status.stdout
+        assert "when stopped: managed cgroups fail closed" in status.stdout
+
+        # The unit goes: it is released.
+        later.rmdir()
+        wait_until(lambda: str(later) not in daemon.managed(), 1.0, "releasing the removed unit")
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+        subprocess.run([WARDEN, "cleanup"], capture_output=True)
+
+    rows = read_requests(daemon.audit_dir, "protocol = 'postgres'")
+    statements = {r["statement"]: r for r in rows}
+    assert "SELECT 'from chat'" in statements and "SELECT 'from batch'" in statements
+    # Not selected: not redirected, not audited.
+    assert "SELECT 'from backup'" not in statements
+    chat = statements["SELECT 'from chat'"]
+    assert chat["cgroup_path"] == "/" + str(later.relative_to(root)), chat["cgroup_path"]
+    assert chat["unit"] == "langchain-chat.service"
+    events = daemon.events()
+    kinds = [e for e, _ in events]
+    assert kinds.count("cgroup_attached") == 2, events
+    assert ("cgroup_detached", f"{later}: the cgroup was removed") in events
+
+
+def test_policy_reload_applies_a_good_policy_and_refuses_a_bad_one(pg, slice_dir, tmp_path):
+    unit = slice_dir / "langchain-app.service"
+    unit.mkdir()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ndefault: audit\n")
+    daemon = Daemon(tmp_path, {"units": ["langchain-*.service"]}, policy=policy)
+    cards = query(pg, "SELECT number FROM cards")
+    try:
+        assert in_cgroup(unit, cards) == {"ok": 0}
+
+        policy.write_text(textwrap.dedent("""\
+            version: 1
+            default: audit
+            rules:
+              - name: no-card-tables
+                when: { sql: { tables: "*card*" } }
+                action: deny
+            """))
+        out = daemon.cli("policy", "reload")
+        assert out.returncode == 0, out.stderr
+        assert "policy reloaded" in out.stdout and "1 rule" in out.stdout
+        denied = in_cgroup(unit, cards)
+        assert "no-card-tables" in denied["denied"], denied
+
+        # A bad file: refused with its line, and the policy in force stays.
+        policy.write_text("version: 1\ndefault: audit\nrules:\n  - name: broken\n    when: { sql: { tables: x } }\n    action: maybe\n")
+        out = daemon.cli("policy", "reload")
+        assert out.returncode == 1
+        assert f"{policy}:6:" in out.stderr, out.stderr
+        assert "no-card-tables" in in_cgroup(unit, cards)["denied"]
+
+        # SIGHUP rereads it too (systemctl reload).
+        policy.write_text("version: 1\ndefault: audit\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "0 rules" in daemon.status()["policy"]["summary"], 5, "the SIGHUP reload")
+        assert in_cgroup(unit, cards) == {"ok": 0}
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+        subprocess.run([WARDEN, "cleanup"], capture_output=True)
+    kinds = [e for e, _ in daemon.events()]
+    assert kinds.count("policy_reloaded") == 2, kinds
+    assert kinds.count("policy_reload_refused") == 1, kinds
+
+
+def test_a_dead_daemon_fails_closed_and_the_next_one_takes_over(echo4, slice_dir, tmp_path):
+    unit = slice_dir / "langchain-app.service"
+    unit.mkdir()
+    manage = {"cgroups": [str(slice_dir.relative_to(cgroup2_root()))]}
+    first = Daemon(tmp_path, manage)
+    assert in_cgroup(unit, connect(echo4.port)) == {"reply": "ping"}
+    # Selected by its slice: a unit born inside it is covered from its first process.
+    assert first.managed() == [str(slice_dir)]
+
+    first.stop(signal.SIGKILL)
+    # Its pinned programs still redirect, to a listener that is gone.
+    assert in_cgroup(unit, connect(echo4.port)) == {"error": "ConnectionRefusedError"}
+    peers_while_dead = len(echo4.peers)
+
+    second = Daemon(tmp_path, manage)
+    try:
+        assert second.managed() == [str(slice_dir)]
+        assert in_cgroup(unit, connect(echo4.port)) == {"reply": "ping"}
+        bpffs = Path("/sys/fs/bpf/warden")
+        assert not (bpffs / f"daemon-{first.proc.pid}").exists(), "the dead daemon's pins were taken over"
+    finally:
+        # A graceful stop keeps failing closed too.
+        assert second.stop() == 0, second.output()
+    assert in_cgroup(unit, connect(echo4.port)) == {"error": "ConnectionRefusedError"}
+    assert len(echo4.peers) == peers_while_dead + 1
+
+    # `warden cleanup` releases the cgroups: connections go direct again.
+    out = subprocess.run([WARDEN, "cleanup"], capture_output=True, text=True)
+    assert f"daemon {second.proc.pid}: released" in out.stdout, out.stdout + out.stderr
+    assert in_cgroup(unit, connect(echo4.port)) == {"reply": "ping"}
+    stopped = [m for e, m in second.events() if e == "agent_stopped"]
+    assert stopped and "fail closed" in stopped[-1], stopped
+
+
+def test_a_fail_open_daemon_lets_connections_go_direct_after_a_crash(echo4, slice_dir, tmp_path):
+    unit = slice_dir / "langchain-app.service"
+    unit.mkdir()
+    daemon = Daemon(tmp_path, {"units": ["langchain-*.service"]}, fail_open=True)
+    assert "fail open" in daemon.cli("status").stdout
+    assert in_cgroup(unit, connect(echo4.port)) == {"reply": "ping"}
+    daemon.stop(signal.SIGKILL)
+    assert in_cgroup(unit, connect(echo4.port)) == {"reply": "ping"}
+    # The agent's listener is gone, so the reply came straight from the server.
+    assert not any(p.name.startswith(f"daemon-{daemon.proc.pid}") for p in Path("/sys/fs/bpf/warden").glob("*"))
+
+
+def test_a_bad_configuration_names_its_line(tmp_path):
+    config = tmp_path / "warden.yaml"
+    config.write_text("state_dir: /tmp/x\nmanage:\n  units: [a.service]\n  pod: []\n")
+    out = subprocess.run([WARDEN, "daemon", "--config", str(config)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 125
+    assert f"{config}:4: " in out.stderr and "unknown field `pod`" in out.stderr, out.stderr
+
+    config.write_text("manage:\n  units: [\"langchain-*.service\"]\n")
+    out = subprocess.run([WARDEN, "daemon", "--config", str(config), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "1 unit patterns, 0 cgroups, fail closed" in out.stdout
+    assert "embedded default policy" in out.stdout
