@@ -21,6 +21,7 @@ pub mod audit;
 pub mod capture;
 pub mod cgroup;
 pub mod identity;
+pub mod kubernetes;
 pub mod lineage;
 pub mod policy;
 pub mod preflight;

@@ -61,6 +61,7 @@ fn row(n: u32, start: DateTime<Utc>) -> ConnectionRow {
             cgroup_path: Some("/system.slice/bot.service".into()),
             unit: Some("bot.service".into()),
             container_id: None,
+            pod: None,
         },
         workload: Some("bot".into()),
         destination: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 443),
