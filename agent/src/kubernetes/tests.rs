@@ -145,6 +145,15 @@ fn parses_kubelets_in_containers() {
             ),
             pod(UID, Qos::Guaranteed, Some(ID)),
         ),
+        // Seen from inside another container's cgroup namespace (the agent's
+        // when it is not privileged): the path climbs out with `..`, and the
+        // systemd driver's slice names still carry the whole hierarchy.
+        (
+            format!(
+                "/../../../kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/cri-containerd-{ID}.scope"
+            ),
+            pod(UID, Qos::BestEffort, Some(ID)),
+        ),
         // A cgroupfs kubelet below a prefix (k3d's nodes, seen from the host).
         (
             format!("/system.slice/docker-{NODE}.scope/kubepods/burstable/pod{UID}/{ID}"),
@@ -178,6 +187,10 @@ fn other_cgroups_are_not_pods() {
         "/kubepods/podzz-top/x".into(),
         format!("/kubepods/pod{UID}{UID}/x"),
         "/user.slice/user-1000.slice/podman-1234.scope".into(),
+        // cgroupfs seen from inside a cgroup namespace: the `kubepods`
+        // ancestors are `..`, so the pod cannot be told from any `pod*`
+        // directory (docs/kubernetes.md, "The agent's cgroup namespace").
+        format!("/../../besteffort/pod{UID}/{ID}"),
     ] {
         assert_eq!(PodCgroup::parse(&path), None, "{path}");
     }
