@@ -9,11 +9,13 @@ use std::{
     fs,
     net::SocketAddr,
     path::Path,
-    sync::Mutex,
+    sync::{LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
 use warden_common::ConnRecord;
+
+use crate::kubernetes::{NodeFiles, PodCache, PodCgroup};
 
 /// The process behind a connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,6 +35,20 @@ pub struct Identity {
     pub unit: Option<String>,
     /// The container id, when the cgroup path shows one (docker, containerd, CRI-O, podman).
     pub container_id: Option<String>,
+    /// The Kubernetes pod, when the cgroup is a pod's on this node and the
+    /// node's files describe it (see [`crate::kubernetes`]).
+    pub pod: Option<PodIdentity>,
+}
+
+/// A Kubernetes pod, from the node's files, never from the pod itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodIdentity {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// The container's name in the pod spec.
+    pub container: Option<String>,
+    pub service_account: Option<String>,
 }
 
 /// What the kernel recorded at connect() time, decoded.
@@ -92,10 +108,23 @@ impl Identity {
             .and_then(unified_cgroup_path)
         {
             self.unit = systemd_unit(&path);
-            self.container_id = container_id(&path);
+            match PodCgroup::parse(&path) {
+                Some(pod) => {
+                    self.pod = pods().identity(&pod);
+                    self.container_id = pod.container_id;
+                }
+                None => self.container_id = container_id(&path),
+            }
             self.cgroup_path = Some(path);
         }
     }
+}
+
+/// The pods of this node, at the paths the kubelet and runtimes use (the
+/// DaemonSet mounts them at the same paths).
+fn pods() -> &'static PodCache {
+    static PODS: LazyLock<PodCache> = LazyLock::new(|| PodCache::new(NodeFiles::default()));
+    &PODS
 }
 
 /// The cgroup v2 line of /proc/PID/cgroup ("0::/path").

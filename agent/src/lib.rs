@@ -22,6 +22,7 @@ pub mod capture;
 pub mod cgroup;
 pub mod daemon;
 pub mod identity;
+pub mod kubernetes;
 pub mod lineage;
 pub mod policy;
 pub mod preflight;

@@ -696,6 +696,7 @@ mod tests {
             cgroup_path: Some("/system.slice/bot.service".into()),
             unit: Some("bot.service".into()),
             container_id: None,
+            pod: None,
         }
     }
 

@@ -25,11 +25,11 @@ use crate::identity::Identity;
 /// The version of the `connections` schema, written in the `schema_version`
 /// column and in the file's `warden.schema_version` key-value metadata.
 /// Adding columns bumps it; readers should select columns by name.
-pub const SCHEMA_VERSION: i16 = 1;
+pub const SCHEMA_VERSION: i16 = 2;
 
 /// The version of the `requests` schema (see [`SCHEMA_VERSION`]); the two
 /// tables' versions move independently.
-pub const REQUESTS_SCHEMA_VERSION: i16 = 5;
+pub const REQUESTS_SCHEMA_VERSION: i16 = 6;
 
 /// The `connections` table's name: its directory under the audit directory
 /// and the file's `warden.table` key-value metadata.
@@ -49,7 +49,7 @@ pub const EVENTS_SCHEMA_VERSION: i16 = 1;
 pub const APPROVALS_TABLE: &str = "approvals";
 
 /// The version of the `approvals` schema (see [`SCHEMA_VERSION`]).
-pub const APPROVALS_SCHEMA_VERSION: i16 = 1;
+pub const APPROVALS_SCHEMA_VERSION: i16 = 2;
 
 /// Key-value metadata key holding the table's schema version.
 pub const META_SCHEMA_VERSION: &str = "warden.schema_version";
@@ -88,7 +88,7 @@ fn string_list() -> DataType {
 }
 
 static CONNECTIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("schema_version", DataType::Int16, false),
         Field::new("session_id", DataType::Utf8, false),
         Field::new("start_time", utc_micros(), false),
@@ -120,7 +120,9 @@ static CONNECTIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("bytes_up", DataType::Int64, false),
         Field::new("bytes_down", DataType::Int64, false),
         Field::new("error", DataType::Utf8, true),
-    ]))
+    ];
+    fields.extend(pod_fields());
+    Arc::new(Schema::new(fields))
 });
 
 static EVENTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -201,6 +203,7 @@ static APPROVALS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("reason", DataType::Utf8, true),
         Field::new("expires_at", utc_micros(), false),
     ]);
+    fields.extend(pod_fields());
     Arc::new(Schema::new(fields))
 });
 
@@ -223,9 +226,9 @@ impl Table for ApprovalRow {
 
     fn estimated_size(&self) -> u64 {
         // Fixed-width columns (2 + 8 * 7 + 4 bytes, 4 bytes of list
-        // offsets) plus string offsets (4 bytes for each of 16 strings) plus
+        // offsets) plus string offsets (4 bytes for each of 21 strings) plus
         // the short constant strings.
-        const FIXED: usize = 62 + 4 + 64 + 40;
+        const FIXED: usize = 62 + 4 + 84 + 40;
         let variable = self.approval_id.len()
             + self.session_id.len()
             + requester_len(&self.identity)
@@ -235,7 +238,8 @@ impl Table for ApprovalRow {
             + opt_len(&self.reviewer)
             + opt_len(&self.reviewer_email)
             + list_len(&self.reviewer_groups)
-            + opt_len(&self.reason);
+            + opt_len(&self.reason)
+            + pod_len(&self.identity);
         (FIXED + variable) as u64
     }
 
@@ -272,6 +276,7 @@ impl Table for ApprovalRow {
             ("reason", opt_strings(rows, |r| r.reason.as_deref())),
             ("expires_at", times(rows, |r| &r.expires_at)),
         ]);
+        columns.extend(pod_columns(rows, |r| &r.identity));
         batch(Self::schema(), columns)
     }
 }
@@ -331,6 +336,7 @@ static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("exit_status", DataType::Int64, true),
         Field::new("recording", DataType::Utf8, true),
     ]);
+    fields.extend(pod_fields());
     Arc::new(Schema::new(fields))
 });
 
@@ -360,8 +366,8 @@ impl Table for ConnectionRow {
 
     fn estimated_size(&self) -> u64 {
         // Fixed-width columns (2 + 8 * 13 + 4 bytes) plus string offsets
-        // (4 bytes for each of 16 strings) plus the short constant strings.
-        const FIXED: usize = 110 + 64 + 40;
+        // (4 bytes for each of 21 strings) plus the short constant strings.
+        const FIXED: usize = 110 + 84 + 40;
         let id = &self.identity;
         let variable = self.session_id.len()
             + self.rule.len()
@@ -374,74 +380,74 @@ impl Table for ConnectionRow {
             + opt_len(&id.container_id)
             + opt_len(&self.workload)
             + opt_len(&self.server_name)
-            + opt_len(&self.error);
+            + opt_len(&self.error)
+            + pod_len(id);
         (FIXED + variable) as u64
     }
 
     fn to_record_batch(rows: &[Self], host: &str) -> Result<RecordBatch, ArrowError> {
-        batch(
-            Self::schema(),
-            vec![
-                ("schema_version", versions(rows, Self::SCHEMA_VERSION)),
-                ("session_id", strings(rows, |r| &r.session_id)),
-                ("start_time", times(rows, |r| &r.start_time)),
-                ("end_time", times(rows, |r| &r.end_time)),
-                (
-                    "duration_ms",
-                    durations_ms(rows, |r| (&r.start_time, &r.end_time)),
-                ),
-                ("host", strings(rows, |_| host)),
-                ("transport", strings(rows, |r| r.transport)),
-                ("pid", ints(rows, |r| r.identity.pid.into())),
-                ("tid", ints(rows, |r| r.identity.tid.into())),
-                ("uid", ints(rows, |r| r.identity.uid.into())),
-                ("gid", ints(rows, |r| r.identity.gid.into())),
-                ("user", opt_strings(rows, |r| r.identity.user.as_deref())),
-                ("comm", strings(rows, |r| &r.identity.comm)),
-                ("exe", opt_strings(rows, |r| r.identity.exe.as_deref())),
-                (
-                    "cmdline",
-                    opt_strings(rows, |r| r.identity.cmdline.as_deref()),
-                ),
-                // Parquet has no unsigned 64-bit type that every reader maps
-                // well; the id keeps its bits (ids at or above 2^63 read as
-                // negative).
-                ("cgroup_id", ints(rows, |r| r.identity.cgroup_id as i64)),
-                (
-                    "cgroup_path",
-                    opt_strings(rows, |r| r.identity.cgroup_path.as_deref()),
-                ),
-                ("unit", opt_strings(rows, |r| r.identity.unit.as_deref())),
-                (
-                    "container_id",
-                    opt_strings(rows, |r| r.identity.container_id.as_deref()),
-                ),
-                ("workload", opt_strings(rows, |r| r.workload.as_deref())),
-                (
-                    "family",
-                    strings(rows, |r| {
-                        if r.destination.is_ipv4() {
-                            "ipv4"
-                        } else {
-                            "ipv6"
-                        }
-                    }),
-                ),
-                ("dst_addr", addrs(rows, |r| r.destination.ip())),
-                ("dst_port", ports(rows, |r| r.destination.port())),
-                ("protocol", strings(rows, |r| r.protocol)),
-                (
-                    "server_name",
-                    opt_strings(rows, |r| r.server_name.as_deref()),
-                ),
-                ("tls", opt_strings(rows, |r| r.tls)),
-                ("decision", strings(rows, |r| r.decision)),
-                ("rule", strings(rows, |r| &r.rule)),
-                ("bytes_up", ints(rows, |r| saturating_i64(r.bytes_up))),
-                ("bytes_down", ints(rows, |r| saturating_i64(r.bytes_down))),
-                ("error", opt_strings(rows, |r| r.error.as_deref())),
-            ],
-        )
+        let mut columns = vec![
+            ("schema_version", versions(rows, Self::SCHEMA_VERSION)),
+            ("session_id", strings(rows, |r| &r.session_id)),
+            ("start_time", times(rows, |r| &r.start_time)),
+            ("end_time", times(rows, |r| &r.end_time)),
+            (
+                "duration_ms",
+                durations_ms(rows, |r| (&r.start_time, &r.end_time)),
+            ),
+            ("host", strings(rows, |_| host)),
+            ("transport", strings(rows, |r| r.transport)),
+            ("pid", ints(rows, |r| r.identity.pid.into())),
+            ("tid", ints(rows, |r| r.identity.tid.into())),
+            ("uid", ints(rows, |r| r.identity.uid.into())),
+            ("gid", ints(rows, |r| r.identity.gid.into())),
+            ("user", opt_strings(rows, |r| r.identity.user.as_deref())),
+            ("comm", strings(rows, |r| &r.identity.comm)),
+            ("exe", opt_strings(rows, |r| r.identity.exe.as_deref())),
+            (
+                "cmdline",
+                opt_strings(rows, |r| r.identity.cmdline.as_deref()),
+            ),
+            // Parquet has no unsigned 64-bit type that every reader maps
+            // well; the id keeps its bits (ids at or above 2^63 read as
+            // negative).
+            ("cgroup_id", ints(rows, |r| r.identity.cgroup_id as i64)),
+            (
+                "cgroup_path",
+                opt_strings(rows, |r| r.identity.cgroup_path.as_deref()),
+            ),
+            ("unit", opt_strings(rows, |r| r.identity.unit.as_deref())),
+            (
+                "container_id",
+                opt_strings(rows, |r| r.identity.container_id.as_deref()),
+            ),
+            ("workload", opt_strings(rows, |r| r.workload.as_deref())),
+            (
+                "family",
+                strings(rows, |r| {
+                    if r.destination.is_ipv4() {
+                        "ipv4"
+                    } else {
+                        "ipv6"
+                    }
+                }),
+            ),
+            ("dst_addr", addrs(rows, |r| r.destination.ip())),
+            ("dst_port", ports(rows, |r| r.destination.port())),
+            ("protocol", strings(rows, |r| r.protocol)),
+            (
+                "server_name",
+                opt_strings(rows, |r| r.server_name.as_deref()),
+            ),
+            ("tls", opt_strings(rows, |r| r.tls)),
+            ("decision", strings(rows, |r| r.decision)),
+            ("rule", strings(rows, |r| &r.rule)),
+            ("bytes_up", ints(rows, |r| saturating_i64(r.bytes_up))),
+            ("bytes_down", ints(rows, |r| saturating_i64(r.bytes_down))),
+            ("error", opt_strings(rows, |r| r.error.as_deref())),
+        ];
+        columns.extend(pod_columns(rows, |r| &r.identity));
+        batch(Self::schema(), columns)
     }
 }
 
@@ -460,11 +466,12 @@ impl Table for RequestRow {
     fn estimated_size(&self) -> u64 {
         // Fixed-width columns (2 + 8 * 8 + 4 bytes, and 4 bytes of list
         // offsets for each of 3 lists) plus string offsets (4 bytes for each
-        // of 22 strings) plus the short constant strings.
-        const FIXED: usize = 70 + 12 + 88 + 40;
+        // of 27 strings) plus the short constant strings.
+        const FIXED: usize = 70 + 12 + 108 + 40;
         let variable = self.session_id.len()
             + self.rule.len()
             + requester_len(&self.identity)
+            + pod_len(&self.identity)
             + opt_len(&self.workload)
             + opt_len(&self.approval_id)
             + opt_len(&self.database)
@@ -654,6 +661,7 @@ impl Table for RequestRow {
                 }),
             ),
         ]);
+        columns.extend(pod_columns(rows, |r| &r.identity));
         batch(Self::schema(), columns)
     }
 }
@@ -702,6 +710,59 @@ fn requester_len(id: &Identity) -> usize {
         + opt_len(&id.cgroup_path)
         + opt_len(&id.unit)
         + opt_len(&id.container_id)
+}
+
+/// The Kubernetes pod of the process, last in every table that has the
+/// process's columns (added in connections v2, requests v6, approvals v2).
+fn pod_fields() -> [Field; 5] {
+    [
+        Field::new("pod_namespace", DataType::Utf8, true),
+        Field::new("pod_name", DataType::Utf8, true),
+        Field::new("pod_uid", DataType::Utf8, true),
+        Field::new("pod_container", DataType::Utf8, true),
+        Field::new("pod_service_account", DataType::Utf8, true),
+    ]
+}
+
+/// The arrays of [`pod_fields`], in their order.
+fn pod_columns<'a, R>(
+    rows: &'a [R],
+    id: impl Fn(&'a R) -> &'a Identity,
+) -> [(&'static str, ArrayRef); 5] {
+    let pod = |r: &'a R| id(r).pod.as_ref();
+    [
+        (
+            "pod_namespace",
+            opt_strings(rows, |r| pod(r).map(|p| p.namespace.as_str())),
+        ),
+        (
+            "pod_name",
+            opt_strings(rows, |r| pod(r).map(|p| p.name.as_str())),
+        ),
+        (
+            "pod_uid",
+            opt_strings(rows, |r| pod(r).map(|p| p.uid.as_str())),
+        ),
+        (
+            "pod_container",
+            opt_strings(rows, |r| pod(r).and_then(|p| p.container.as_deref())),
+        ),
+        (
+            "pod_service_account",
+            opt_strings(rows, |r| pod(r).and_then(|p| p.service_account.as_deref())),
+        ),
+    ]
+}
+
+/// The variable part of [`pod_columns`] for one row.
+fn pod_len(id: &Identity) -> usize {
+    id.pod.as_ref().map_or(0, |p| {
+        p.namespace.len()
+            + p.name.len()
+            + p.uid.len()
+            + opt_len(&p.container)
+            + opt_len(&p.service_account)
+    })
 }
 
 /// Builds the batch, checking that the arrays come in the schema's order

@@ -61,6 +61,7 @@ fn row(n: u32, start: DateTime<Utc>) -> ConnectionRow {
             cgroup_path: Some("/system.slice/bot.service".into()),
             unit: Some("bot.service".into()),
             container_id: None,
+            pod: None,
         },
         workload: Some("bot".into()),
         destination: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 443),
@@ -153,6 +154,17 @@ fn assert_no_tmp(dir: &Path) {
     assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
 }
 
+/// A pod as the node's files describe it; `container` unknown when none.
+fn a_pod(container: Option<&str>) -> crate::identity::PodIdentity {
+    crate::identity::PodIdentity {
+        namespace: "ai-agents".into(),
+        name: "langchain-7d9f8b6c5-x2kqp".into(),
+        uid: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into(),
+        container: container.map(str::to_string),
+        service_account: container.map(|_| "langchain".to_string()),
+    }
+}
+
 #[tokio::test]
 async fn round_trip_of_every_column_with_nulls() {
     let tmp = tempfile::tempdir().unwrap();
@@ -165,6 +177,7 @@ async fn round_trip_of_every_column_with_nulls() {
         identity: Identity {
             container_id: Some("ab".repeat(32)),
             cgroup_id: u64::MAX,
+            pod: Some(a_pod(Some("agent"))),
             ..row(1, start).identity
         },
         ..row(1, start)
@@ -222,7 +235,7 @@ async fn round_trip_of_every_column_with_nulls() {
         .iter()
         .map(|kv| (kv.key.clone(), kv.value.clone()))
         .collect();
-    assert!(kv.contains(&("warden.schema_version".into(), Some("1".into()))));
+    assert!(kv.contains(&("warden.schema_version".into(), Some("2".into()))));
     assert!(kv.contains(&("warden.table".into(), Some("connections".into()))));
     assert!(matches!(
         meta.row_group(0).column(0).compression(),
@@ -245,7 +258,7 @@ async fn round_trip_of_every_column_with_nulls() {
 
     let b = read(&files[0]);
     assert_eq!(b.num_rows(), 2);
-    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[1, 1]);
+    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[2, 2]);
     assert_eq!(
         strs(&b, "session_id"),
         [Some("s-1".into()), Some("s-2".into())]
@@ -287,6 +300,33 @@ async fn round_trip_of_every_column_with_nulls() {
     );
     assert_eq!(strs(&b, "unit"), [Some("bot.service".into()), None]);
     assert_eq!(strs(&b, "container_id"), [Some("ab".repeat(32)), None]);
+    assert_eq!(strs(&b, "pod_namespace"), [Some("ai-agents".into()), None]);
+    assert_eq!(
+        strs(&b, "pod_name"),
+        [Some("langchain-7d9f8b6c5-x2kqp".into()), None]
+    );
+    assert_eq!(
+        strs(&b, "pod_uid"),
+        [Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into()), None]
+    );
+    assert_eq!(strs(&b, "pod_container"), [Some("agent".into()), None]);
+    assert_eq!(
+        strs(&b, "pod_service_account"),
+        [Some("langchain".into()), None]
+    );
+    // The pod's columns come last (appended in version 2).
+    let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(
+        names[names.len() - 6..],
+        [
+            "error",
+            "pod_namespace",
+            "pod_name",
+            "pod_uid",
+            "pod_container",
+            "pod_service_account"
+        ]
+    );
     assert_eq!(strs(&b, "workload"), [Some("bot".into()), None]);
     assert_eq!(
         strs(&b, "family"),

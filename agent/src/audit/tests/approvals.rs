@@ -49,6 +49,7 @@ async fn approvals_round_trip_of_every_column_with_lists_and_nulls() {
     let requested = ApprovalRow {
         identity: Identity {
             container_id: Some("ab".repeat(32)),
+            pod: Some(a_pod(None)),
             ..row(1, start).identity
         },
         ..approval("ap-1", ApprovalStep::Requested, start)
@@ -112,7 +113,7 @@ async fn approvals_round_trip_of_every_column_with_lists_and_nulls() {
     );
     let kv = kv_metadata(&files[0]);
     assert!(
-        kv.contains(&("warden.schema_version".into(), s("1"))),
+        kv.contains(&("warden.schema_version".into(), s("2"))),
         "{kv:?}"
     );
     assert!(
@@ -167,6 +168,11 @@ async fn approvals_round_trip_of_every_column_with_lists_and_nulls() {
             "quorum",
             "reason",
             "expires_at",
+            "pod_namespace",
+            "pod_name",
+            "pod_uid",
+            "pod_container",
+            "pod_service_account",
         ]
     );
     // The requester's columns are the requests table's, name for name and
@@ -187,6 +193,11 @@ async fn approvals_round_trip_of_every_column_with_lists_and_nulls() {
         "protocol",
         "session_id",
         "rule",
+        "pod_namespace",
+        "pod_name",
+        "pod_uid",
+        "pod_container",
+        "pod_service_account",
     ] {
         assert_eq!(
             approvals_schema().field_with_name(name).unwrap(),
@@ -199,7 +210,7 @@ async fn approvals_round_trip_of_every_column_with_lists_and_nulls() {
     assert_eq!(b.num_rows(), 4);
     assert_eq!(
         col::<Int16Array>(&b, "schema_version").values(),
-        &[1, 1, 1, 1]
+        &[2, 2, 2, 2]
     );
     let times = col::<TimestampMicrosecondArray>(&b, "start_time");
     assert_eq!(times.timezone(), Some("UTC"));
@@ -254,6 +265,17 @@ async fn approvals_round_trip_of_every_column_with_lists_and_nulls() {
         strs(&b, "container_id"),
         [Some("ab".repeat(32)), None, None, None]
     );
+    // A pod whose container and account the node's files did not give.
+    assert_eq!(
+        strs(&b, "pod_namespace"),
+        [s("ai-agents"), None, None, None]
+    );
+    assert_eq!(
+        strs(&b, "pod_uid"),
+        [s("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"), None, None, None]
+    );
+    assert_eq!(strs(&b, "pod_container"), [None, None, None, None]);
+    assert_eq!(strs(&b, "pod_service_account"), [None, None, None, None]);
     assert_eq!(strs(&b, "workload"), [s("bot"), s("bot"), None, s("bot")]);
     assert_eq!(
         strs(&b, "dst_addr"),

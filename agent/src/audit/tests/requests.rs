@@ -95,6 +95,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
         approval_id: Some("ap-1".into()),
         identity: Identity {
             container_id: Some("ab".repeat(32)),
+            pod: Some(a_pod(Some("agent"))),
             ..request(1, 1, start).identity
         },
         ..request(1, 1, start)
@@ -165,7 +166,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
     // File metadata: zstd, key-value metadata, the documented schema.
     let kv = kv_metadata(&files[0]);
     assert!(
-        kv.contains(&("warden.schema_version".into(), s("5"))),
+        kv.contains(&("warden.schema_version".into(), s("6"))),
         "{kv:?}"
     );
     assert!(
@@ -250,12 +251,17 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
             "command",
             "exit_status",
             "recording",
+            "pod_namespace",
+            "pod_name",
+            "pod_uid",
+            "pod_container",
+            "pod_service_account",
         ]
     );
 
     let b = read(&files[0]);
     assert_eq!(b.num_rows(), 3);
-    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[5, 5, 5]);
+    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[6, 6, 6]);
     assert_eq!(strs(&b, "session_id"), [s("s-1"), s("s-2"), s("s-3")]);
     assert_eq!(col::<Int64Array>(&b, "seq").values(), &[1, 7, 2]);
     let starts = col::<TimestampMicrosecondArray>(&b, "start_time");
@@ -285,6 +291,20 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
     assert_eq!(
         strs(&b, "container_id"),
         [Some("ab".repeat(32)), None, None]
+    );
+    assert_eq!(strs(&b, "pod_namespace"), [s("ai-agents"), None, None]);
+    assert_eq!(
+        strs(&b, "pod_name"),
+        [s("langchain-7d9f8b6c5-x2kqp"), None, None]
+    );
+    assert_eq!(
+        strs(&b, "pod_uid"),
+        [s("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"), None, None]
+    );
+    assert_eq!(strs(&b, "pod_container"), [s("agent"), None, None]);
+    assert_eq!(
+        strs(&b, "pod_service_account"),
+        [s("langchain"), None, None]
     );
     assert_eq!(strs(&b, "workload"), [s("bot"), None, s("bot")]);
     assert_eq!(
