@@ -21,6 +21,7 @@ use crate::{
     audit::{AuditConfig, AuditSink, AuditWriter, ConnectionRow, Event, EventRow, RECORDINGS_DIR},
     capture::{Capture, Listener},
     identity::Origin,
+    metrics::Metrics,
     policy::{ApprovalSettings, ConnectionRequest, LivePolicy, Policy, Transport},
     proxy::{Proxy, detect::Protocol, intercept::Interceptor, ssh::HostKeys},
 };
@@ -51,6 +52,8 @@ pub struct AgentOptions {
     pub control_listen: Option<SocketAddr>,
     /// The host keys SSH clients are shown; None relays SSH as opaque bytes.
     pub ssh_host_keys: Option<Arc<HostKeys>>,
+    /// Where Prometheus metrics are served (loopback), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub struct Agent {
@@ -136,8 +139,9 @@ impl Agent {
         capture.set_udp_allowed(&options.policy.udp_allowed_ports())?;
         let audit_dir = options.audit.dir.clone();
         let recordings = audit_dir.join(RECORDINGS_DIR);
-        let (sink, audit) =
-            AuditWriter::start(options.audit).context("starting the audit writer")?;
+        let metrics = options.metrics_listen.map(|_| Arc::new(Metrics::new()));
+        let (sink, audit) = AuditWriter::start_with_metrics(options.audit, metrics.clone())
+            .context("starting the audit writer")?;
         sink.record_event(EventRow::now(
             Event::AgentStarted,
             format!(
@@ -197,6 +201,9 @@ impl Agent {
                 control::serve_tls(addr, tls.authority(), approvals.clone(), cancel.clone())
                     .await?;
             }
+        }
+        if let (Some(addr), Some(metrics)) = (options.metrics_listen, metrics) {
+            crate::metrics::serve(addr, metrics, approvals.clone(), cancel.clone()).await?;
         }
         let proxy = Arc::new(Proxy {
             capture: capture.clone(),

@@ -13,6 +13,7 @@
 //! - [`lineage`]: link statements to the LLM answers that proposed them;
 //! - [`approvals`]: hold requests until OIDC-authenticated reviewers decide;
 //! - [`audit`]: write every connection and decision to Parquet;
+//! - [`metrics`]: count them for Prometheus, on a loopback port;
 //! - [`agent`]: wire the stages together;
 //! - [`run`]: `warden run`, one program in a fresh cgroup.
 pub mod agent;
@@ -24,6 +25,7 @@ pub mod daemon;
 pub mod identity;
 pub mod kubernetes;
 pub mod lineage;
+pub mod metrics;
 pub mod policy;
 pub mod preflight;
 pub mod proxy;

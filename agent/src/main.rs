@@ -69,6 +69,9 @@ enum Command {
         /// Also serve the control API over HTTPS (the agent's CA) on this loopback address; every call there needs a reviewer's ID token.
         #[arg(long)]
         control_listen: Option<std::net::SocketAddr>,
+        /// Serve Prometheus metrics (text format, GET /metrics) on this loopback address, e.g. 127.0.0.1:9464.
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<OsString>,
@@ -292,6 +295,7 @@ fn main() -> ExitCode {
             control_socket,
             review_listen,
             control_listen,
+            metrics_listen,
             command,
         } => {
             let runtime = match tokio::runtime::Runtime::new() {
@@ -312,6 +316,7 @@ fn main() -> ExitCode {
                 control_socket,
                 review_listen,
                 control_listen,
+                metrics_listen,
             };
             match runtime.block_on(run::run(opts)) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -54,6 +54,8 @@ pub struct RunOptions {
     pub review_listen: Option<std::net::SocketAddr>,
     /// Where the control API also listens with TLS, if anywhere.
     pub control_listen: Option<std::net::SocketAddr>,
+    /// Where Prometheus metrics are served, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where PostgreSQL's unix sockets usually are. The TCP hooks do not see
@@ -175,6 +177,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
         review_listen: opts.review_listen,
         control_listen: opts.control_listen,
         ssh_host_keys: Some(ssh_keys),
+        metrics_listen: opts.metrics_listen,
     })
     .await?;
     let cgroup = ManagedCgroup::create(&host.cgroup_root, &format!("run-{me}"))?;

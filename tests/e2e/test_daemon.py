@@ -59,7 +59,8 @@ def kill_all(cgroup: Path):
 class Daemon:
     """`warden daemon` with a configuration in a temporary directory."""
 
-    def __init__(self, tmp: Path, manage: dict, policy: Path | None = None, fail_open: bool = False):
+    def __init__(self, tmp: Path, manage: dict, policy: Path | None = None, fail_open: bool = False,
+                 metrics_port: int | None = None):
         self.tmp = tmp
         self.socket = tmp / "control.sock"
         self.audit_dir = tmp / "audit"
@@ -73,6 +74,8 @@ class Daemon:
         }
         if policy:
             config["policy"] = str(policy)
+        if metrics_port:
+            config["metrics_listen"] = f"127.0.0.1:{metrics_port}"
         # JSON is YAML.
         self.config.write_text(json.dumps(config, indent=2))
         self.log = open(tmp / f"daemon-{time.monotonic_ns()}.log", "w+")
@@ -156,6 +159,12 @@ def connect(port: int) -> str:
         """
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_until(predicate, timeout: float, what: str) -> float:
     start = time.monotonic()
     while not predicate():
@@ -170,7 +179,8 @@ def test_selected_units_are_managed_from_start_and_as_they_appear(pg, slice_dir,
     before.mkdir()
     other = slice_dir / "backup.service"
     other.mkdir()
-    daemon = Daemon(tmp_path, {"units": ["langchain-*.service"]})
+    metrics_port = free_port()
+    daemon = Daemon(tmp_path, {"units": ["langchain-*.service"]}, metrics_port=metrics_port)
     try:
         root = cgroup2_root()
         assert daemon.managed() == [str(before)]
@@ -189,6 +199,18 @@ def test_selected_units_are_managed_from_start_and_as_they_appear(pg, slice_dir,
         assert "managed cgroups: 2" in status.stdout
         assert 'unit langchain-chat.service matches manage.units "langchain-*.service"' in status.stdout
         assert "when stopped: managed cgroups fail closed" in status.stdout
+
+        # The daemon's metrics count what its services did.
+        from prometheus_client.parser import text_string_to_metric_families
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        requests_total = {
+            (s.labels["protocol"], s.labels["decision"]): s.value
+            for f in text_string_to_metric_families(text) if f.name == "warden_requests"
+            for s in f.samples if s.name == "warden_requests_total"
+        }
+        assert requests_total.get(("postgres", "allow"), 0) >= 2, requests_total
 
         # The unit goes: it is released.
         later.rmdir()

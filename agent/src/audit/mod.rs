@@ -58,7 +58,7 @@ pub use self::{
     },
 };
 use self::{files::TableWriter, journal::Journal, schema::Table};
-use crate::{identity::Identity, lineage::Link};
+use crate::{identity::Identity, lineage::Link, metrics::Metrics};
 
 /// One row of the `connections` table.
 #[derive(Clone, Debug)]
@@ -385,12 +385,25 @@ enum AuditRow {
     Approval(Box<ApprovalRow>),
 }
 
+impl AuditRow {
+    fn table(&self) -> &'static str {
+        match self {
+            AuditRow::Connection(_) => CONNECTIONS_TABLE,
+            AuditRow::Request(_) => REQUESTS_TABLE,
+            AuditRow::Event(_) => EVENTS_TABLE,
+            AuditRow::Approval(_) => APPROVALS_TABLE,
+        }
+    }
+}
+
 /// Cheap to clone; never blocks the data path.
 #[derive(Clone)]
 pub struct AuditSink {
     tx: mpsc::Sender<AuditRow>,
     dropped: Arc<AtomicU64>,
     writable: Arc<AtomicBool>,
+    /// Counts every row as it passes, dropped or not.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl AuditSink {
@@ -398,17 +411,26 @@ impl AuditSink {
     /// is behind (the channel is full) or gone, the row is dropped and
     /// counted.
     pub fn record(&self, row: ConnectionRow) {
+        if let Some(m) = &self.metrics {
+            m.observe_connection(&row);
+        }
         self.send(AuditRow::Connection(Box::new(row)));
     }
 
     /// Queues a `requests` row for writing, like [`AuditSink::record`]:
     /// never blocks, and a row that does not fit is dropped and counted.
     pub fn record_request(&self, row: RequestRow) {
+        if let Some(m) = &self.metrics {
+            m.observe_request(&row);
+        }
         self.send(AuditRow::Request(Box::new(row)));
     }
 
     /// Queues an `approvals` row, like [`AuditSink::record`].
     pub fn record_approval(&self, row: ApprovalRow) {
+        if let Some(m) = &self.metrics {
+            m.observe_approval(&row);
+        }
         self.send(AuditRow::Approval(Box::new(row)));
     }
 
@@ -426,9 +448,18 @@ impl AuditSink {
     }
 
     fn send(&self, row: AuditRow) {
+        let table = row.table();
         if self.tx.try_send(row).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = &self.metrics {
+                m.rows_dropped(table, 1);
+            }
         }
+    }
+
+    /// The agent's metrics, when it serves them.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.metrics.as_ref()
     }
 
     /// Rows (of any table) dropped so far: channel full, writer shut
@@ -452,25 +483,39 @@ impl AuditWriter {
     /// crash left half-written, writes the rows of dead agents' journals, and starts the writer task. Must be called
     /// inside a tokio runtime.
     pub fn start(config: AuditConfig) -> anyhow::Result<(AuditSink, AuditWriter)> {
-        Self::start_with_capacity(config, CHANNEL_CAPACITY)
+        Self::start_with_capacity(config, CHANNEL_CAPACITY, None)
+    }
+
+    /// [`AuditWriter::start`], counting the rows in `metrics` as they pass
+    /// the sink and as they are written or dropped.
+    pub fn start_with_metrics(
+        config: AuditConfig,
+        metrics: Option<Arc<Metrics>>,
+    ) -> anyhow::Result<(AuditSink, AuditWriter)> {
+        Self::start_with_capacity(config, CHANNEL_CAPACITY, metrics)
     }
 
     pub(crate) fn start_with_capacity(
         config: AuditConfig,
         capacity: usize,
+        metrics: Option<Arc<Metrics>>,
     ) -> anyhow::Result<(AuditSink, AuditWriter)> {
         let runtime = tokio::runtime::Handle::try_current()
             .context("the audit writer must be started inside a tokio runtime")?;
         let host = files::hostname();
         let dropped = Arc::new(AtomicU64::new(0));
         let writable = Arc::new(AtomicBool::new(true));
+        let drops = Drops {
+            total: dropped.clone(),
+            metrics: metrics.clone(),
+        };
         let (connections, recovered_connections) =
-            TableState::open(&config, host.clone(), dropped.clone())?;
+            TableState::open(&config, host.clone(), drops.clone())?;
         let (requests, recovered_requests) =
-            TableState::open(&config, host.clone(), dropped.clone())?;
+            TableState::open(&config, host.clone(), drops.clone())?;
         let (approvals, recovered_approvals) =
-            TableState::open(&config, host.clone(), dropped.clone())?;
-        let (events, recovered_events) = TableState::open(&config, host, dropped.clone())?;
+            TableState::open(&config, host.clone(), drops.clone())?;
+        let (events, recovered_events) = TableState::open(&config, host, drops)?;
         let mut state = WriterState {
             connections,
             requests,
@@ -514,6 +559,7 @@ impl AuditWriter {
                 tx,
                 dropped: dropped.clone(),
                 writable,
+                metrics,
             },
             AuditWriter {
                 stop: stop_tx,
@@ -753,8 +799,8 @@ impl WriterState {
             self.approvals.close_journal(),
             self.events.close_journal(),
         ];
+        // Each table counted its own lost rows.
         let lost: usize = kept.iter().filter_map(|k| k.as_ref().err()).sum();
-        self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
         let Some((path, rows, err)) = failed.into_iter().next() else {
             return Ok(written);
         };
@@ -816,18 +862,22 @@ struct TableState<T> {
     failures: u32,
     /// Rows of this table written so far.
     written: u64,
-    dropped: Arc<AtomicU64>,
+    drops: Drops,
+}
+
+/// Where a table counts the rows it loses: the agent's total (shared with
+/// the sinks) and, when served, the metrics by table.
+#[derive(Clone)]
+struct Drops {
+    total: Arc<AtomicU64>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<T: Table> TableState<T> {
     /// Creates the table's directory, removes the temporary files a crash
     /// left in it, writes the rows of dead agents' journals, and starts
     /// this agent's journal.
-    fn open(
-        config: &AuditConfig,
-        host: String,
-        dropped: Arc<AtomicU64>,
-    ) -> anyhow::Result<(Self, Recovery)> {
+    fn open(config: &AuditConfig, host: String, drops: Drops) -> anyhow::Result<(Self, Recovery)> {
         let writer = TableWriter::<T>::new(&config.dir, host);
         prepare_dir(writer.table_dir())?;
         let recovered = recover_table(&writer)?;
@@ -851,7 +901,7 @@ impl<T: Table> TableState<T> {
             retry_at: None,
             failures: 0,
             written: 0,
-            dropped,
+            drops,
         };
         Ok((state, recovered))
     }
@@ -863,13 +913,20 @@ impl<T: Table> TableState<T> {
         if self.buffered_bytes.saturating_add(size) > self.max_pending_bytes {
             // Only reachable while writes fail: rows kept for the retry have
             // filled their bound.
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.count_dropped(1);
             return false;
         }
         self.first_row_at.get_or_insert_with(Instant::now);
         self.buffered_bytes += size;
         self.buffer.push(row);
         self.retry_at.is_none() && self.buffered_bytes >= self.rotate_bytes
+    }
+
+    fn count_dropped(&self, rows: u64) {
+        self.drops.total.fetch_add(rows, Ordering::Relaxed);
+        if let Some(m) = &self.drops.metrics {
+            m.rows_dropped(T::NAME, rows);
+        }
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -962,6 +1019,7 @@ impl<T: Table> TableState<T> {
             && let Err(err) = self.rejournal()
         {
             tracing::error!(table = T::NAME, error = %err, "audit: cannot keep the rows left in the journal");
+            self.count_dropped(self.buffer.len() as u64);
             return Err(self.buffer.len());
         }
         Ok(Some(self.journal.path().to_path_buf()))
@@ -1033,7 +1091,7 @@ impl<T: Table> TableState<T> {
             Ok(results) => results,
             Err(e) => {
                 // The rows went with the blocking task.
-                self.dropped.fetch_add(count as u64, Ordering::Relaxed);
+                self.count_dropped(count as u64);
                 tracing::error!(table = T::NAME, rows = count, error = %e, "audit: the file writer failed; rows lost");
                 return Vec::new();
             }
@@ -1043,6 +1101,9 @@ impl<T: Table> TableState<T> {
             match result {
                 Ok(path) => {
                     self.written += rows.len() as u64;
+                    if let Some(m) = &self.drops.metrics {
+                        m.rows_written(T::NAME, rows.len() as u64);
+                    }
                     tracing::debug!(path = %path.display(), rows = rows.len(), "audit: wrote file");
                 }
                 Err(err) => {

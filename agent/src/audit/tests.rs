@@ -510,7 +510,7 @@ async fn counts_drops_when_the_channel_is_full() {
     let tmp = tempfile::tempdir().unwrap();
     // On the current-thread test runtime the writer task does not run until
     // this test awaits, so the channel of 4 fills up.
-    let (sink, writer) = AuditWriter::start_with_capacity(config(tmp.path()), 4).unwrap();
+    let (sink, writer) = AuditWriter::start_with_capacity(config(tmp.path()), 4, None).unwrap();
     let clone = sink.clone();
     for n in 0..10 {
         clone.record(row(n, Utc::now()));

@@ -117,6 +117,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         serve_control: true,
         review_listen: config.review_listen,
         control_listen: config.control_listen,
+        metrics_listen: config.metrics_listen,
         ssh_host_keys: Some(ssh_keys),
     })
     .await?;

@@ -28,6 +28,7 @@ use crate::{
     capture::Capture,
     identity::{Identity, Origin},
     lineage::Lineage,
+    metrics::Metrics,
     policy::{Action, ConnectionRequest, LivePolicy, OnAuditFailure, Transport},
 };
 use bytes::Bytes;
@@ -78,7 +79,11 @@ impl Proxy {
             match accepted {
                 Ok((stream, peer)) => {
                     let proxy = self.clone();
-                    tracker.spawn(async move { proxy.handle(stream, peer).await });
+                    let open = proxy.audit.metrics().map(Metrics::connection_opened);
+                    tracker.spawn(async move {
+                        proxy.handle(stream, peer).await;
+                        drop(open);
+                    });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -91,6 +96,7 @@ impl Proxy {
 
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {
         let start_time = Utc::now();
+        let accepted = std::time::Instant::now();
         let session_id = uuid::Uuid::now_v7().to_string();
         let local = client.local_addr().unwrap_or(peer);
 
@@ -183,6 +189,9 @@ impl Proxy {
                 return;
             }
         };
+        if let Some(m) = self.audit.metrics() {
+            m.connection_set_up(accepted);
+        }
         let _ = upstream.set_nodelay(true);
         let _ = client.set_nodelay(true);
 

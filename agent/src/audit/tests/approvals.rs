@@ -422,7 +422,7 @@ async fn approval_drops_are_counted_like_the_other_tables() {
     let tmp = tempfile::tempdir().unwrap();
     // The writer task does not run before this test awaits: the channel of
     // 2 fills up.
-    let (sink, writer) = AuditWriter::start_with_capacity(config(tmp.path()), 2).unwrap();
+    let (sink, writer) = AuditWriter::start_with_capacity(config(tmp.path()), 2, None).unwrap();
     let now = Utc::now();
     for _ in 0..3 {
         sink.record_approval(approval("ap-1", ApprovalStep::Requested, now));

@@ -543,7 +543,7 @@ async fn request_drops_are_counted_like_connection_drops() {
     let tmp = tempfile::tempdir().unwrap();
     // The writer task does not run before this test awaits: the channel of 4
     // (shared by both tables) fills up.
-    let (sink, writer) = AuditWriter::start_with_capacity(config(tmp.path()), 4).unwrap();
+    let (sink, writer) = AuditWriter::start_with_capacity(config(tmp.path()), 4, None).unwrap();
     let now = Utc::now();
     sink.record(row(1, now));
     for n in 0..6 {
