@@ -24,6 +24,7 @@ use crate::{
     metrics::Metrics,
     policy::{ApprovalSettings, ConnectionRequest, LivePolicy, Policy, Transport},
     proxy::{Proxy, detect::Protocol, intercept::Interceptor, ssh::HostKeys},
+    tls::Authority,
 };
 
 pub struct AgentOptions {
@@ -79,6 +80,9 @@ struct Core {
     reasons: Mutex<BTreeMap<PathBuf, (String, DateTime<Utc>)>>,
     /// What is wrong now, by subject, for `warden status`.
     problems: Mutex<BTreeMap<String, String>>,
+    /// What programs must trust: the CA, the SSH host keys.
+    authority: Option<Arc<Authority>>,
+    ssh_host_keys: Option<Arc<HostKeys>>,
 }
 
 /// What `warden status` shows.
@@ -172,6 +176,8 @@ impl Agent {
             started: now,
             reasons: Mutex::default(),
             problems: Mutex::default(),
+            authority: options.tls.as_ref().map(|t| t.authority().clone()),
+            ssh_host_keys: options.ssh_host_keys.clone(),
         });
         if approvals.is_some() || options.serve_control {
             let socket = options.control_socket;
@@ -244,27 +250,12 @@ impl Agent {
     /// [`Agent::attach`], remembered with the reason for `warden status`
     /// and written to the audit's events.
     pub fn manage(&self, cgroup: &Path, reason: &str) -> anyhow::Result<()> {
-        self.attach(cgroup)?;
-        self.core
-            .reasons
-            .lock()
-            .expect("agent lock")
-            .insert(cgroup.to_path_buf(), (reason.to_string(), Utc::now()));
-        self.core.sink.record_event(EventRow::now(
-            Event::CgroupAttached,
-            format!("{}: {reason}", cgroup.display()),
-        ));
-        Ok(())
+        self.core.manage(cgroup, reason)
     }
 
     /// Stop managing a cgroup (it went, or no longer matches).
     pub fn release(&self, cgroup: &Path, why: &str) {
-        self.detach(cgroup);
-        self.core.reasons.lock().expect("agent lock").remove(cgroup);
-        self.core.sink.record_event(EventRow::now(
-            Event::CgroupDetached,
-            format!("{}: {why}", cgroup.display()),
-        ));
+        self.core.release(cgroup, why);
     }
 
     pub fn detach(&self, cgroup: &Path) {
@@ -350,6 +341,30 @@ pub enum Detach {
 }
 
 impl Core {
+    fn manage(&self, cgroup: &Path, reason: &str) -> anyhow::Result<()> {
+        self.capture
+            .attach(cgroup)
+            .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
+        self.reasons
+            .lock()
+            .expect("agent lock")
+            .insert(cgroup.to_path_buf(), (reason.to_string(), Utc::now()));
+        self.sink.record_event(EventRow::now(
+            Event::CgroupAttached,
+            format!("{}: {reason}", cgroup.display()),
+        ));
+        Ok(())
+    }
+
+    fn release(&self, cgroup: &Path, why: &str) {
+        self.capture.detach(cgroup);
+        self.reasons.lock().expect("agent lock").remove(cgroup);
+        self.sink.record_event(EventRow::now(
+            Event::CgroupDetached,
+            format!("{}: {why}", cgroup.display()),
+        ));
+    }
+
     /// A reload is all or nothing: a policy that does not load, or that
     /// changes what is read only at start, is refused with the reason and
     /// the old one stays in force. Either way it is an audit event.
@@ -437,6 +452,48 @@ impl control::Operations for Core {
 
     fn reload_policy(&self) -> Result<String, String> {
         self.reload().map_err(|e| format!("{e:#}"))
+    }
+
+    fn trust(&self) -> serde_json::Value {
+        let policy = self.policy.current();
+        serde_json::json!({
+            "ca_pem": self.authority.as_ref().map(|a| a.ca_pem()),
+            "ssh_known_hosts": self.ssh_host_keys.as_ref().map(|k| k.known_hosts(policy.ssh_logins())),
+            "audit_dir": self.audit_dir,
+        })
+    }
+
+    fn attach_run(&self, cgroup: &Path, reason: &str) -> Result<(), String> {
+        run_cgroup(cgroup)?;
+        self.manage(cgroup, reason).map_err(|e| format!("{e:#}"))
+    }
+
+    fn release_run(&self, cgroup: &Path) -> Result<(), String> {
+        run_cgroup(cgroup)?;
+        if !self.capture.attached().iter().any(|c| c == cgroup) {
+            return Err(format!("{} is not managed by this agent", cgroup.display()));
+        }
+        self.release(cgroup, "the program of `warden run` ended");
+        Ok(())
+    }
+}
+
+/// `warden run` asks only for the cgroups it makes, `<root>/warden/run-<pid>`.
+fn run_cgroup(cgroup: &Path) -> Result<(), String> {
+    let parent_is_warden = cgroup
+        .parent()
+        .and_then(Path::file_name)
+        .is_some_and(|n| n == "warden");
+    let named_run = cgroup
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("run-"));
+    if parent_is_warden && named_run && cgroup.is_absolute() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not a cgroup of `warden run` (<cgroup root>/warden/run-<pid>); the daemon manages others by its configuration's manage:",
+            cgroup.display()
+        ))
     }
 }
 

@@ -72,6 +72,9 @@ enum Command {
         /// Serve Prometheus metrics (text format, GET /metrics) on this loopback address, e.g. 127.0.0.1:9464.
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Start an agent of this run's own even when a `warden daemon` answers on the control socket.
+        #[arg(long)]
+        standalone: bool,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<OsString>,
@@ -296,6 +299,7 @@ fn main() -> ExitCode {
             review_listen,
             control_listen,
             metrics_listen,
+            standalone,
             command,
         } => {
             let runtime = match tokio::runtime::Runtime::new() {
@@ -316,6 +320,7 @@ fn main() -> ExitCode {
                 control_socket,
                 review_listen,
                 control_listen,
+                standalone,
                 metrics_listen,
             };
             match runtime.block_on(run::run(opts)) {

@@ -13,8 +13,11 @@ use std::{
 use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
 
+use http::Method;
+
 use crate::{
     agent::{Agent, AgentOptions, Detach},
+    approvals::control::Client,
     audit::AuditConfig,
     capture,
     cgroup::ManagedCgroup,
@@ -54,6 +57,8 @@ pub struct RunOptions {
     pub review_listen: Option<std::net::SocketAddr>,
     /// Where the control API also listens with TLS, if anywhere.
     pub control_listen: Option<std::net::SocketAddr>,
+    /// Start an agent of the run's own even when a daemon runs.
+    pub standalone: bool,
     /// Where Prometheus metrics are served, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -86,10 +91,14 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 /// Runs the program to its end and returns the exit code to leave with.
 pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
     let host = preflight::check()?;
-    let policy = match &opts.policy {
-        Some(path) => Policy::load(path)?,
-        None => Policy::embedded_default(),
+    let daemon = if opts.standalone {
+        None
+    } else {
+        DaemonLink::find(&opts.control_socket).await
     };
+    if daemon.is_some() {
+        refuse_agent_flags(&opts)?;
+    }
     let target = match &opts.user {
         Some(name) => Some(TargetUser::lookup(name)?),
         None => {
@@ -100,6 +109,148 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
             None
         }
     };
+    // The agent lifts its descriptor limit; the program keeps the one it was given.
+    let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    let me = std::process::id();
+    let (protection, trust) = match daemon {
+        Some(link) => {
+            let trust = link.trust().await?;
+            (Protection::Daemon(link), trust)
+        }
+        None => {
+            let (agent, trust) = start_agent(&opts, &host, me).await?;
+            (Protection::Embedded(agent), trust)
+        }
+    };
+
+    // The child trusts the agent's CA through a bundle of its own, beside
+    // the system's roots, and its SSH host keys; they go when the run ends.
+    let run_dir = std::env::temp_dir().join(format!("warden-run-{me}"));
+    let prepared = async {
+        let mut child_env = Vec::new();
+        let mut mounts = Vec::new();
+        if trust.ca_pem.is_some() || !trust.known_hosts.is_empty() {
+            fs::create_dir_all(&run_dir)
+                .with_context(|| format!("creating {}", run_dir.display()))?;
+            fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755))?;
+        }
+        if let Some(pem) = &trust.ca_pem {
+            let bundle = run_dir.join("ca-bundle.pem");
+            tls::write_trust_bundle(pem, &bundle)?;
+            child_env.extend(TRUST_VARIABLES.iter().map(|v| (*v, bundle.clone())));
+        }
+        if !trust.known_hosts.is_empty() {
+            let home = target
+                .as_ref()
+                .map(|u| u.home.clone())
+                .or_else(|| std::env::var_os("HOME").map(PathBuf::from));
+            let (trusted, ssh_mounts) =
+                ssh_known_hosts(&run_dir, &trust.known_hosts, home.as_deref())?;
+            child_env.push((KNOWN_HOSTS_VARIABLE, trusted));
+            mounts.extend(ssh_mounts);
+        }
+        let mut hide_paths = opts.hide_paths.clone();
+        if trust.hide_control_socket {
+            hide_paths.push(opts.control_socket.clone());
+        }
+        mounts.splice(0..0, out_of_reach(&hide_paths)?);
+        let cgroup = ManagedCgroup::create(&host.cgroup_root, &format!("run-{me}"))?;
+        anyhow::Ok((cgroup, child_env, mounts))
+    }
+    .await;
+    let (cgroup, child_env, mounts) = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            protection.finish(None, opts.grace).await?;
+            let _ = fs::remove_dir_all(&run_dir);
+            return Err(e);
+        }
+    };
+
+    let outcome = async {
+        protection.attach(cgroup.path(), &opts.command).await?;
+        let mut child = spawn(
+            &opts.command,
+            &cgroup,
+            target.as_ref(),
+            &child_env,
+            &trust.hidden_env,
+            fd_limit,
+            mounts,
+        )?;
+        supervise(&mut child).await
+    }
+    .await;
+
+    // Whatever the program left behind in its cgroup goes with it, before
+    // the programs detach, so that nothing runs on unprotected.
+    let leftovers = cgroup.pids();
+    if !leftovers.is_empty() {
+        tracing::info!(
+            count = leftovers.len(),
+            "stopping processes the program left running"
+        );
+    }
+    let path = cgroup.path().to_path_buf();
+    let removed = cgroup.kill_and_remove(Duration::from_secs(5));
+    protection.finish(Some(&path), opts.grace).await?;
+    let _ = fs::remove_dir_all(&run_dir);
+    removed?;
+    outcome
+}
+
+/// What the program needs to talk through the agent that protects it.
+struct Trust {
+    ca_pem: Option<String>,
+    known_hosts: String,
+    /// Variables of ours that hold a real credential: not passed on.
+    hidden_env: Vec<OsString>,
+    /// The control socket is the agent's: the program must not reach it.
+    hide_control_socket: bool,
+}
+
+/// Who protects the program: an agent of its own, or the host's daemon.
+enum Protection {
+    Embedded(Agent),
+    Daemon(DaemonLink),
+}
+
+impl Protection {
+    async fn attach(&self, cgroup: &Path, command: &[OsString]) -> anyhow::Result<()> {
+        match self {
+            Protection::Embedded(agent) => agent.attach(cgroup),
+            Protection::Daemon(link) => link.attach(cgroup, command).await,
+        }
+    }
+
+    /// The embedded agent stops (its audit flushed); the daemon is told the
+    /// program's cgroup is gone.
+    async fn finish(self, cgroup: Option<&Path>, grace: Duration) -> anyhow::Result<()> {
+        match self {
+            Protection::Embedded(agent) => {
+                let report = agent.stop(grace, Detach::All).await?;
+                tracing::info!(rows = report.rows_written, "audit flushed");
+            }
+            Protection::Daemon(link) => {
+                if let Some(cgroup) = cgroup {
+                    link.release(cgroup).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An agent of the run's own, with the policy and state its flags give.
+async fn start_agent(
+    opts: &RunOptions,
+    host: &preflight::Host,
+    me: u32,
+) -> anyhow::Result<(Agent, Trust)> {
+    let policy = match &opts.policy {
+        Some(path) => Policy::load(path)?,
+        None => Policy::embedded_default(),
+    };
     let stale = capture::stale_pin_dirs(&host.bpffs);
     if !stale.is_empty() {
         tracing::warn!(
@@ -107,63 +258,48 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
             "agents that died left their cgroups failing closed; `warden cleanup` lists and releases them"
         );
     }
-
     let from_policy = policy.audit_settings();
     let defaults = AuditConfig::default();
     let audit = AuditConfig {
-        dir: opts.audit_dir.or(from_policy.dir).unwrap_or(defaults.dir),
+        dir: opts
+            .audit_dir
+            .clone()
+            .or(from_policy.dir)
+            .unwrap_or(defaults.dir),
         rotate_every: from_policy.rotate.unwrap_or(defaults.rotate_every),
         retention: from_policy.retention,
         ..defaults
     };
-
-    // The agent lifts its descriptor limit; the program keeps the one it was given.
-    let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
-    let me = std::process::id();
-    // The child trusts the agent's CA through a bundle of its own, beside
-    // the system's roots; it goes when the run ends.
-    let run_dir = std::env::temp_dir().join(format!("warden-run-{me}"));
-    let mut child_env = Vec::new();
     let interceptor = if opts.intercept_tls {
         let authority = Arc::new(Authority::load_or_create(&opts.state_dir.join("ca"))?);
         let upstream = tls::upstream_config(&opts.upstream_ca, &[])?;
-        fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-        fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755))?;
-        let bundle = run_dir.join("ca-bundle.pem");
-        tls::write_trust_bundle(&authority, &bundle)?;
-        child_env.extend(TRUST_VARIABLES.iter().map(|v| (*v, bundle.clone())));
         Some(Interceptor::new(authority, upstream))
     } else {
         None
     };
-    // SSH clients of the program trust the keys the agent shows them.
     let ssh_keys = Arc::new(HostKeys::load_or_create(&opts.state_dir.join("ssh"))?);
-    let mut mounts = Vec::new();
-    if policy.ssh_logins().next().is_some() {
-        let home = target
+    let trust = Trust {
+        ca_pem: interceptor
             .as_ref()
-            .map(|u| u.home.clone())
-            .or_else(|| std::env::var_os("HOME").map(PathBuf::from));
-        let lines = ssh_keys.known_hosts(policy.ssh_logins());
-        let (trusted, ssh_mounts) = ssh_known_hosts(&run_dir, &lines, home.as_deref())?;
-        child_env.push((KNOWN_HOSTS_VARIABLE, trusted));
-        mounts.extend(ssh_mounts);
-    }
-    // The real keys stay with the agent: a variable that holds one (the
-    // policy's `api_key_env`, or any copy) is not passed on.
-    let hidden: Vec<OsString> = std::env::vars_os()
-        .filter(|(_, value)| {
-            policy
-                .credential_secrets()
-                .any(|s| value.as_encoded_bytes() == s.as_bytes())
-        })
-        .map(|(name, _)| name)
-        .collect();
-    // The program never reaches the control API: it could read what waits.
-    let mut hide_paths = opts.hide_paths.clone();
-    if policy.approvals().is_some() {
-        hide_paths.push(opts.control_socket.clone());
-    }
+            .map(|i| i.authority().ca_pem().to_string()),
+        known_hosts: if policy.ssh_logins().next().is_some() {
+            ssh_keys.known_hosts(policy.ssh_logins())
+        } else {
+            String::new()
+        },
+        // The real keys stay with the agent: a variable that holds one
+        // (the policy's `api_key_env`, or any copy) is not passed on.
+        hidden_env: std::env::vars_os()
+            .filter(|(_, value)| {
+                policy
+                    .credential_secrets()
+                    .any(|s| value.as_encoded_bytes() == s.as_bytes())
+            })
+            .map(|(name, _)| name)
+            .collect(),
+        // The program never reaches the control API: it could read what waits.
+        hide_control_socket: policy.approvals().is_some(),
+    };
     let agent = Agent::start(AgentOptions {
         listen_port: opts.listen_port,
         policy,
@@ -180,41 +316,107 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
         metrics_listen: opts.metrics_listen,
     })
     .await?;
-    let cgroup = ManagedCgroup::create(&host.cgroup_root, &format!("run-{me}"))?;
+    Ok((agent, trust))
+}
 
-    let outcome = async {
-        agent.attach(cgroup.path())?;
-        let mut child = spawn(
-            &opts.command,
-            &cgroup,
-            target.as_ref(),
-            &child_env,
-            &hidden,
-            fd_limit,
-            out_of_reach(&hide_paths)?
-                .into_iter()
-                .chain(mounts)
-                .collect(),
-        )?;
-        supervise(&mut child).await
+/// With a daemon on the host, its policy, audit and CA apply to `warden
+/// run` too: flags that would set up an agent of the run's own are
+/// refused rather than silently ignored.
+fn refuse_agent_flags(opts: &RunOptions) -> anyhow::Result<()> {
+    let given = [
+        ("--policy", opts.policy.is_some()),
+        ("--audit-dir", opts.audit_dir.is_some()),
+        ("--listen-port", opts.listen_port != 0),
+        ("--upstream-ca", !opts.upstream_ca.is_empty()),
+        ("--no-tls-intercept", !opts.intercept_tls),
+        ("--review-listen", opts.review_listen.is_some()),
+        ("--control-listen", opts.control_listen.is_some()),
+        ("--metrics-listen", opts.metrics_listen.is_some()),
+    ];
+    let set: Vec<&str> = given
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(f, _)| *f)
+        .collect();
+    if set.is_empty() {
+        return Ok(());
     }
-    .await;
+    bail!(
+        "a warden daemon serves {} on this host, and its policy, audit and CA apply to `warden run` too, \
+         so {} would be ignored: drop {}, or pass --standalone to run an agent of this run's own",
+        opts.control_socket.display(),
+        set.join(", "),
+        if set.len() == 1 { "it" } else { "them" }
+    )
+}
 
-    // Whatever the program left behind in its cgroup goes with it, before
-    // the programs detach, so that nothing runs on unprotected.
-    let leftovers = cgroup.pids();
-    if !leftovers.is_empty() {
-        tracing::info!(
-            count = leftovers.len(),
-            "stopping processes the program left running"
+/// The host's daemon, over its control socket.
+struct DaemonLink {
+    client: Client,
+}
+
+impl DaemonLink {
+    /// The daemon, when one answers on `socket`.
+    async fn find(socket: &Path) -> Option<DaemonLink> {
+        if !socket.exists() {
+            return None;
+        }
+        let client = Client::new(socket.to_path_buf());
+        match client.call(Method::GET, "/v1/status", None, None).await {
+            Ok((status, _)) if status.is_success() => {
+                tracing::info!(socket = %socket.display(), "a warden daemon protects this run");
+                Some(DaemonLink { client })
+            }
+            _ => None,
+        }
+    }
+
+    async fn trust(&self) -> anyhow::Result<Trust> {
+        let answer = self.call(Method::GET, "/v1/trust", None).await?;
+        Ok(Trust {
+            ca_pem: answer["ca_pem"].as_str().map(str::to_string),
+            known_hosts: answer["ssh_known_hosts"].as_str().unwrap_or("").to_string(),
+            // The daemon's credentials are in its own environment and files.
+            hidden_env: Vec::new(),
+            hide_control_socket: true,
+        })
+    }
+
+    async fn attach(&self, cgroup: &Path, command: &[OsString]) -> anyhow::Result<()> {
+        let command: Vec<String> = command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let reason = format!(
+            "warden run -- {} (pid {})",
+            command.join(" "),
+            std::process::id()
         );
+        let body = serde_json::json!({ "cgroup": cgroup, "reason": reason });
+        self.call(Method::POST, "/v1/runs", Some(body)).await?;
+        Ok(())
     }
-    let removed = cgroup.kill_and_remove(Duration::from_secs(5));
-    let report = agent.stop(opts.grace, Detach::All).await?;
-    tracing::info!(rows = report.rows_written, "audit flushed");
-    let _ = fs::remove_dir_all(&run_dir);
-    removed?;
-    outcome
+
+    async fn release(&self, cgroup: &Path) -> anyhow::Result<()> {
+        let body = serde_json::json!({ "cgroup": cgroup });
+        self.call(Method::POST, "/v1/runs/release", Some(body))
+            .await?;
+        Ok(())
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let (status, answer) = self.client.call(method, path, None, body).await?;
+        if !status.is_success() {
+            let why = answer["error"].as_str().unwrap_or("the daemon refused");
+            bail!("the warden daemon: {why}");
+        }
+        Ok(answer)
+    }
 }
 
 /// Forward termination signals and wait; returns the exit code.

@@ -335,3 +335,55 @@ def test_a_bad_configuration_names_its_line(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "1 unit patterns, 0 cgroups, fail closed" in out.stdout
     assert "embedded default policy" in out.stdout
+
+
+def test_warden_run_uses_the_daemon_when_one_runs(pg, tmp_path):
+    daemon = Daemon(tmp_path, {})
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    code = textwrap.dedent(f"""
+        import json, os, pathlib, socket, time, psycopg
+        pathlib.Path({str(ready)!r}).touch()
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.02)
+        with psycopg.connect({pg.dsn!r}, autocommit=True) as conn:
+            conn.execute("SELECT 'through the daemon'").fetchall()
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect({str(daemon.socket)!r})
+            control = "reached"
+        except OSError as e:
+            control = type(e).__name__
+        print(json.dumps({{"bundle": open(os.environ["SSL_CERT_FILE"]).read(), "control": control}}))
+        """)
+    run = subprocess.Popen([WARDEN, "run", "--control-socket", str(daemon.socket), "--", sys.executable, "-c", code],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(ready.exists, 30, "the program's start")
+        attached = daemon.status()["attached"]
+        assert [a["cgroup"] for a in attached] == [str(cgroup2_root() / "warden" / f"run-{run.pid}")], attached
+        assert attached[0]["reason"].startswith("warden run -- "), attached
+        go.touch()
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 0, err
+        report = json.loads(out.strip().splitlines()[-1])
+        # The program trusts the daemon's CA, and cannot reach its control socket.
+        ca = subprocess.run([WARDEN, "ca", "export", "--state-dir", str(tmp_path / "state")],
+                            capture_output=True, text=True, check=True).stdout
+        assert report["bundle"].rstrip().endswith(ca.rstrip())
+        assert report["control"] != "reached", report
+        assert daemon.status()["attached"] == []
+
+        # Flags that would set up an agent of the run's own are refused, not ignored.
+        refused = subprocess.run([WARDEN, "run", "--control-socket", str(daemon.socket), "--policy", "/dev/null",
+                                  "--", "true"], capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 125
+        assert "--policy would be ignored" in refused.stderr and "--standalone" in refused.stderr, refused.stderr
+    finally:
+        if run.poll() is None:
+            run.kill()
+        assert daemon.stop() == 0, daemon.output()
+        subprocess.run([WARDEN, "cleanup"], capture_output=True)
+    rows = read_requests(daemon.audit_dir, "statement = 'SELECT ''through the daemon'''")
+    assert len(rows) == 1 and rows[0]["decision"] == "allow", rows
+    events = [e for e, _ in daemon.events()]
+    assert events.count("cgroup_attached") == 1 and events.count("cgroup_detached") == 1, events

@@ -4,6 +4,11 @@
 //!
 //! - `GET /v1/status`: what the agent manages and what is wrong;
 //! - `POST /v1/policy/reload`: reread the policy file;
+//! - `GET /v1/trust`: what a program must trust to talk through the agent
+//!   (its CA, its SSH host keys), for `warden run`;
+//! - `POST /v1/runs` with `{"cgroup": ..., "reason": ...}`: manage the
+//!   cgroup `warden run` made for its program; `POST /v1/runs/release`
+//!   with `{"cgroup": ...}` when the program is gone;
 //! - `GET /v1/approvals`: the requests waiting;
 //! - `GET /v1/approvals/{id}`: one of them, with all its context;
 //! - `POST /v1/approvals/{id}/approve`: approve, as the reviewer whose
@@ -70,6 +75,9 @@ pub trait Operations: Send + Sync {
     fn status(&self) -> serde_json::Value;
     /// The new policy's summary, or why the old one stays in force.
     fn reload_policy(&self) -> Result<String, String>;
+    fn trust(&self) -> serde_json::Value;
+    fn attach_run(&self, cgroup: &Path, reason: &str) -> Result<(), String>;
+    fn release_run(&self, cgroup: &Path) -> Result<(), String>;
 }
 
 /// What the socket serves: approvals when the policy holds requests for
@@ -150,6 +158,9 @@ where
 enum Route {
     Status,
     Reload,
+    Trust,
+    AttachRun,
+    ReleaseRun,
     List,
     Show(String),
     Approve(String),
@@ -162,6 +173,9 @@ fn route<B>(req: &Request<B>) -> Route {
     match (req.method(), parts.as_slice()) {
         (&Method::GET, ["v1", "status"]) => Route::Status,
         (&Method::POST, ["v1", "policy", "reload"]) => Route::Reload,
+        (&Method::GET, ["v1", "trust"]) => Route::Trust,
+        (&Method::POST, ["v1", "runs"]) => Route::AttachRun,
+        (&Method::POST, ["v1", "runs", "release"]) => Route::ReleaseRun,
         (&Method::GET, ["v1", "approvals"]) => Route::List,
         (&Method::GET, ["v1", "approvals", id]) => Route::Show(id.to_string()),
         (&Method::POST, ["v1", "approvals", id, "approve"]) => Route::Approve(id.to_string()),
@@ -179,21 +193,18 @@ async fn handle(
     access: Access,
 ) -> Response<Full<Bytes>> {
     let route = route(&req);
-    match (&route, &services.operations) {
-        (Route::Status, Some(ops)) => return json(StatusCode::OK, &ops.status()),
-        (Route::Reload, Some(ops)) => {
-            return match ops.reload_policy() {
-                Ok(summary) => json(StatusCode::OK, &serde_json::json!({ "policy": summary })),
-                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
-            };
-        }
-        (Route::Status | Route::Reload, None) => {
+    let operation = matches!(
+        route,
+        Route::Status | Route::Reload | Route::Trust | Route::AttachRun | Route::ReleaseRun
+    );
+    if operation {
+        let Some(ops) = services.operations else {
             return error(
                 StatusCode::NOT_FOUND,
                 "this endpoint is the daemon's: `warden run` agents serve approvals only",
             );
-        }
-        _ => {}
+        };
+        return operate(route, req, ops.as_ref()).await;
     }
     let Some(approvals) = services.approvals else {
         return error(StatusCode::NOT_FOUND, NO_APPROVALS);
@@ -240,11 +251,73 @@ async fn handle(
                 Err(e) => failure(&e),
             }
         }
-        Route::Status | Route::Reload | Route::Unknown => error(
+        Route::Status
+        | Route::Reload
+        | Route::Trust
+        | Route::AttachRun
+        | Route::ReleaseRun
+        | Route::Unknown => error(
             StatusCode::NOT_FOUND,
             "no such endpoint: GET /v1/status, POST /v1/policy/reload, GET /v1/approvals, GET /v1/approvals/{id}, POST /v1/approvals/{id}/approve, POST /v1/approvals/{id}/reject",
         ),
     }
+}
+
+async fn operate(
+    route: Route,
+    req: Request<Incoming>,
+    ops: &dyn Operations,
+) -> Response<Full<Bytes>> {
+    let done = |result: Result<(), String>| match result {
+        Ok(()) => json(StatusCode::OK, &serde_json::json!({})),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
+    };
+    match route {
+        Route::Status => json(StatusCode::OK, &ops.status()),
+        Route::Trust => json(StatusCode::OK, &ops.trust()),
+        Route::Reload => match ops.reload_policy() {
+            Ok(summary) => json(StatusCode::OK, &serde_json::json!({ "policy": summary })),
+            Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
+        },
+        Route::AttachRun | Route::ReleaseRun => {
+            let body = match read_json(req).await {
+                Ok(body) => body,
+                Err(response) => return response,
+            };
+            let Some(cgroup) = body.get("cgroup").and_then(|c| c.as_str()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "give the cgroup: {\"cgroup\": \"/sys/fs/cgroup/warden/run-123\"}",
+                );
+            };
+            let cgroup = Path::new(cgroup);
+            if matches!(route, Route::AttachRun) {
+                let reason = body
+                    .get("reason")
+                    .and_then(|r| r.as_str())
+                    .unwrap_or("warden run");
+                done(ops.attach_run(cgroup, reason))
+            } else {
+                done(ops.release_run(cgroup))
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+/// A small JSON body, or the answer that says what is wrong with it.
+async fn read_json(req: Request<Incoming>) -> Result<serde_json::Value, Response<Full<Bytes>>> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "the body is too large"))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("the body is not JSON: {e}"),
+        )
+    })
 }
 
 fn bearer<B>(req: &Request<B>) -> Option<String> {

@@ -10,7 +10,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::{ClientConfig, RootCertStore};
 
-use super::{Authority, TlsError, crypto_provider, der, write_atomic};
+use super::{TlsError, crypto_provider, der, write_atomic};
 
 /// Where Debian, Ubuntu (and Alpine, Arch, ...) keep the system's roots as one PEM file.
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -103,12 +103,12 @@ fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 /// `warden run` points the child's `SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`,
 /// `CURL_CA_BUNDLE` and `NODE_EXTRA_CA_CERTS` at it, so the child trusts both
 /// real servers and the agent.
-pub fn write_trust_bundle(authority: &Authority, path: &Path) -> Result<(), TlsError> {
-    write_trust_bundle_from(authority, path, Path::new(SYSTEM_BUNDLE))
+pub fn write_trust_bundle(ca_pem: &str, path: &Path) -> Result<(), TlsError> {
+    write_trust_bundle_from(ca_pem, path, Path::new(SYSTEM_BUNDLE))
 }
 
 fn write_trust_bundle_from(
-    authority: &Authority,
+    ca_pem: &str,
     path: &Path,
     system_bundle: &Path,
 ) -> Result<(), TlsError> {
@@ -143,7 +143,7 @@ fn write_trust_bundle_from(
     if !bundle.is_empty() && !bundle.ends_with(b"\n") {
         bundle.push(b'\n');
     }
-    bundle.extend_from_slice(authority.ca_pem().as_bytes());
+    bundle.extend_from_slice(ca_pem.as_bytes());
     if !bundle.ends_with(b"\n") {
         bundle.push(b'\n');
     }
@@ -161,6 +161,7 @@ mod tests {
 
     use super::super::test_util::{connect, rustls_error, serve_once};
     use super::*;
+    use crate::tls::Authority;
 
     /// A test CA (PEM) and a server config for `name` signed by it.
     fn test_server(name: &str) -> (String, Arc<rustls::ServerConfig>) {
@@ -248,7 +249,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let authority = Authority::load_or_create(&tmp.path().join("ca")).unwrap();
         let path = tmp.path().join("trust.pem");
-        write_trust_bundle(&authority, &path).unwrap();
+        write_trust_bundle(authority.ca_pem(), &path).unwrap();
         let bundle = fs::read_to_string(&path).unwrap();
         assert!(bundle.ends_with(authority.ca_pem()));
         assert_eq!(
@@ -268,7 +269,7 @@ mod tests {
         assert_eq!(parsed.len(), count_certs(&bundle));
 
         // Rewriting replaces it.
-        write_trust_bundle(&authority, &path).unwrap();
+        write_trust_bundle(authority.ca_pem(), &path).unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), bundle);
     }
 
@@ -277,7 +278,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let authority = Authority::load_or_create(&tmp.path().join("ca")).unwrap();
         let path = tmp.path().join("trust.pem");
-        write_trust_bundle_from(&authority, &path, &tmp.path().join("absent.crt")).unwrap();
+        write_trust_bundle_from(authority.ca_pem(), &path, &tmp.path().join("absent.crt")).unwrap();
         let bundle = fs::read_to_string(&path).unwrap();
         let native = rustls_native_certs::load_native_certs().certs.len();
         assert_eq!(count_certs(&bundle), native + 1);
