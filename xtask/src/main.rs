@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | bench | demo | fuzz`.
+//! Project tasks: `cargo xtask setup | build | package | test | bench | demo | fuzz`.
 //!
 //! Every task installs what it needs first (idempotently), so that each one
 //! works on a fresh machine; a failing step says which step and what to do.
@@ -28,6 +28,8 @@ enum Task {
     Setup,
     /// Build the eBPF programs and target/release/warden.
     Build,
+    /// Build the Debian package of the host install into target/debian/ (docs/install.md).
+    Package,
     /// Lints, unit tests, the end-to-end tests (root and real eBPF), then each fuzz target briefly.
     Test {
         /// Only the end-to-end tests whose names match (pytest -k).
@@ -54,6 +56,13 @@ fn main() -> anyhow::Result<()> {
         Task::Build => {
             setup::toolchain()?;
             build_release()
+        }
+        Task::Package => {
+            setup::toolchain()?;
+            build_release()?;
+            let deb = package()?;
+            println!("{}", deb.display());
+            Ok(())
         }
         Task::Test { filter } => test(filter),
         Task::Bench(args) => {
@@ -117,6 +126,38 @@ fn build_release() -> anyhow::Result<()> {
     )
 }
 
+/// The Debian package (agent/Cargo.toml's `[package.metadata.deb]`) of the
+/// release build that `build_release` just made; returns the .deb's path.
+fn package() -> anyhow::Result<PathBuf> {
+    setup::cargo_deb()?;
+    eprintln!("==> Debian package (cargo deb)");
+    // --strip: the release profile keeps debug info, which cargo-deb would
+    // otherwise ship (a binary of about 900 MB instead of a few dozen).
+    let out = Command::new("cargo")
+        .args(["deb", "-p", "warden", "--no-build", "--strip", "--output"])
+        .arg(target_dir().join("debian"))
+        .current_dir(root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("Debian package: could not start `cargo deb`")?;
+    if !out.status.success() {
+        bail!("Debian package: cargo deb failed ({})", out.status);
+    }
+    // cargo-deb prints the path of the package it wrote as its last line.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let deb = stdout
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.ends_with(".deb"))
+        .map(PathBuf::from)
+        .with_context(|| format!("cargo deb named no .deb file in its output: {stdout}"))?;
+    if !deb.is_file() {
+        bail!("cargo deb reported {}, which does not exist", deb.display());
+    }
+    Ok(deb)
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -144,12 +185,13 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         Command::new("cargo").args(["test", "--workspace"]),
     )?;
     build_release()?;
+    let deb = package()?;
 
-    end_to_end(&env, filter)?;
+    end_to_end(&env, &deb, filter)?;
     fuzz::run(fuzz::TARGETS, fuzz::TEST_SECONDS, fuzz::Corpus::Fresh)
 }
 
-fn end_to_end(env: &setup::PythonEnv, filter: Option<String>) -> anyhow::Result<()> {
+fn end_to_end(env: &setup::PythonEnv, deb: &Path, filter: Option<String>) -> anyhow::Result<()> {
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     if !is_root() {
         if in_ci {
@@ -163,7 +205,8 @@ fn end_to_end(env: &setup::PythonEnv, filter: Option<String>) -> anyhow::Result<
     let mut pytest = Command::new(env.python());
     pytest
         .args(["-m", "pytest", "tests/e2e", "-v", "-rA", "--durations=10"])
-        .env("WARDEN_BIN", warden_bin());
+        .env("WARDEN_BIN", warden_bin())
+        .env("WARDEN_DEB", deb);
     if let Some(k) = filter {
         pytest.args(["-k", &k]);
     }

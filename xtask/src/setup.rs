@@ -97,6 +97,28 @@ fn cargo_fuzz() -> anyhow::Result<()> {
     )
 }
 
+/// The cargo-deb that `cargo xtask package` makes the Debian package with.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// cargo-deb at the pinned version (installed if missing or another).
+pub fn cargo_deb() -> anyhow::Result<()> {
+    let installed = output("cargo", &["deb", "--version"]).unwrap_or_default();
+    if installed.split_whitespace().nth(1) == Some(CARGO_DEB_VERSION) {
+        return Ok(());
+    }
+    step(
+        &format!("install cargo-deb {CARGO_DEB_VERSION} (about a minute)"),
+        Command::new("cargo").args([
+            "install",
+            "cargo-deb",
+            "--locked",
+            "--force",
+            "--version",
+            &format!("={CARGO_DEB_VERSION}"),
+        ]),
+    )
+}
+
 /// Nightly's rust-src (for -Z build-std) and a bpf-linker built against the
 /// LLVM that nightly rustc ships, so that both agree on the bitcode.
 pub fn toolchain() -> anyhow::Result<()> {
