@@ -760,7 +760,7 @@ async fn stop_signal() {
 /// A dead `warden run` agent left its programs pinned (so its cgroup fails
 /// closed) and its cgroup in place. Release both once nothing runs there.
 fn cleanup(kill: bool) -> anyhow::Result<()> {
-    let host = preflight::check()?;
+    let host = preflight::check(preflight::Role::Daemon)?;
     let stale = capture::stale_pin_dirs(&host.bpffs);
     if stale.is_empty() {
         println!("nothing to clean up");

@@ -11,10 +11,14 @@ pub enum PreflightError {
     )]
     NotRoot(u32),
     #[error(
-        "missing capabilities: {0}; Warden needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN \
-         (in a container: run it privileged, or add these capabilities)"
+        "missing capabilities: {missing}; {role} needs {needed} \
+         (in a container or a systemd unit: add these capabilities)"
     )]
-    MissingCaps(String),
+    MissingCaps {
+        missing: String,
+        role: &'static str,
+        needed: String,
+    },
     #[error(
         "kernel {found} is too old: Warden needs Linux 5.8 or newer (bpf links on cgroups, ring buffers)"
     )]
@@ -37,17 +41,61 @@ pub struct Host {
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-pub fn check() -> Result<Host, PreflightError> {
+/// Who is starting: the capabilities each needs differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `warden run` also makes the program's mount namespace (CAP_SYS_ADMIN).
+    Run,
+    /// `warden daemon` (and `warden cleanup`) only load, attach and pin
+    /// programs, so its unit can drop CAP_SYS_ADMIN.
+    Daemon,
+}
+
+impl Role {
+    fn needs(self) -> &'static [(u32, &'static str)] {
+        match self {
+            Role::Run => &[
+                (CAP_BPF, "CAP_BPF"),
+                (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+                (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+            ],
+            Role::Daemon => &[
+                (CAP_BPF, "CAP_BPF"),
+                (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+                (CAP_PERFMON, "CAP_PERFMON"),
+            ],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Role::Run => "warden run",
+            Role::Daemon => "warden daemon",
+        }
+    }
+}
+
+pub fn check(role: Role) -> Result<Host, PreflightError> {
     let euid = nix::unistd::geteuid().as_raw();
     if euid != 0 {
         return Err(PreflightError::NotRoot(euid));
     }
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let missing = missing_caps(&status);
+    let missing = missing_caps(&status, role);
     if !missing.is_empty() {
-        return Err(PreflightError::MissingCaps(missing.join(", ")));
+        return Err(PreflightError::MissingCaps {
+            missing: missing.join(", "),
+            role: role.name(),
+            needed: role
+                .needs()
+                .iter()
+                .map(|(_, name)| *name)
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
     }
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -60,21 +108,17 @@ pub fn check() -> Result<Host, PreflightError> {
     Ok(Host { cgroup_root, bpffs })
 }
 
-fn missing_caps(status: &str) -> Vec<&'static str> {
+fn missing_caps(status: &str, role: Role) -> Vec<&'static str> {
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
-    [
-        (CAP_BPF, "CAP_BPF"),
-        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
-        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| eff & (1 << bit) == 0)
-    .map(|(_, name)| name)
-    .collect()
+    role.needs()
+        .iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect()
 }
 
 fn kernel_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
@@ -110,12 +154,20 @@ mod tests {
 
     #[test]
     fn reads_effective_capabilities() {
-        assert!(missing_caps("CapEff:\t000001fffeffffff\n").is_empty());
+        assert!(missing_caps("CapEff:\t000001fffeffffff\n", Role::Run).is_empty());
         assert_eq!(
-            missing_caps("CapEff:\t0000000000000000\n"),
+            missing_caps("CapEff:\t0000000000000000\n", Role::Run),
             ["CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
         );
-        assert_eq!(missing_caps("CapEff:\t0000000000201000\n"), ["CAP_BPF"]);
+        assert_eq!(
+            missing_caps("CapEff:\t0000000000201000\n", Role::Run),
+            ["CAP_BPF"]
+        );
+        // The daemon's unit: BPF, NET_ADMIN, PERFMON, SYS_PTRACE, DAC_READ_SEARCH.
+        let unit = (1u64 << 39) | (1 << 12) | (1 << 38) | (1 << 19) | (1 << 2);
+        let status = format!("CapEff:\t{unit:016x}\n");
+        assert!(missing_caps(&status, Role::Daemon).is_empty());
+        assert_eq!(missing_caps(&status, Role::Run), ["CAP_SYS_ADMIN"]);
     }
 
     #[test]

@@ -90,7 +90,7 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 
 /// Runs the program to its end and returns the exit code to leave with.
 pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
-    let host = preflight::check()?;
+    let host = preflight::check(preflight::Role::Run)?;
     let daemon = if opts.standalone {
         None
     } else {

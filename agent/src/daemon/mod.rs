@@ -57,7 +57,7 @@ pub fn check(config_path: &Path) -> anyhow::Result<String> {
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = DaemonConfig::load(config_path)?;
-    let host = preflight::check()?;
+    let host = preflight::check(preflight::Role::Daemon)?;
     let policy = match &config.policy {
         Some(path) => Policy::load(path)?,
         None => Policy::embedded_default(),
