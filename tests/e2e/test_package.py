@@ -5,13 +5,19 @@ and that installing neither starts nor enables the service.
 
 WARDEN_DEB is the .deb that `cargo xtask package` prints (`cargo xtask test`
 builds it and sets the variable)."""
+import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import read_audit
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = Path("/usr/lib/systemd/system/warden.service")
@@ -154,6 +160,60 @@ def test_unit_verifies_and_is_hardened(installed):
     assert "CAP_SYS_ADMIN" not in bounding, bounding
     # The daemon writes cgroupfs (attach, its own cgroups).
     assert not any(l.startswith("ProtectControlGroups=") for l in settings)
+
+
+def test_installed_daemon_protects_a_service_with_only_the_units_capabilities(installed, echo4, tmp_path):
+    """The installed binary and policy, started the way the unit starts it and with
+    only the capabilities its bounding set keeps (setpriv stands in for systemd,
+    which is not PID 1 here; the unit's other sandboxing is not applied), protect a
+    cgroup that stands for a service: a real client in it is redirected and audited."""
+    settings = [l for l in UNIT.read_text().splitlines() if l and not l.startswith("#")]
+    caps = next(l for l in settings if l.startswith("CapabilityBoundingSet=")).split("=", 1)[1].split()
+    bounding = "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
+    cgroup_root = Path("/sys/fs/cgroup")
+    service = cgroup_root / f"warden-pkgtest-{os.getpid()}.slice" / "langchain-pkg.service"
+    service.mkdir(parents=True)
+    config = yaml.safe_load(CONFIG.read_text())
+    config.update({
+        "state_dir": str(tmp_path / "state"),
+        "audit_dir": str(tmp_path / "audit"),
+        "control_socket": str(tmp_path / "control.sock"),
+    })
+    config["manage"]["units"] = ["langchain-*.service"]
+    config_file = tmp_path / "warden.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "daemon.log", "w+")
+    daemon = subprocess.Popen(["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--",
+                               "/usr/bin/warden", "daemon", "--config", str(config_file), "--log-format", "json"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(300):
+            status = subprocess.run(["/usr/bin/warden", "status", "--json", "--socket", str(tmp_path / "control.sock")],
+                                    capture_output=True, text=True)
+            if status.returncode == 0 or daemon.poll() is not None:
+                break
+            time.sleep(0.1)
+        log.seek(0)
+        assert status.returncode == 0, log.read()
+        effective = next(l for l in Path(f"/proc/{daemon.pid}/status").read_text().splitlines()
+                         if l.startswith("CapEff:"))
+        assert int(effective.split()[1], 16).bit_count() == len(caps), effective
+        assert [a["cgroup"] for a in json.loads(status.stdout)["attached"]] == [str(service)]
+
+        def client():
+            (service / "cgroup.procs").write_text("0")
+
+        code = f"import socket; s = socket.create_connection(('127.0.0.1', {echo4.port})); s.sendall(b'hi'); print(s.recv(2).decode())"
+        out = subprocess.run([sys.executable, "-c", code], preexec_fn=client, capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() == "hi", out.stderr
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+        subprocess.run(["/usr/bin/warden", "cleanup"], capture_output=True)
+        service.rmdir()
+        service.parent.rmdir()
+    rows = [r for r in read_audit(tmp_path / "audit") if r["dst_port"] == echo4.port]
+    assert len(rows) == 1 and rows[0]["unit"] == "langchain-pkg.service", rows
 
 
 def test_upgrade_keeps_edited_config(installed, deb):

@@ -57,6 +57,10 @@ struct RawManage {
     units: Vec<String>,
     #[serde(default)]
     cgroups: Vec<String>,
+    /// Accepted empty, so that one configuration format serves hosts and
+    /// nodes; selecting pods is not built yet.
+    #[serde(default)]
+    pods: Vec<serde_yaml::Value>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -120,6 +124,15 @@ impl DaemonConfig {
         }
         .map_err(|e| invalid(e.location().map(|l| l.line()), strip_location(&e)))?;
         let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).map(|i| i + 1);
+        if !raw.manage.pods.is_empty() {
+            return Err(invalid(
+                line_of("pods:"),
+                "manage.pods: selecting Kubernetes pods is not built yet: a pod's connections would be \
+                 sent to the loopback of the pod's own network namespace, where the agent does not \
+                 listen (docs/kubernetes.md); leave it empty"
+                    .into(),
+            ));
+        }
         let units = raw
             .manage
             .units
@@ -267,6 +280,15 @@ mod tests {
             let text = format!("manage:\n  cgroups: [\"{bad}\"]\n");
             assert!(parse(&text).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn pods_are_refused_until_they_can_be_served() {
+        assert!(parse("manage:\n  pods: []\n").is_ok());
+        let err = parse("manage:\n  units: []\n  pods:\n    - namespace: ai\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("warden.yaml:3: manage.pods"), "{err}");
     }
 
     #[test]
