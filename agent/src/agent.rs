@@ -5,7 +5,10 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -80,6 +83,8 @@ struct Core {
     reasons: Mutex<BTreeMap<PathBuf, (String, DateTime<Utc>)>>,
     /// What is wrong now, by subject, for `warden status`.
     problems: Mutex<BTreeMap<String, String>>,
+    /// Whether the daemon has attached to everything selected at start.
+    ready: AtomicBool,
     /// What programs must trust: the CA, the SSH host keys.
     authority: Option<Arc<Authority>>,
     ssh_host_keys: Option<Arc<HostKeys>>,
@@ -90,6 +95,8 @@ struct Core {
 pub struct Status {
     pub version: String,
     pub pid: u32,
+    /// False while the daemon is still attaching to what it selected at start.
+    pub ready: bool,
     pub started: DateTime<Utc>,
     pub listener: SocketAddr,
     /// Whether managed cgroups fail closed while the agent is down.
@@ -176,6 +183,7 @@ impl Agent {
             started: now,
             reasons: Mutex::default(),
             problems: Mutex::default(),
+            ready: AtomicBool::new(false),
             authority: options.tls.as_ref().map(|t| t.authority().clone()),
             ssh_host_keys: options.ssh_host_keys.clone(),
         });
@@ -265,6 +273,11 @@ impl Agent {
     /// The cgroups this agent's programs are attached to.
     pub fn attached(&self) -> Vec<PathBuf> {
         self.core.capture.attached()
+    }
+
+    /// Everything selected at start is attached: `warden status` says so.
+    pub fn set_ready(&self) {
+        self.core.ready.store(true, Ordering::Release);
     }
 
     /// Something `warden status` should say is wrong, until cleared.
@@ -427,6 +440,7 @@ impl Core {
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
+            ready: self.ready.load(Ordering::Acquire),
             started: self.started,
             listener: self.listener,
             fail_closed: self.capture.pinned(),

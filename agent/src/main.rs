@@ -507,6 +507,9 @@ fn status_text(status: &warden::agent::Status) -> String {
             n => format!(", {n} rows dropped"),
         },
     );
+    if !status.ready {
+        out.push_str("starting: still attaching to the cgroups selected at start\n");
+    }
     if let Some(n) = status.approvals_pending {
         out.push_str(&format!("approvals pending: {n}\n"));
     }

@@ -86,12 +86,13 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise AssertionError(f"the daemon exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                self.status()
-                break
+                if self.status()["ready"]:
+                    break
             except AssertionError:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.05)
+                pass
+            if time.monotonic() > end:
+                raise AssertionError(f"the daemon did not get ready within 30 s:\n{self.output()}")
+            time.sleep(0.05)
 
     def output(self) -> str:
         self.log.seek(0)

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import read_audit
+from test_lifecycle import cgroup2_root
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = Path("/usr/lib/systemd/system/warden.service")
@@ -170,7 +171,7 @@ def test_installed_daemon_protects_a_service_with_only_the_units_capabilities(in
     settings = [l for l in UNIT.read_text().splitlines() if l and not l.startswith("#")]
     caps = next(l for l in settings if l.startswith("CapabilityBoundingSet=")).split("=", 1)[1].split()
     bounding = "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
-    cgroup_root = Path("/sys/fs/cgroup")
+    cgroup_root = cgroup2_root()
     service = cgroup_root / f"warden-pkgtest-{os.getpid()}.slice" / "langchain-pkg.service"
     service.mkdir(parents=True)
     config = yaml.safe_load(CONFIG.read_text())
@@ -190,7 +191,7 @@ def test_installed_daemon_protects_a_service_with_only_the_units_capabilities(in
         for _ in range(300):
             status = subprocess.run(["/usr/bin/warden", "status", "--json", "--socket", str(tmp_path / "control.sock")],
                                     capture_output=True, text=True)
-            if status.returncode == 0 or daemon.poll() is not None:
+            if status.returncode == 0 and json.loads(status.stdout)["ready"] or daemon.poll() is not None:
                 break
             time.sleep(0.1)
         log.seek(0)

@@ -188,10 +188,15 @@ fn strip_location(e: &serde_yaml::Error) -> String {
 }
 
 /// "/langchain.slice/", "langchain.slice" and "/sys/fs/cgroup/langchain.slice"
-/// name the same cgroup: "/langchain.slice".
+/// (or "/sys/fs/cgroup/unified/langchain.slice" on a hybrid host) name the
+/// same cgroup: "/langchain.slice".
 fn normalize_cgroup(path: &str) -> Result<String, String> {
-    let trimmed = path
-        .strip_prefix("/sys/fs/cgroup")
+    let trimmed = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .find_map(|mount| {
+            path.strip_prefix(mount)
+                .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
         .unwrap_or(path)
         .trim_matches('/');
     if trimmed.is_empty() {
@@ -319,6 +324,8 @@ mod tests {
             Some("cgroup /apps.slice is listed in manage.cgroups")
         );
         assert_eq!(m.reason("/system.slice/sshd.service"), None);
+        let hybrid = parse("manage:\n  cgroups: [/sys/fs/cgroup/unified/apps.slice]\n").unwrap();
+        assert_eq!(hybrid.manage.cgroups, ["/apps.slice"]);
         assert_eq!(m.reason("/apps.slice/other"), None);
         // A directory inside a unit is the unit's own business, not a unit.
         assert_eq!(m.reason("/system.slice/x.service/langchain-a"), None);

@@ -162,6 +162,7 @@ async fn serve(
             }
         }
     }
+    agent.set_ready();
     tracing::info!(
         managed = manager.managed.len(),
         watched = manager.watch.watched(),
