@@ -346,6 +346,42 @@ impl Agent {
     }
 }
 
+/// The policy file, or the embedded default without one.
+pub fn load_policy(path: Option<&Path>) -> anyhow::Result<Policy> {
+    Ok(match path {
+        Some(path) => Policy::load(path)?,
+        None => Policy::embedded_default(),
+    })
+}
+
+/// Where and how the audit is written: `dir` (a flag or the daemon's
+/// configuration) over the policy's `audit:`, over the defaults.
+pub fn audit_config(dir: Option<PathBuf>, policy: &Policy) -> AuditConfig {
+    let from_policy = policy.audit_settings();
+    let defaults = AuditConfig::default();
+    AuditConfig {
+        dir: dir.or(from_policy.dir).unwrap_or(defaults.dir),
+        rotate_every: from_policy.rotate.unwrap_or(defaults.rotate_every),
+        retention: from_policy.retention,
+        ..defaults
+    }
+}
+
+/// TLS interception with the CA in `<state_dir>/ca` (made on first use),
+/// or None to relay TLS as opaque bytes.
+pub fn interceptor(
+    intercept: bool,
+    state_dir: &Path,
+    upstream_ca: &[PathBuf],
+) -> anyhow::Result<Option<Interceptor>> {
+    if !intercept {
+        return Ok(None);
+    }
+    let authority = Arc::new(Authority::load_or_create(&state_dir.join("ca"))?);
+    let upstream = crate::tls::upstream_config(upstream_ca, &[])?;
+    Ok(Some(Interceptor::new(authority, upstream)))
+}
+
 /// What happens to the kernel programs when the agent stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Detach {

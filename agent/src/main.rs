@@ -462,15 +462,7 @@ fn control_call(
         .enable_all()
         .build()?;
     let client = warden::approvals::control::Client::new(socket.to_path_buf());
-    let (status, answer) = runtime.block_on(client.call(method, path, None, None))?;
-    if !status.is_success() {
-        let why = answer
-            .get("error")
-            .and_then(|e| e.as_str())
-            .unwrap_or("the agent refused");
-        anyhow::bail!("{why}");
-    }
-    Ok(answer)
+    runtime.block_on(client.call_ok(method, path, None, None))
 }
 
 /// `warden status` for people: what is attached where, then what is wrong.
@@ -574,15 +566,7 @@ fn approvals(socket: PathBuf, command: ApprovalsCommand) -> ExitCode {
                 Some(serde_json::json!({ "reason": reason })),
             ),
         };
-        let (status, answer) = client.call(method, &path, token.as_deref(), body).await?;
-        if !status.is_success() {
-            let why = answer
-                .get("error")
-                .and_then(|e| e.as_str())
-                .unwrap_or("the agent refused");
-            anyhow::bail!("{why}");
-        }
-        Ok(answer)
+        client.call_ok(method, &path, token.as_deref(), body).await
     });
     match result {
         Ok(answer) => {

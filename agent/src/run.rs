@@ -16,15 +16,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use http::Method;
 
 use crate::{
-    agent::{Agent, AgentOptions, Detach},
+    agent::{self, Agent, AgentOptions, Detach},
     approvals::control::Client,
-    audit::AuditConfig,
     capture,
     cgroup::ManagedCgroup,
-    policy::Policy,
     preflight,
-    proxy::{intercept::Interceptor, ssh::HostKeys},
-    tls::{self, Authority},
+    proxy::ssh::HostKeys,
+    tls::{self},
 };
 
 /// Where SSH clients look for host keys system-wide; `warden run` adds the
@@ -247,10 +245,7 @@ async fn start_agent(
     host: &preflight::Host,
     me: u32,
 ) -> anyhow::Result<(Agent, Trust)> {
-    let policy = match &opts.policy {
-        Some(path) => Policy::load(path)?,
-        None => Policy::embedded_default(),
-    };
+    let policy = agent::load_policy(opts.policy.as_deref())?;
     let stale = capture::stale_pin_dirs(&host.bpffs);
     if !stale.is_empty() {
         tracing::warn!(
@@ -258,25 +253,8 @@ async fn start_agent(
             "agents that died left their cgroups failing closed; `warden cleanup` lists and releases them"
         );
     }
-    let from_policy = policy.audit_settings();
-    let defaults = AuditConfig::default();
-    let audit = AuditConfig {
-        dir: opts
-            .audit_dir
-            .clone()
-            .or(from_policy.dir)
-            .unwrap_or(defaults.dir),
-        rotate_every: from_policy.rotate.unwrap_or(defaults.rotate_every),
-        retention: from_policy.retention,
-        ..defaults
-    };
-    let interceptor = if opts.intercept_tls {
-        let authority = Arc::new(Authority::load_or_create(&opts.state_dir.join("ca"))?);
-        let upstream = tls::upstream_config(&opts.upstream_ca, &[])?;
-        Some(Interceptor::new(authority, upstream))
-    } else {
-        None
-    };
+    let audit = agent::audit_config(opts.audit_dir.clone(), &policy);
+    let interceptor = agent::interceptor(opts.intercept_tls, &opts.state_dir, &opts.upstream_ca)?;
     let ssh_keys = Arc::new(HostKeys::load_or_create(&opts.state_dir.join("ssh"))?);
     let trust = Trust {
         ca_pem: interceptor
@@ -410,12 +388,10 @@ impl DaemonLink {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<serde_json::Value> {
-        let (status, answer) = self.client.call(method, path, None, body).await?;
-        if !status.is_success() {
-            let why = answer["error"].as_str().unwrap_or("the daemon refused");
-            bail!("the warden daemon: {why}");
-        }
-        Ok(answer)
+        self.client
+            .call_ok(method, path, None, body)
+            .await
+            .context("the warden daemon")
     }
 }
 

@@ -396,4 +396,21 @@ impl Client {
         let value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
         Ok((status, value))
     }
+
+    /// [`Client::call`], with an answer that is not a success turned into
+    /// an error that gives the agent's reason.
+    pub async fn call_ok(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let (status, answer) = self.call(method, path, token, body).await?;
+        if !status.is_success() {
+            let why = answer["error"].as_str().unwrap_or("the agent refused");
+            anyhow::bail!("{why}");
+        }
+        Ok(answer)
+    }
 }

@@ -16,13 +16,11 @@ use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    agent::{Agent, AgentOptions, Detach},
-    audit::AuditConfig,
+    agent::{self, Agent, AgentOptions, Detach},
     capture,
     policy::Policy,
     preflight,
-    proxy::{intercept::Interceptor, ssh::HostKeys},
-    tls::{self, Authority},
+    proxy::ssh::HostKeys,
 };
 pub use config::DaemonConfig;
 use watch::{CgroupWatch, Change, Descend};
@@ -58,35 +56,16 @@ pub fn check(config_path: &Path) -> anyhow::Result<String> {
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = DaemonConfig::load(config_path)?;
     let host = preflight::check(preflight::Role::Daemon)?;
-    let policy = match &config.policy {
-        Some(path) => Policy::load(path)?,
-        None => Policy::embedded_default(),
-    };
+    let policy = agent::load_policy(config.policy.as_deref())?;
     if config.manage.is_empty() {
         tracing::warn!(
             config = %config_path.display(),
             "manage: selects nothing, so the daemon protects nothing; list units or cgroups there"
         );
     }
-    let from_policy = policy.audit_settings();
-    let defaults = AuditConfig::default();
-    let audit = AuditConfig {
-        dir: config
-            .audit_dir
-            .clone()
-            .or(from_policy.dir)
-            .unwrap_or(defaults.dir),
-        rotate_every: from_policy.rotate.unwrap_or(defaults.rotate_every),
-        retention: from_policy.retention,
-        ..defaults
-    };
-    let interceptor = if config.tls_intercept {
-        let authority = Arc::new(Authority::load_or_create(&config.state_dir.join("ca"))?);
-        let upstream = tls::upstream_config(&config.upstream_ca, &[])?;
-        Some(Interceptor::new(authority, upstream))
-    } else {
-        None
-    };
+    let audit = agent::audit_config(config.audit_dir.clone(), &policy);
+    let interceptor =
+        agent::interceptor(config.tls_intercept, &config.state_dir, &config.upstream_ca)?;
     let ssh_keys = Arc::new(HostKeys::load_or_create(&config.state_dir.join("ssh"))?);
     // Dead daemons' pins keep their cgroups failing closed until this one
     // has attached; then they go.
