@@ -60,7 +60,7 @@ class Daemon:
     """`warden daemon` with a configuration in a temporary directory."""
 
     def __init__(self, tmp: Path, manage: dict, policy: Path | None = None, fail_open: bool = False,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, env: dict | None = None):
         self.tmp = tmp
         self.socket = tmp / "control.sock"
         self.audit_dir = tmp / "audit"
@@ -80,7 +80,7 @@ class Daemon:
         self.config.write_text(json.dumps(config, indent=2))
         self.log = open(tmp / f"daemon-{time.monotonic_ns()}.log", "w+")
         self.proc = subprocess.Popen([WARDEN, "daemon", "--config", str(self.config)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
         end = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
@@ -388,3 +388,24 @@ def test_warden_run_uses_the_daemon_when_one_runs(pg, tmp_path):
     assert len(rows) == 1 and rows[0]["decision"] == "allow", rows
     events = [e for e, _ in daemon.events()]
     assert events.count("cgroup_attached") == 1 and events.count("cgroup_detached") == 1, events
+
+
+def test_systemd_hears_ready_reloading_and_stopping(tmp_path):
+    """The unit is Type=notify: `systemctl start` returns once the selected
+    cgroups are attached. A datagram socket stands for systemd's."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ndefault: audit\n")
+    daemon = Daemon(tmp_path, {}, policy=policy, env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify")))
+    try:
+        ready = notify.recv(4096).decode()
+        assert ready.startswith("READY=1\n") and "STATUS=managing 0 cgroups" in ready, ready
+        daemon.proc.send_signal(signal.SIGHUP)
+        reloading = notify.recv(4096).decode()
+        assert reloading.startswith("RELOADING=1\nMONOTONIC_USEC="), reloading
+        assert notify.recv(4096).decode() == "READY=1"
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    assert notify.recv(4096).decode() == "STOPPING=1"

@@ -3,6 +3,7 @@
 //! configuration selects, following them as they come and go, rereading
 //! the policy on SIGHUP, and failing closed across its own restarts.
 pub mod config;
+mod notify;
 mod watch;
 
 use std::{
@@ -23,6 +24,7 @@ use crate::{
     proxy::ssh::HostKeys,
 };
 pub use config::DaemonConfig;
+use notify::Notifier;
 use watch::{CgroupWatch, Change, Descend};
 
 /// Connections still open at stop get this long to finish.
@@ -142,6 +144,11 @@ async fn serve(
         }
     }
     agent.set_ready();
+    let systemd = Notifier::from_env();
+    systemd.send(&format!(
+        "READY=1\nSTATUS=managing {} cgroups",
+        manager.managed.len()
+    ));
     tracing::info!(
         managed = manager.managed.len(),
         watched = manager.watch.watched(),
@@ -151,10 +158,14 @@ async fn serve(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match agent.reload() {
-                Ok(summary) => tracing::info!(policy = %summary, "policy reloaded"),
-                Err(e) => tracing::error!(error = %format!("{e:#}"), "policy reload refused; the old policy stays in force"),
-            },
+            _ = hup.recv() => {
+                systemd.send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+                match agent.reload() {
+                    Ok(summary) => tracing::info!(policy = %summary, "policy reloaded"),
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "policy reload refused; the old policy stays in force"),
+                }
+                systemd.send("READY=1");
+            }
             changes = manager.watch.changes() => {
                 for change in changes.context("watching the cgroup tree")? {
                     manager.apply(change);
@@ -162,6 +173,7 @@ async fn serve(
             }
         }
     }
+    systemd.send("STOPPING=1");
     tracing::info!("stopping: draining open connections");
     Ok(())
 }
@@ -228,4 +240,17 @@ impl Manager<'_> {
             }
         }
     }
+}
+
+/// CLOCK_MONOTONIC in microseconds, which systemd wants with RELOADING=1.
+fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec we own.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+        return 0;
+    }
+    now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000
 }
