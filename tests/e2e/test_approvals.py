@@ -570,3 +570,78 @@ def test_the_control_api_over_tls_needs_a_token_for_everything(pg, idp, tokens, 
         approved = client.post(f"{base}/{pending['id']}/approve", headers=auth)
         assert approved.status_code == 200 and approved.json()["state"] == "released"
     assert run.finish()["write"] == "ok"
+
+
+def test_a_daemon_restarted_while_a_request_waits_refuses_it_and_the_retry_waits_anew(pg, idp, tokens, tmp_path):
+    """Under `warden daemon` (systemctl restart): the held client is told the
+    agent stopped, its reconnects fail while no daemon runs (fail closed), and
+    once the next daemon is up its retry waits for a new decision and runs
+    when approved. Nothing held before the restart ever runs."""
+    import signal
+
+    from test_daemon import Daemon, kill_all, wait_until
+    from test_lifecycle import cgroup2_root
+
+    unit = cgroup2_root() / f"warden-test-{os.getpid()}.slice" / "langchain-crm.service"
+    unit.mkdir(parents=True)
+    code = textwrap.dedent(f"""
+        import json, time, psycopg
+        outcomes = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with psycopg.connect("{pg.dsn}", autocommit=True, connect_timeout=5) as conn:
+                    conn.execute("INSERT INTO customers (name) VALUES ('restarted')")
+                outcomes.append("ran")
+                break
+            except psycopg.errors.InsufficientPrivilege as e:
+                outcomes.append("refused: " + e.diag.message_primary)
+            except psycopg.OperationalError:
+                if outcomes[-1:] != ["cannot connect"]:
+                    outcomes.append("cannot connect")
+                time.sleep(0.2)
+        print(json.dumps(outcomes))
+    """)
+    policy_path = policy(tmp_path, pg, idp)
+    (tmp_path / "first").mkdir()
+    first = Daemon(tmp_path / "first", {"units": ["langchain-*.service"]}, policy=policy_path)
+    client = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: (unit / "cgroup.procs").write_text("0"))
+    second = None
+
+    def pending(daemon):
+        listed = subprocess.run([WARDEN, "approvals", "--socket", str(daemon.socket), "list", "--json"],
+                                capture_output=True, text=True)
+        return json.loads(listed.stdout) if listed.returncode == 0 else []
+
+    try:
+        wait_until(lambda: pending(first), 30, "the write being held")
+        [before] = pending(first)
+        assert first.stop(signal.SIGTERM) == 0, first.output()
+        (tmp_path / "second").mkdir()
+        second = Daemon(tmp_path / "second", {"units": ["langchain-*.service"]}, policy=policy_path)
+        wait_until(lambda: pending(second), 30, "the retry being held")
+        [after] = pending(second)
+        assert after["id"] != before["id"]
+        env = dict(os.environ, WARDEN_ID_TOKEN=tokens["reviewer"])
+        approved = subprocess.run([WARDEN, "approvals", "--socket", str(second.socket), "approve", after["id"]],
+                                  capture_output=True, text=True, env=env)
+        assert approved.returncode == 0, approved.stderr
+        out, err = client.communicate(timeout=60)
+        outcomes = json.loads(out.strip().splitlines()[-1])
+        assert outcomes[0].startswith("refused: ") and "stopped before a reviewer decided" in outcomes[0], outcomes
+        assert outcomes[-1] == "ran", outcomes
+    finally:
+        if client.poll() is None:
+            client.kill()
+        for daemon in (first, second):
+            if daemon and daemon.proc.poll() is None:
+                daemon.stop()
+        subprocess.run([WARDEN, "cleanup"], capture_output=True)
+        kill_all(unit)
+        unit.rmdir()
+        unit.parent.rmdir()
+    count = pg.psql_admin("SELECT count(*) FROM customers WHERE name = 'restarted'", database=pg.database)
+    assert count.strip() == "1"
+    steps = [(r["step"], r["approval_id"]) for r in approval_rows(first.audit_dir)]
+    assert steps == [("requested", before["id"]), ("abandoned", before["id"])], steps
