@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     approvals::Approvals,
-    audit::{ApprovalRow, ConnectionRow, RequestRow},
+    audit::{ApprovalRow, ConnectionRow, EventRow, RequestRow},
 };
 
 /// Upper bounds (seconds) of the latency buckets: from half a millisecond
@@ -75,6 +75,11 @@ struct TableLabel {
     table: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -97,6 +102,7 @@ pub struct Metrics {
     approvals_pending: Gauge,
     audit_written: Family<TableLabel, Counter>,
     audit_dropped: Family<TableLabel, Counter>,
+    events: Family<EventLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -120,6 +126,7 @@ impl Metrics {
             approvals_pending: Gauge::default(),
             audit_written: Family::default(),
             audit_dropped: Family::default(),
+            events: Family::default(),
         };
         m.registry.register(
             "warden_build",
@@ -181,6 +188,11 @@ impl Metrics {
             "Audit rows lost, by table: the writer fell behind or could not write for too long",
             m.audit_dropped.clone(),
         );
+        m.registry.register(
+            "warden_events",
+            "The agent's events, as in the audit's events table: policy reloads and refused reloads, cgroups attached and released, audit outages",
+            m.events.clone(),
+        );
         m
     }
 
@@ -231,6 +243,14 @@ impl Metrics {
             .get_or_create(&ProtocolStep {
                 protocol: row.protocol,
                 step: row.step.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn observe_event(&self, row: &EventRow) {
+        self.events
+            .get_or_create(&EventLabel {
+                event: row.event.as_str(),
             })
             .inc();
     }
@@ -601,6 +621,24 @@ mod tests {
         assert_eq!(
             sample(&samples(&m.encode(0)), "warden_connections_open"),
             0.0
+        );
+    }
+
+    #[test]
+    fn events_are_counted_by_kind() {
+        use crate::audit::Event;
+        let m = Metrics::new();
+        m.observe_event(&EventRow::now(Event::PolicyReloaded, "ok"));
+        m.observe_event(&EventRow::now(Event::PolicyReloaded, "ok again"));
+        m.observe_event(&EventRow::now(Event::PolicyReloadRefused, "line 3"));
+        let s = samples(&m.encode(0));
+        assert_eq!(
+            sample(&s, r#"warden_events_total{event="policy_reloaded"}"#),
+            2.0
+        );
+        assert_eq!(
+            sample(&s, r#"warden_events_total{event="policy_reload_refused"}"#),
+            1.0
         );
     }
 

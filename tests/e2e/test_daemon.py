@@ -212,6 +212,12 @@ def test_selected_units_are_managed_from_start_and_as_they_appear(pg, slice_dir,
             for s in f.samples if s.name == "warden_requests_total"
         }
         assert requests_total.get(("postgres", "allow"), 0) >= 2, requests_total
+        events_total = {
+            s.labels["event"]: s.value
+            for f in text_string_to_metric_families(text) if f.name == "warden_events"
+            for s in f.samples if s.name == "warden_events_total"
+        }
+        assert events_total.get("cgroup_attached") == 2, events_total
 
         # The unit goes: it is released.
         later.rmdir()

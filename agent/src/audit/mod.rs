@@ -436,6 +436,9 @@ impl AuditSink {
 
     /// Queues an `events` row, like [`AuditSink::record`].
     pub fn record_event(&self, row: EventRow) {
+        if let Some(m) = &self.metrics {
+            m.observe_event(&row);
+        }
         self.send(AuditRow::Event(Box::new(row)));
     }
 
