@@ -729,6 +729,10 @@ struct Selector {
     cgroup: Option<Vec<Glob>>,
     /// Lowercase hex prefixes of container ids.
     container: Option<Vec<String>>,
+    /// The Kubernetes pod's namespace and service account, as the node's
+    /// files give them (never as the pod says).
+    namespace: Option<Vec<Glob>>,
+    service_account: Option<Vec<Glob>>,
 }
 
 impl Selector {
@@ -740,6 +744,8 @@ impl Selector {
             && self.unit.is_none()
             && self.cgroup.is_none()
             && self.container.is_none()
+            && self.namespace.is_none()
+            && self.service_account.is_none()
     }
 
     fn matches(&self, id: &Identity) -> bool {
@@ -753,6 +759,14 @@ impl Selector {
             && any_glob(&self.comm, Some(&id.comm))
             && any_glob(&self.unit, id.unit.as_deref())
             && any_glob(&self.cgroup, id.cgroup_path.as_deref())
+            && any_glob(
+                &self.namespace,
+                id.pod.as_ref().map(|p| p.namespace.as_str()),
+            )
+            && any_glob(
+                &self.service_account,
+                id.pod.as_ref().and_then(|p| p.service_account.as_deref()),
+            )
             && self.container.as_ref().is_none_or(|prefixes| {
                 id.container_id.as_ref().is_some_and(|cid| {
                     let cid = cid.to_ascii_lowercase();

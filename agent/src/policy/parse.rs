@@ -168,7 +168,17 @@ pub(crate) const WORKLOAD: Fields = Fields {
 
 pub(crate) const MATCH: Fields = Fields {
     what: "in a workload's match",
-    known: &["uid", "user", "exe", "comm", "unit", "cgroup", "container"],
+    known: &[
+        "uid",
+        "user",
+        "exe",
+        "comm",
+        "unit",
+        "cgroup",
+        "container",
+        "namespace",
+        "service_account",
+    ],
     later: &[("k8s", "Kubernetes selectors")],
     instead: &[],
 };
@@ -1696,6 +1706,16 @@ impl<'de> Keys<'de> for MatchKeys {
             "container" => {
                 s.container = Some(map.next_value_seed(Many::new(ContainerP, "container id"))?)
             }
+            "namespace" => {
+                s.namespace =
+                    Some(map.next_value_seed(Many::new(GlobP(NAMESPACE_EXAMPLE), "namespace"))?)
+            }
+            "service_account" => {
+                s.service_account = Some(map.next_value_seed(Many::new(
+                    GlobP(SERVICE_ACCOUNT_EXAMPLE),
+                    "service account",
+                ))?)
+            }
             _ => unreachable!("{key} is in MATCH.known"),
         }
         Ok(())
@@ -1717,6 +1737,8 @@ const EXE_EXAMPLE: &str = "\"/usr/bin/python3*\"";
 const COMM_EXAMPLE: &str = "\"python3*\"";
 const UNIT_EXAMPLE: &str = "\"support-bot.service\"";
 const CGROUP_EXAMPLE: &str = "\"/system.slice/support-bot.service\"";
+const NAMESPACE_EXAMPLE: &str = "\"ai-*\"";
+const SERVICE_ACCOUNT_EXAMPLE: &str = "\"support-bot\"";
 
 struct TargetKeys<'c> {
     ctx: &'c Ctx,

@@ -61,7 +61,7 @@ fn unknown_fields_everywhere_name_their_place() {
         4,
         14,
         "unknown field `pid` in a workload's match; expected one of: uid, user, exe, comm, unit, \
-         cgroup, container",
+         cgroup, container, namespace, service_account",
     );
     assert_err(
         "version: 1\nworkloads:\n  w:\n    selector: { uid: 1 }\n",

@@ -114,6 +114,39 @@ workloads:
 }
 
 #[test]
+fn pods_match_by_namespace_and_service_account() {
+    let p = policy(
+        r#"
+version: 1
+workloads:
+  support: { match: { namespace: "ai-*", service_account: support-bot } }
+  ai:      { match: { namespace: ["ai-*", ml] } }
+"#,
+    );
+    let pod = |namespace: &str, service_account: Option<&str>| Identity {
+        pod: Some(crate::identity::PodIdentity {
+            namespace: namespace.into(),
+            name: "bot-7d9f".into(),
+            uid: "0b1c7f2e-5a3d-4c8b-9e6f-2d4a1b3c5e7f".into(),
+            container: Some("bot".into()),
+            service_account: service_account.map(Into::into),
+        }),
+        ..who(1000)
+    };
+    assert_eq!(
+        p.workload_of(&pod("ai-prod", Some("support-bot"))),
+        Some("support")
+    );
+    assert_eq!(p.workload_of(&pod("ai-prod", Some("batch"))), Some("ai"));
+    // A pod whose token the node does not show has no service account.
+    assert_eq!(p.workload_of(&pod("ai-prod", None)), Some("ai"));
+    assert_eq!(p.workload_of(&pod("ml", Some("support-bot"))), Some("ai"));
+    assert_eq!(p.workload_of(&pod("default", Some("support-bot"))), None);
+    // Not in a pod: neither key holds.
+    assert_eq!(p.workload_of(&who(1000)), None);
+}
+
+#[test]
 fn cidrs_v4_and_v6() {
     let p = policy(
         r#"
