@@ -6,26 +6,12 @@
 //! and column.
 use std::{net::SocketAddr, sync::Arc};
 
-use super::tests::{EXAMPLE_KEYS, policies_dir};
+use super::tests::{EXAMPLE_KEYS, policies_dir, policy, process};
 use super::*;
 use crate::policy::parse::tests::{assert_err, err};
 
-fn policy(src: &str) -> Policy {
-    Policy::from_yaml(src, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
-}
-
 fn who(uid: u32) -> Identity {
-    Identity {
-        pid: 4242,
-        uid,
-        comm: "python3".into(),
-        unit: Some(if uid == 998 {
-            "support-bot.service".into()
-        } else {
-            "session-2.scope".into()
-        }),
-        ..Default::default()
-    }
+    process(uid, "support-bot.service")
 }
 
 /// One HTTP request, as the proxy would describe it: `Req::new` is a GET of

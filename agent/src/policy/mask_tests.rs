@@ -3,12 +3,9 @@
 //! error with its line and column.
 use std::net::SocketAddr;
 
+use super::tests::policy;
 use super::*;
 use crate::policy::parse::tests::{assert_err, err};
-
-fn policy(src: &str) -> Policy {
-    Policy::from_yaml(src, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn identity(uid: u32) -> Identity {
     Identity {

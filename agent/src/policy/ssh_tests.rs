@@ -5,25 +5,12 @@
 //! `known_hosts`), and every load error with its line and column.
 use std::{net::SocketAddr, sync::Arc};
 
+use super::tests::{policy, process};
 use super::*;
 use crate::policy::parse::tests::{assert_err, err};
 
-fn policy(src: &str) -> Policy {
-    Policy::from_yaml(src, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
-}
-
 fn who(uid: u32) -> Identity {
-    Identity {
-        pid: 4242,
-        uid,
-        comm: "python3".into(),
-        unit: Some(if uid == 998 {
-            "agent-bot.service".into()
-        } else {
-            "session-2.scope".into()
-        }),
-        ..Default::default()
-    }
+    process(uid, "agent-bot.service")
 }
 
 fn addr(s: &str) -> SocketAddr {

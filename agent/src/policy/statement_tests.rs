@@ -3,24 +3,11 @@
 //! and statement rules kept apart from connection rules.
 use std::{net::SocketAddr, path::PathBuf};
 
+use super::tests::{policy, process};
 use super::*;
 
-fn policy(src: &str) -> Policy {
-    Policy::from_yaml(src, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
-}
-
 fn who(uid: u32) -> Identity {
-    Identity {
-        pid: 4242,
-        uid,
-        comm: "python3".into(),
-        unit: Some(if uid == 998 {
-            "support-bot.service".into()
-        } else {
-            "session-2.scope".into()
-        }),
-        ..Default::default()
-    }
+    process(uid, "support-bot.service")
 }
 
 /// One statement, as the proxy would describe it; `Stmt::new` gives a read

@@ -7,8 +7,21 @@ use std::{
 
 use super::*;
 
-fn policy(src: &str) -> Policy {
+/// A policy from YAML; a load error fails the test with its message.
+pub(super) fn policy(src: &str) -> Policy {
     Policy::from_yaml(src, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A python3 process: uid 998 runs in the service `unit`, any other uid in
+/// a login session's scope.
+pub(super) fn process(uid: u32, unit: &str) -> Identity {
+    Identity {
+        pid: 4242,
+        uid,
+        comm: "python3".into(),
+        unit: Some(if uid == 998 { unit } else { "session-2.scope" }.into()),
+        ..Default::default()
+    }
 }
 
 fn who(uid: u32) -> Identity {
