@@ -11,6 +11,9 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnRecord {
     pub cgroup_id: u64,
+    /// The network namespace the socket was made in (its cookie): loopback
+    /// addresses and ports repeat across namespaces.
+    pub netns: u64,
     pub orig_addr: [u8; 16],
     pub orig_port: u16,
     /// 4 or 6: the family the process used (a mapped address counts as 4).
@@ -30,10 +33,15 @@ pub struct ConnRecord {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
+    /// The network namespace's cookie: the agent listens on the same
+    /// loopback address and port in every namespace it serves.
+    pub netns: u64,
     pub client_addr: [u8; 16],
     pub proxy_addr: [u8; 16],
     pub client_port: u16,
     pub proxy_port: u16,
+    /// Explicit so that no byte of the key is uninitialised padding.
+    pub _pad: u32,
 }
 
 /// A UDP datagram or connect the kernel refused, for the audit.
@@ -64,6 +72,7 @@ pub mod names {
     pub const FLOWS: &str = "WARDEN_FLOWS";
     pub const UDP_ALLOW: &str = "WARDEN_UDP_ALLOW";
     pub const UDP_DENIED: &str = "WARDEN_UDP_DENIED";
+    pub const NETNS: &str = "WARDEN_NETNS";
     pub const CONNECT4: &str = "warden_connect4";
     pub const CONNECT6: &str = "warden_connect6";
     pub const SENDMSG4: &str = "warden_sendmsg4";
@@ -78,6 +87,8 @@ pub mod names {
 /// rather than filling the map.
 pub const MAX_PENDING: u32 = 65_536;
 pub const MAX_FLOWS: u32 = 65_536;
+/// Network namespaces one agent serves (the host's and one per pod).
+pub const MAX_NETNS: u32 = 4_096;
 
 /// Build an IPv4-mapped address from an IPv4 address in network order.
 pub const fn mapped_v4(v4: [u8; 4]) -> [u8; 16] {

@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, RingBuf},
 };
-use warden_common::{AgentConfig, ConnRecord, FlowKey, MAX_FLOWS, MAX_PENDING};
+use warden_common::{AgentConfig, ConnRecord, FlowKey, MAX_FLOWS, MAX_NETNS, MAX_PENDING};
 
 /// Set by the agent at load time: its listener and its own process id.
 #[unsafe(no_mangle)]
@@ -25,6 +25,11 @@ pub static WARDEN_PENDING: LruHashMap<u64, ConnRecord> =
 #[map]
 pub static WARDEN_FLOWS: LruHashMap<FlowKey, ConnRecord> =
     LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// The network namespaces where the agent listens, by cookie. A connect
+/// from any other is refused: its loopback has no agent, or a stranger.
+#[map]
+pub static WARDEN_NETNS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_NETNS, 0);
 
 /// UDP destination ports a managed process may use (DNS by default).
 #[map]

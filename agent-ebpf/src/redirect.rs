@@ -4,7 +4,7 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+        generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -12,7 +12,7 @@ use aya_ebpf::{
 use warden_common::{ConnRecord, mapped_v4};
 
 use crate::{
-    maps::{PeerName, WARDEN_CONFIG, WARDEN_PEERS, WARDEN_PENDING},
+    maps::{PeerName, WARDEN_CONFIG, WARDEN_NETNS, WARDEN_PEERS, WARDEN_PENDING},
     udp,
 };
 
@@ -97,9 +97,17 @@ fn is_agent_or_listener(cfg: &warden_common::AgentConfig, ip: [u8; 16], port: u1
 }
 
 /// Store the record under the socket's cookie. Returns false when it could
-/// not be stored: the connection is then refused rather than let through
-/// unattributed.
+/// not be stored, or when the agent does not listen in the socket's network
+/// namespace: the connection is then refused rather than let through
+/// unattributed, or sent to a loopback the agent is not on.
+// Not inlined: its record and the UDP path's each get a frame of their own,
+// which keeps every call chain inside the verifier's 512-byte stack.
+#[inline(never)]
 fn remember(ctx: &SockAddrContext, ip: [u8; 16], port: u16, family: u8) -> bool {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if unsafe { WARDEN_NETNS.get(&netns) }.is_none() {
+        return false;
+    }
     let record = record_for(ctx, ip, port, family);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let peer = PeerName {
@@ -111,11 +119,12 @@ fn remember(ctx: &SockAddrContext, ip: [u8; 16], port: u16, family: u8) -> bool 
 }
 
 /// Who is calling, from the kernel's view of the current task.
-pub fn record_for(_ctx: &SockAddrContext, ip: [u8; 16], port: u16, family: u8) -> ConnRecord {
+pub fn record_for(ctx: &SockAddrContext, ip: [u8; 16], port: u16, family: u8) -> ConnRecord {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     ConnRecord {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         orig_addr: ip,
         orig_port: port,
         family,

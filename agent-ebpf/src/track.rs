@@ -80,10 +80,12 @@ pub fn warden_track_established(ctx: SockOpsContext) -> u32 {
         u16::from_be(rp as u16)
     };
     let key = FlowKey {
+        netns: record.netns,
         client_addr,
         proxy_addr,
         client_port: local_port as u16,
         proxy_port,
+        _pad: 0,
     };
     let _ = WARDEN_FLOWS.insert(key, record, 0);
     let _ = WARDEN_PENDING.remove(cookie);

@@ -25,6 +25,7 @@ use crate::{
     capture::{Capture, Listener},
     identity::Origin,
     metrics::Metrics,
+    netns::{Namespace, Namespaces},
     policy::{ApprovalSettings, ConnectionRequest, LivePolicy, Policy, Transport},
     proxy::{Proxy, detect::Protocol, intercept::Interceptor, ssh::HostKeys},
     tls::Authority,
@@ -88,6 +89,8 @@ struct Core {
     /// What programs must trust: the CA, the SSH host keys.
     authority: Option<Arc<Authority>>,
     ssh_host_keys: Option<Arc<HostKeys>>,
+    /// The network namespaces served besides the agent's own.
+    namespaces: Namespaces,
 }
 
 /// What `warden status` shows.
@@ -122,6 +125,10 @@ pub struct AttachedCgroup {
     pub cgroup: PathBuf,
     pub reason: String,
     pub since: DateTime<Utc>,
+    /// The network namespaces of its processes that the agent listens in,
+    /// besides its own.
+    #[serde(default)]
+    pub netns: Vec<String>,
 }
 
 /// What a stop left behind, for the caller to report.
@@ -170,6 +177,36 @@ impl Agent {
             }
             None => None,
         };
+        let authority = options.tls.as_ref().map(|t| t.authority().clone());
+        let proxy = Arc::new(Proxy {
+            capture: capture.clone(),
+            policy: policy.clone(),
+            audit: sink.clone(),
+            tls: options.tls,
+            lineage: Arc::default(),
+            approvals: approvals.clone(),
+            ssh_host_keys: options.ssh_host_keys.clone(),
+            recordings: Some(recordings),
+        });
+        let own = Arc::new(Namespace::own().context("reading the agent's network namespace")?);
+        capture.serve_netns(own.cookie)?;
+        let namespaces = {
+            let (proxy, tracker) = (proxy.clone(), tracker.clone());
+            Namespaces::new(
+                own.id,
+                port,
+                Box::new(move |listener, netns, stop| {
+                    tokio::spawn(proxy.clone().serve(listener, netns, tracker.clone(), stop));
+                }),
+                cancel.clone(),
+            )
+        };
+        tokio::spawn(
+            proxy
+                .clone()
+                .serve(v4, own.clone(), tracker.clone(), cancel.clone()),
+        );
+        tokio::spawn(proxy.serve(v6, own, tracker.clone(), cancel.clone()));
         let now = Utc::now();
         let core = Arc::new(Core {
             capture: capture.clone(),
@@ -184,8 +221,9 @@ impl Agent {
             reasons: Mutex::default(),
             problems: Mutex::default(),
             ready: AtomicBool::new(false),
-            authority: options.tls.as_ref().map(|t| t.authority().clone()),
-            ssh_host_keys: options.ssh_host_keys.clone(),
+            authority: authority.clone(),
+            ssh_host_keys: options.ssh_host_keys,
+            namespaces,
         });
         if approvals.is_some() || options.serve_control {
             let socket = options.control_socket;
@@ -203,34 +241,21 @@ impl Agent {
                     "--review-listen and --control-listen serve reviewers, and this policy holds nothing for review: add an `approvals:` section and rules with `action: approve`"
                 );
             };
-            let Some(tls) = &options.tls else {
+            let Some(authority) = &authority else {
                 anyhow::bail!(
                     "the review page and the control port are served over TLS with the agent's CA: run without --no-tls-intercept"
                 );
             };
             if let Some(addr) = options.review_listen {
-                review::start(addr, tls.authority(), approvals.clone(), cancel.clone()).await?;
+                review::start(addr, authority, approvals.clone(), cancel.clone()).await?;
             }
             if let Some(addr) = options.control_listen {
-                control::serve_tls(addr, tls.authority(), approvals.clone(), cancel.clone())
-                    .await?;
+                control::serve_tls(addr, authority, approvals.clone(), cancel.clone()).await?;
             }
         }
         if let (Some(addr), Some(metrics)) = (options.metrics_listen, metrics) {
             crate::metrics::serve(addr, metrics, approvals.clone(), cancel.clone()).await?;
         }
-        let proxy = Arc::new(Proxy {
-            capture: capture.clone(),
-            policy: policy.clone(),
-            audit: sink.clone(),
-            tls: options.tls,
-            lineage: Arc::default(),
-            approvals,
-            ssh_host_keys: options.ssh_host_keys,
-            recordings: Some(recordings),
-        });
-        tokio::spawn(proxy.clone().serve(v4, tracker.clone(), cancel.clone()));
-        tokio::spawn(proxy.serve(v6, tracker.clone(), cancel.clone()));
         if let Some(ring) = capture.take_udp_denials() {
             tokio::spawn(audit_udp_denials(ring, policy, sink, cancel.clone()));
         }
@@ -264,6 +289,12 @@ impl Agent {
     /// Stop managing a cgroup (it went, or no longer matches).
     pub fn release(&self, cgroup: &Path, why: &str) {
         self.core.release(cgroup, why);
+    }
+
+    /// Processes came into a managed cgroup: listen in any network
+    /// namespace of theirs the agent does not serve yet.
+    pub fn follow_namespaces(&self, cgroup: &Path) {
+        self.core.follow_namespaces(cgroup);
     }
 
     pub fn detach(&self, cgroup: &Path) {
@@ -402,11 +433,55 @@ impl Core {
             Event::CgroupAttached,
             format!("{}: {reason}", cgroup.display()),
         ));
+        self.follow_namespaces(cgroup);
         Ok(())
+    }
+
+    /// Listen in each network namespace the cgroup's processes are in. A
+    /// namespace that cannot be served is a problem for `warden status`;
+    /// the kernel keeps refusing its connects.
+    fn follow_namespaces(&self, cgroup: &Path) {
+        let followed = self.namespaces.follow(cgroup);
+        let mut failed: Vec<String> = followed.failed.iter().map(|e| e.to_string()).collect();
+        for (id, cookie) in followed.added {
+            match self.capture.serve_netns(cookie) {
+                Ok(()) => self.sink.record_event(EventRow::now(
+                    Event::NetnsServed,
+                    format!("{id}: processes of {}", cgroup.display()),
+                )),
+                Err(e) => failed.push(format!("{id}: {e}")),
+            }
+        }
+        let subject = format!("netns {}", cgroup.display());
+        let mut problems = self.problems.lock().expect("agent lock");
+        if failed.is_empty() {
+            problems.remove(&subject);
+        } else {
+            tracing::error!(cgroup = %cgroup.display(), problems = ?failed, "cannot serve a managed cgroup's network namespace");
+            problems.insert(
+                subject,
+                format!(
+                    "{}: connections from these network namespaces are refused: {}",
+                    cgroup.display(),
+                    failed.join("; ")
+                ),
+            );
+        }
     }
 
     fn release(&self, cgroup: &Path, why: &str) {
         self.capture.detach(cgroup);
+        for (id, cookie) in self.namespaces.forget(cgroup) {
+            self.capture.unserve_netns(cookie);
+            self.sink.record_event(EventRow::now(
+                Event::NetnsReleased,
+                format!("{id}: no managed cgroup has processes there"),
+            ));
+        }
+        self.problems
+            .lock()
+            .expect("agent lock")
+            .remove(&format!("netns {}", cgroup.display()));
         self.reasons.lock().expect("agent lock").remove(cgroup);
         self.sink.record_event(EventRow::now(
             Event::CgroupDetached,
@@ -444,6 +519,7 @@ impl Core {
 
     fn status(&self) -> Status {
         let reasons = self.reasons.lock().expect("agent lock");
+        let namespaces = self.namespaces.served();
         let attached = self
             .capture
             .attached()
@@ -453,10 +529,16 @@ impl Core {
                     .get(&cgroup)
                     .cloned()
                     .unwrap_or_else(|| ("attached by warden run".into(), self.started));
+                let netns = namespaces
+                    .iter()
+                    .filter(|(_, users)| users.contains(&cgroup))
+                    .map(|(id, _)| id.to_string())
+                    .collect();
                 AttachedCgroup {
                     cgroup,
                     reason,
                     since,
+                    netns,
                 }
             })
             .collect();

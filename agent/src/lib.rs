@@ -4,6 +4,7 @@
 //! The modules follow a connection from the kernel to the audit row:
 //! - [`cgroup`]: find cgroup v2, make and remove the cgroups of managed workloads;
 //! - [`capture`]: load the eBPF programs, attach them to cgroups, read their records;
+//! - [`netns`]: listen and connect in each network namespace managed processes are in;
 //! - [`identity`]: turn a kernel record into a process, user, unit or container;
 //! - [`proxy`]: accept redirected connections, detect the protocol, relay;
 //! - [`tls`]: the agent's CA and its TLS towards servers, for interception;
@@ -26,6 +27,7 @@ pub mod identity;
 pub mod kubernetes;
 pub mod lineage;
 pub mod metrics;
+pub mod netns;
 pub mod policy;
 pub mod preflight;
 pub mod proxy;

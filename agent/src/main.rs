@@ -516,6 +516,9 @@ fn status_text(status: &warden::agent::Status) -> String {
                 a.since.format("%H:%M:%S"),
                 a.reason
             ));
+            for netns in &a.netns {
+                out.push_str(&format!("    listening in its network namespace {netns}\n"));
+            }
         }
     }
     for problem in &status.problems {

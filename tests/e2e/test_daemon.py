@@ -415,3 +415,107 @@ def test_systemd_hears_ready_reloading_and_stopping(tmp_path):
     finally:
         assert daemon.stop() == 0, daemon.output()
     assert notify.recv(4096).decode() == "STOPPING=1"
+
+
+def test_a_unit_with_a_network_namespace_of_its_own_is_served(slice_dir, tmp_path):
+    """A service with a network namespace of its own (a pod, or a unit with
+    PrivateNetwork=) is redirected to the loopback of that namespace: the
+    daemon listens there, and connects from there. The server here listens
+    on the namespace's loopback only, so only a connection made from inside
+    it can reach it."""
+    unit = slice_dir / "langchain-isolated.service"
+    unit.mkdir()
+    daemon = Daemon(tmp_path, {"units": ["langchain-*.service"]})
+    holder = server = None
+    try:
+        assert daemon.managed() == [str(unit)]
+        # The unit's first process comes with its namespace made, as a
+        # container runtime starts a pod's sandbox.
+        holder = subprocess.Popen(
+            ["unshare", "--net", "sh", "-c",
+             f"ip link set lo up && echo $$ > {unit}/cgroup.procs && exec sleep 300"])
+        netns = f"/proc/{holder.pid}/ns/net"
+
+        def namespace_served():
+            attached = {a["cgroup"]: a for a in daemon.status()["attached"]}
+            return attached[str(unit)]["netns"]
+
+        took = wait_until(namespace_served, 2.0, "serving the unit's network namespace")
+        print(f"network namespace served {took * 1000:.1f} ms after the unit's first process")
+        own_ns = os.stat(netns).st_ino
+        assert namespace_served() == [f"net:[{own_ns}]"]
+
+        files = tmp_path / "site"
+        files.mkdir()
+        (files / "hello").write_text("from inside the namespace")
+        port = free_port()
+        server = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-m", "http.server",
+                                   "--bind", "127.0.0.1", "--directory", str(files), str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: _listening(netns, port), 10.0, "the server in the namespace")
+
+        fetch = f"""
+            import json, urllib.request
+            try:
+                body = urllib.request.urlopen("http://127.0.0.1:{port}/hello", timeout=5).read().decode()
+                print(json.dumps({{"body": body}}))
+            except OSError as e:
+                print(json.dumps({{"error": str(e)}}))
+            """
+        assert in_netns_and_cgroup(netns, unit, fetch) == {"body": "from inside the namespace"}
+
+        # A namespace made later by a process of an already busy unit is
+        # not served: its connects are refused, never sent elsewhere.
+        late = subprocess.run(
+            ["unshare", "--net", sys.executable, "-c", textwrap.dedent(f"""
+                import json, socket
+                try:
+                    socket.create_connection(("127.0.0.1", {port}), timeout=5)
+                    print(json.dumps({{"connected": True}}))
+                except OSError as e:
+                    print(json.dumps({{"error": type(e).__name__}}))
+                """)],
+            preexec_fn=lambda: (unit / "cgroup.procs").write_text("0"),
+            capture_output=True, text=True, timeout=30)
+        late = json.loads(late.stdout.strip().splitlines()[-1])
+        assert late == {"error": "PermissionError"}, late
+
+        status = daemon.cli("status")
+        assert f"listening in its network namespace net:[{own_ns}]" in status.stdout, status.stdout
+
+        # The unit stops: the namespace is let go.
+        server.kill()
+        server.wait()
+        kill_all(unit)
+        holder.wait()
+        unit.rmdir()
+        wait_until(lambda: str(unit) not in daemon.managed(), 1.0, "releasing the removed unit")
+    finally:
+        for proc in (server, holder):
+            if proc and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert daemon.stop() == 0, daemon.output()
+        subprocess.run([WARDEN, "cleanup"], capture_output=True)
+
+    rows = read_requests(daemon.audit_dir, "protocol = 'http'")
+    assert [(r["http_method"], r["http_path"], r["http_status"]) for r in rows] == [("GET", "/hello", 200)], rows
+    assert rows[0]["unit"] == "langchain-isolated.service"
+    kinds = [e for e, _ in daemon.events()]
+    assert kinds.count("netns_served") == 1 and kinds.count("netns_released") == 1, kinds
+
+
+def _listening(netns: str, port: int) -> bool:
+    probe = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-c",
+                            f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def in_netns_and_cgroup(netns: str, cgroup: Path, code: str) -> dict:
+    """Runs a Python snippet in a network namespace, as a process of `cgroup`."""
+    proc = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-c", textwrap.dedent(code)],
+                          preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])

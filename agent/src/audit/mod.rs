@@ -296,6 +296,10 @@ pub enum Event {
     CgroupAttached,
     /// They no longer do (the cgroup went, or the agent stopped managing it).
     CgroupDetached,
+    /// The agent listens in a managed cgroup's own network namespace.
+    NetnsServed,
+    /// No managed cgroup has processes there any more: it stopped.
+    NetnsReleased,
 }
 
 impl Event {
@@ -309,6 +313,8 @@ impl Event {
             Event::PolicyReloaded => "policy_reloaded",
             Event::PolicyReloadRefused => "policy_reload_refused",
             Event::CgroupAttached => "cgroup_attached",
+            Event::NetnsServed => "netns_served",
+            Event::NetnsReleased => "netns_released",
             Event::CgroupDetached => "cgroup_detached",
         }
     }

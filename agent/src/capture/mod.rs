@@ -87,6 +87,7 @@ pub struct Capture {
     pending: HashMap<MapData, u64, ConnRecord>,
     flows: Mutex<HashMap<MapData, FlowKey, ConnRecord>>,
     udp_allow: Mutex<HashMap<MapData, u16, u8>>,
+    netns: Mutex<HashMap<MapData, u64, u8>>,
     udp_denied: Mutex<Option<RingBuf<MapData>>>,
     /// Where the links are pinned; None holds them by descriptor only.
     pin_dir: Option<PathBuf>,
@@ -133,6 +134,7 @@ impl Capture {
         let pending = take_map(&mut ebpf, names::PENDING)?;
         let flows = take_map(&mut ebpf, names::FLOWS)?;
         let udp_allow = take_map(&mut ebpf, names::UDP_ALLOW)?;
+        let netns = take_map(&mut ebpf, names::NETNS)?;
         let udp_denied = RingBuf::try_from(
             ebpf.take_map(names::UDP_DENIED)
                 .ok_or(CaptureError::Missing(names::UDP_DENIED))?,
@@ -152,6 +154,7 @@ impl Capture {
             pending,
             flows: Mutex::new(flows),
             udp_allow: Mutex::new(udp_allow),
+            netns: Mutex::new(netns),
             udp_denied: Mutex::new(Some(udp_denied)),
             pin_dir,
             attached: Mutex::new(Vec::new()),
@@ -258,14 +261,38 @@ impl Capture {
         self.attached.lock().expect("capture lock").clear();
     }
 
+    /// The agent listens in the network namespace with this cookie: its
+    /// processes' connects are redirected there, no longer refused.
+    pub fn serve_netns(&self, cookie: u64) -> Result<(), CaptureError> {
+        let mut map = self.netns.lock().expect("capture lock");
+        map.insert(cookie, 1, 0)
+            .map_err(|source| CaptureError::Map {
+                name: names::NETNS,
+                source,
+            })
+    }
+
+    /// It no longer does: connects from there are refused again.
+    pub fn unserve_netns(&self, cookie: u64) {
+        let _ = self.netns.lock().expect("capture lock").remove(&cookie);
+    }
+
     /// The kernel's record of an accepted connection, removed from the map
-    /// (each record is read once, so the map never fills).
-    pub fn take_flow(&self, client: SocketAddr, listener: SocketAddr) -> Option<ConnRecord> {
+    /// (each record is read once, so the map never fills). `netns` is the
+    /// cookie of the namespace the listener that accepted it is in.
+    pub fn take_flow(
+        &self,
+        netns: u64,
+        client: SocketAddr,
+        listener: SocketAddr,
+    ) -> Option<ConnRecord> {
         let key = FlowKey {
+            netns,
             client_addr: addr_to_bytes(client.ip()),
             proxy_addr: addr_to_bytes(listener.ip()),
             client_port: client.port(),
             proxy_port: listener.port(),
+            _pad: 0,
         };
         let mut flows = self.flows.lock().expect("capture lock");
         let record = flows.get(&key, 0).ok()?;

@@ -198,6 +198,7 @@ impl Manager<'_> {
             watch,
         } = self;
         let root = watch.absolute("/");
+        let mut newly = Vec::new();
         watch.scan(relative, &mut |rel| {
             if managed.contains(rel) {
                 return Descend::No;
@@ -213,6 +214,7 @@ impl Manager<'_> {
             match agent.manage(&path, &reason) {
                 Ok(()) => {
                     tracing::info!(cgroup = %rel, %reason, "managing");
+                    newly.push(rel.to_string());
                     agent.set_problem(rel, None);
                     managed.insert(rel.to_string());
                 }
@@ -224,12 +226,26 @@ impl Manager<'_> {
             }
             Descend::No
         });
+        for rel in newly {
+            match watch.follow(&rel) {
+                // Processes that came between managing and following.
+                Ok(()) => agent.follow_namespaces(&watch.absolute(&rel)),
+                Err(e) => {
+                    tracing::warn!(cgroup = %rel, error = %e, "cannot follow processes coming into a managed cgroup; those in a network namespace of their own stay refused")
+                }
+            }
+        }
     }
 
     fn apply(&mut self, change: Change) {
         match change {
             Change::Appeared(rel) if rel == "/" => self.rescan(),
             Change::Appeared(rel) => self.scan_from(&rel),
+            Change::Populated(rel) => {
+                if self.managed.contains(&rel) {
+                    self.agent.follow_namespaces(&self.watch.absolute(&rel));
+                }
+            }
             Change::Gone(rel) => {
                 self.agent.set_problem(&rel, None);
                 if self.managed.remove(&rel) {

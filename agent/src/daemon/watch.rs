@@ -16,6 +16,9 @@ use tokio::io::{Interest, unix::AsyncFd};
 pub enum Change {
     Appeared(String),
     Gone(String),
+    /// A followed cgroup's `cgroup.events` changed: processes came into its
+    /// subtree (or left it).
+    Populated(String),
 }
 
 pub struct CgroupWatch {
@@ -23,6 +26,8 @@ pub struct CgroupWatch {
     inotify: AsyncFd<InotifyFd>,
     /// The directories watched, by descriptor.
     watched: HashMap<WatchDescriptor, String>,
+    /// The `cgroup.events` files followed, by descriptor.
+    followed: HashMap<WatchDescriptor, String>,
 }
 
 impl CgroupWatch {
@@ -41,6 +46,7 @@ impl CgroupWatch {
             root: root.to_path_buf(),
             inotify,
             watched: HashMap::new(),
+            followed: HashMap::new(),
         })
     }
 
@@ -81,6 +87,20 @@ impl CgroupWatch {
         Ok(())
     }
 
+    /// Report when processes come into the subtree of `rel`: the kernel
+    /// rewrites its `cgroup.events` when the subtree's first process comes
+    /// and its last goes.
+    pub fn follow(&mut self, rel: &str) -> nix::Result<()> {
+        let events = self.absolute(rel).join("cgroup.events");
+        let wd = self
+            .inotify
+            .get_ref()
+            .0
+            .add_watch(&events, AddWatchFlags::IN_MODIFY)?;
+        self.followed.insert(wd, rel.to_string());
+        Ok(())
+    }
+
     /// The next changes: waits for at least one.
     pub async fn changes(&mut self) -> anyhow::Result<Vec<Change>> {
         loop {
@@ -94,6 +114,11 @@ impl CgroupWatch {
             for event in events {
                 if event.mask.contains(AddWatchFlags::IN_IGNORED) {
                     self.watched.remove(&event.wd);
+                    self.followed.remove(&event.wd);
+                    continue;
+                }
+                if let Some(rel) = self.followed.get(&event.wd) {
+                    changes.push(Change::Populated(rel.clone()));
                     continue;
                 }
                 if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {

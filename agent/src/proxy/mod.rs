@@ -29,6 +29,7 @@ use crate::{
     identity::{Identity, Origin},
     lineage::Lineage,
     metrics::Metrics,
+    netns::Namespace,
     policy::{Action, ConnectionRequest, LivePolicy, OnAuditFailure, Transport},
 };
 use bytes::Bytes;
@@ -64,10 +65,13 @@ pub struct Proxy {
 
 impl Proxy {
     /// Accept until cancelled; each connection runs on the tracker so that
-    /// a shutdown can wait for them.
+    /// a shutdown can wait for them. `netns` is the network namespace the
+    /// listener is in: its connections come from there, and their upstream
+    /// connections are opened from there.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        netns: Arc<Namespace>,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) {
@@ -79,9 +83,10 @@ impl Proxy {
             match accepted {
                 Ok((stream, peer)) => {
                     let proxy = self.clone();
+                    let netns = netns.clone();
                     let open = proxy.audit.metrics().map(Metrics::connection_opened);
                     tracker.spawn(async move {
-                        proxy.handle(stream, peer).await;
+                        proxy.handle(stream, peer, &netns).await;
                         drop(open);
                     });
                 }
@@ -94,14 +99,14 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    async fn handle(&self, client: TcpStream, peer: SocketAddr, netns: &Namespace) {
         let start_time = Utc::now();
         let accepted = std::time::Instant::now();
         let session_id = uuid::Uuid::now_v7().to_string();
         let local = client.local_addr().unwrap_or(peer);
 
         // 1. attribute
-        let Some(origin) = self.attribute(peer, local).await else {
+        let Some(origin) = self.attribute(netns.cookie, peer, local).await else {
             tracing::warn!(%peer, "connection without a kernel record refused");
             refuse(client);
             self.audit.record(ConnectionRow {
@@ -171,15 +176,14 @@ impl Proxy {
         }
 
         // 3. connect
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(origin.destination))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer within {CONNECT_TIMEOUT:?}"),
-                    ))
-                });
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, netns.connect(origin.destination))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {CONNECT_TIMEOUT:?}"),
+                ))
+            });
         let upstream = match connected {
             Ok(s) => s,
             Err(e) => {
@@ -392,9 +396,9 @@ impl Proxy {
         }
     }
 
-    async fn attribute(&self, peer: SocketAddr, local: SocketAddr) -> Option<Origin> {
+    async fn attribute(&self, netns: u64, peer: SocketAddr, local: SocketAddr) -> Option<Origin> {
         for attempt in 0..RECORD_RETRIES {
-            if let Some(record) = self.capture.take_flow(peer, local) {
+            if let Some(record) = self.capture.take_flow(netns, peer, local) {
                 // procfs answers from memory: reading it inline costs less
                 // than a hop to the blocking pool.
                 return Some(Origin::from_record(&record));
