@@ -58,7 +58,7 @@ pub use self::{
     },
 };
 use self::{files::TableWriter, journal::Journal, schema::Table};
-use crate::{identity::Identity, lineage::Link, metrics::Metrics};
+use crate::{budget::TokenLedger, identity::Identity, lineage::Link, metrics::Metrics};
 
 /// One row of the `connections` table.
 #[derive(Clone, Debug)]
@@ -404,6 +404,9 @@ pub struct AuditSink {
     writable: Arc<AtomicBool>,
     /// Counts every row as it passes, dropped or not.
     metrics: Option<Arc<Metrics>>,
+    /// The day's LLM tokens per workload, learnt from this audit's files
+    /// at start; shared by every clone.
+    tokens: Arc<TokenLedger>,
 }
 
 impl AuditSink {
@@ -458,6 +461,11 @@ impl AuditSink {
                 m.rows_dropped(table, 1);
             }
         }
+    }
+
+    /// The LLM tokens each workload used today, for the policy's budgets.
+    pub fn tokens(&self) -> &TokenLedger {
+        &self.tokens
     }
 
     /// The agent's metrics, when it serves them.
@@ -562,6 +570,7 @@ impl AuditWriter {
                 tx,
                 dropped: dropped.clone(),
                 writable,
+                tokens: Arc::new(TokenLedger::new(Some(config.dir.clone()), metrics.clone())),
                 metrics,
             },
             AuditWriter {
