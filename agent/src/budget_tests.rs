@@ -255,3 +255,33 @@ async fn an_audit_directory_without_requests_starts_the_day_at_zero() {
     assert_eq!(ledger.check(&b, "openai").await, Ok(()));
     assert_eq!(ledger.spent(&b), 0);
 }
+
+#[tokio::test]
+async fn a_reloaded_policy_keeps_the_days_spend() {
+    let policy = |tokens: u64| {
+        crate::policy::Policy::from_yaml(
+            &format!(
+                "version: 1\nworkloads:\n  bot: {{ match: {{ uid: 1000 }} }}\n\
+                 budgets:\n  bot: {{ tokens_per_day: {tokens} }}\n"
+            ),
+            "policy.yaml",
+        )
+        .unwrap()
+    };
+    let live = crate::policy::LivePolicy::new(policy(100));
+    let ledger = TokenLedger::new(None, None);
+    ledger.spend(&call("bot", "openai", (Some(30), Some(30)), 200, ""), 0);
+    let current = live.current();
+    assert_eq!(
+        ledger
+            .check(current.budget_of("bot").unwrap(), "openai")
+            .await,
+        Ok(())
+    );
+    live.replace(policy(50)).unwrap();
+    let current = live.current();
+    let over = ledger
+        .check(current.budget_of("bot").unwrap(), "openai")
+        .await;
+    assert_eq!(over.map_err(|o| o.spent), Err(60));
+}
