@@ -73,8 +73,8 @@ impl OverBudget {
             .map(|p| format!(" for {}", p.join(" and ")))
             .unwrap_or_default();
         format!(
-            "workload {:?} has used {} of its {} LLM tokens{providers} for today (UTC day), set \
-             by the Warden policy's budgets:; the budget resets at {} (next midnight UTC)",
+            "workload {:?} has used {} of its daily budget of {} LLM tokens{providers} (Warden \
+             policy, budgets:); it resets at {} (midnight UTC)",
             budget.workload,
             self.spent,
             budget.tokens_per_day,

@@ -119,7 +119,7 @@ async fn a_spent_budget_refuses_until_the_next_utc_midnight() {
     );
     let message = over.message(&b);
     assert!(
-        message.contains("\"bot\" has used 105 of its 100 LLM tokens"),
+        message.contains("\"bot\" has used 105 of its daily budget of 100 LLM tokens ("),
         "{message}"
     );
     assert!(message.contains("2026-12-05T00:00:00Z"), "{message}");
@@ -158,7 +158,7 @@ async fn a_budget_for_some_providers_counts_and_refuses_only_their_calls() {
             .await
             .unwrap_err()
             .message(&b)
-            .contains("tokens for openai for today")
+            .contains("of 50 LLM tokens for openai (")
     );
 }
 
