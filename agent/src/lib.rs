@@ -14,12 +14,14 @@
 //! - [`lineage`]: link statements to the LLM answers that proposed them;
 //! - [`approvals`]: hold requests until OIDC-authenticated reviewers decide;
 //! - [`audit`]: write every connection and decision to Parquet;
+//! - [`budget`]: count each workload's LLM tokens per day, for `budgets:`;
 //! - [`metrics`]: count them for Prometheus, on a loopback port;
 //! - [`agent`]: wire the stages together;
 //! - [`run`]: `warden run`, one program in a fresh cgroup.
 pub mod agent;
 pub mod approvals;
 pub mod audit;
+pub mod budget;
 pub mod capture;
 pub mod cgroup;
 pub mod daemon;

@@ -76,6 +76,12 @@ struct TableLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkloadProvider {
+    workload: String,
+    provider: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabel {
     event: &'static str,
 }
@@ -103,6 +109,7 @@ pub struct Metrics {
     audit_written: Family<TableLabel, Counter>,
     audit_dropped: Family<TableLabel, Counter>,
     events: Family<EventLabel, Counter>,
+    llm_tokens: Family<WorkloadProvider, Counter>,
 }
 
 impl Default for Metrics {
@@ -127,6 +134,7 @@ impl Metrics {
             audit_written: Family::default(),
             audit_dropped: Family::default(),
             events: Family::default(),
+            llm_tokens: Family::default(),
         };
         m.registry.register(
             "warden_build",
@@ -193,6 +201,11 @@ impl Metrics {
             "The agent's events, as in the audit's events table: policy reloads and refused reloads, cgroups attached and released, audit outages",
             m.events.clone(),
         );
+        m.registry.register(
+            "warden_llm_tokens",
+            "LLM tokens that workloads' calls used, as their budgets count them: the usage the provider reported, or an estimate (4 bytes of text per token) for an answer without usage; counted when the answer ends, by workload and provider",
+            m.llm_tokens.clone(),
+        );
         m
     }
 
@@ -253,6 +266,17 @@ impl Metrics {
                 event: row.event.as_str(),
             })
             .inc();
+    }
+
+    /// Tokens an LLM call of `workload` used, counted by the budgets'
+    /// ledger ([`crate::budget::TokenLedger`]).
+    pub fn llm_tokens(&self, workload: &str, provider: &'static str, tokens: u64) {
+        self.llm_tokens
+            .get_or_create(&WorkloadProvider {
+                workload: workload.to_string(),
+                provider,
+            })
+            .inc_by(tokens);
     }
 
     pub fn rows_written(&self, table: &'static str, rows: u64) {

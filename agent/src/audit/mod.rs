@@ -58,7 +58,7 @@ pub use self::{
     },
 };
 use self::{files::TableWriter, journal::Journal, schema::Table};
-use crate::{identity::Identity, lineage::Link, metrics::Metrics};
+use crate::{budget::TokenLedger, identity::Identity, lineage::Link, metrics::Metrics};
 
 /// One row of the `connections` table.
 #[derive(Clone, Debug)]
@@ -410,6 +410,9 @@ pub struct AuditSink {
     writable: Arc<AtomicBool>,
     /// Counts every row as it passes, dropped or not.
     metrics: Option<Arc<Metrics>>,
+    /// The day's LLM tokens per workload, learnt from this audit's files
+    /// at start; shared by every clone.
+    tokens: Arc<TokenLedger>,
 }
 
 impl AuditSink {
@@ -464,6 +467,11 @@ impl AuditSink {
                 m.rows_dropped(table, 1);
             }
         }
+    }
+
+    /// The LLM tokens each workload used today, for the policy's budgets.
+    pub fn tokens(&self) -> &TokenLedger {
+        &self.tokens
     }
 
     /// The agent's metrics, when it serves them.
@@ -568,6 +576,7 @@ impl AuditWriter {
                 tx,
                 dropped: dropped.clone(),
                 writable,
+                tokens: Arc::new(TokenLedger::new(Some(config.dir.clone()), metrics.clone())),
                 metrics,
             },
             AuditWriter {

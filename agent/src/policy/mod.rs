@@ -31,6 +31,9 @@
 //! ([`ApprovalSettings`]), and a workload's `owners` may never approve its
 //! requests.
 //!
+//! `budgets` give workloads a daily number of LLM tokens ([`Budget`]); the
+//! proxy refuses their LLM calls once it is spent.
+//!
 //! `credentials` give targets the API key the agent puts in their requests,
 //! the password it logs in to PostgreSQL with, or the SSH login
 //! ([`SshLogin`]) it uses towards an SSH server whose host key the policy
@@ -1047,6 +1050,33 @@ impl SshMatcher {
     }
 }
 
+/// A workload's daily token budget (`budgets:`): how many input and output
+/// tokens its LLM calls may use per UTC day. The spend itself is counted
+/// outside the policy ([`crate::budget::TokenLedger`]), so that a reload
+/// keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Budget {
+    pub workload: String,
+    pub tokens_per_day: u64,
+    /// The providers whose calls it counts and refuses; None: every
+    /// provider.
+    pub providers: Option<Vec<&'static str>>,
+}
+
+impl Budget {
+    /// The audit's `rule` of a call it refuses: `budgets.<workload>`.
+    pub fn audit_rule(&self) -> String {
+        format!("budgets.{}", self.workload)
+    }
+
+    /// Whether calls to `provider` ("openai", "anthropic") count against it.
+    pub fn covers(&self, provider: &str) -> bool {
+        self.providers
+            .as_ref()
+            .is_none_or(|p| p.contains(&provider))
+    }
+}
+
 /// An allowing request rule's `limits`: a request outside them is denied by
 /// the rule.
 #[derive(Clone, Debug, Default)]
@@ -1195,6 +1225,8 @@ pub struct Policy {
     audit: AuditSettings,
     prompts: PromptAudit,
     approvals: Option<ApprovalSettings>,
+    /// In file order; at most one per workload.
+    budgets: Vec<Budget>,
 }
 
 impl Policy {
@@ -1605,6 +1637,17 @@ impl Policy {
             .map_or(&[], |w| w.owners.as_slice())
     }
 
+    /// The daily token budget of the workload named `workload`, if it has
+    /// one.
+    pub fn budget_of(&self, workload: &str) -> Option<&Budget> {
+        self.budgets.iter().find(|b| b.workload == workload)
+    }
+
+    /// `budgets:`, in file order.
+    pub fn budgets(&self) -> &[Budget] {
+        &self.budgets
+    }
+
     /// The first workload whose match holds for `identity`, if any.
     pub fn workload_of(&self, identity: &Identity) -> Option<&str> {
         self.workloads
@@ -1656,7 +1699,8 @@ impl Policy {
     /// after the statement, the request and the SSH counts, with request
     /// rules "..., 1 of them for HTTP requests, ...", with SSH rules "...,
     /// 1 of them for SSH requests, ...", with credentials "..., 2 targets,
-    /// 1 credential", with SSH logins "..., 1 SSH login", and then what
+    /// 1 credential", with SSH logins "..., 1 SSH login", with budgets
+    /// "..., 1 token budget", and then what
     /// applies to what no rule decides: "; sql_mask masks columns
     /// \"*email*\" and detectors card, iban" (presets expanded), ";
     /// http_default: deny", "; prompt_redact redacts detectors ...", ";
@@ -1695,6 +1739,9 @@ impl Policy {
         };
         if !self.ssh_logins.is_empty() {
             credentials.push_str(&format!(", {}", count(self.ssh_logins.len(), "SSH login")));
+        }
+        if !self.budgets.is_empty() {
+            credentials.push_str(&format!(", {}", count(self.budgets.len(), "token budget")));
         }
         let mut defaults = String::new();
         if let Some(mask) = &self.sql_mask {

@@ -39,18 +39,20 @@ use ipnet::IpNet;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::{
-    Action, ApprovalRule, ApprovalSettings, AuditSettings, Credential, DefaultAction, HttpMatcher,
-    Limits, LlmMatcher, Mask, OnAuditFailure, Policy, PolicyError, PortRange, PromptAudit,
-    Protocol, Rule, RuleKind, STATEMENT_CLASSES, Selector, SqlMatcher, SshLogin, SshMatcher,
-    Target, UpstreamHostKeys, Workload, glob::Glob,
+    Action, ApprovalRule, ApprovalSettings, AuditSettings, Budget, Credential, DefaultAction,
+    HttpMatcher, Limits, LlmMatcher, Mask, OnAuditFailure, Policy, PolicyError, PortRange,
+    PromptAudit, Protocol, Rule, RuleKind, STATEMENT_CLASSES, Selector, SqlMatcher, SshLogin,
+    SshMatcher, Target, UpstreamHostKeys, Workload, glob::Glob,
 };
 use crate::masking::{self, Checksum, DetectorSpec, MaskError, Masker};
 
 mod approval;
+mod budget;
 mod request;
 mod ssh;
 
 use approval::{ApprovalsKeys, ApproveKeys, OwnerP};
+use budget::BudgetKeys;
 use ssh::{HostKeyP, KnownHostsP, SshDefaultP, SshKeys};
 
 #[cfg(test)]
@@ -99,9 +101,11 @@ pub(crate) const TOP: Fields = Fields {
         "rules",
         "audit",
         "approvals",
+        "budgets",
     ],
     later: &[],
     instead: &[
+        ("budget", "write `budgets:`, keyed by workload name"),
         (
             "mask",
             "write `sql_mask:` to mask the rows of statements no rule matches, or `mask:` in a \
@@ -478,6 +482,7 @@ pub(crate) const SCHEMA_OBJECTS: &[(&str, &Fields)] = &[
     ("/$defs/approve", &approval::APPROVE),
     ("/$defs/approvals", &approval::APPROVALS),
     ("/$defs/oidc", &approval::OIDC),
+    ("/$defs/budget", &budget::BUDGET),
 ];
 
 // ---------------------------------------------------------------------------
@@ -1084,6 +1089,7 @@ struct FileDef {
     audit: AuditSettings,
     prompts: PromptAudit,
     approvals: Option<ApprovalSettings>,
+    budgets: Vec<Budget>,
 }
 
 impl Default for FileDef {
@@ -1108,6 +1114,7 @@ impl Default for FileDef {
             audit: AuditSettings::default(),
             prompts: PromptAudit::default(),
             approvals: None,
+            budgets: Vec::new(),
         }
     }
 }
@@ -1254,6 +1261,7 @@ impl FileDef {
             audit: self.audit,
             prompts: self.prompts,
             approvals: self.approvals,
+            budgets: self.budgets,
         }
     }
 }
@@ -1515,6 +1523,19 @@ impl<'de> Keys<'de> for FileKeys<'_> {
             }
             "approvals" => {
                 file.approvals = Some(map.next_value_seed(Mapping(ApprovalsKeys::new(ctx)))?)
+            }
+            "budgets" => {
+                let reserved = |name: &str| budget::workload_error(ctx, name);
+                file.budgets = map
+                    .next_value_seed(NamedMap {
+                        kind: "budget",
+                        section: "budgets",
+                        seed: |name: &str| Mapping(BudgetKeys::new(name)),
+                        reserved: &reserved,
+                    })?
+                    .into_iter()
+                    .map(|(_, budget)| budget)
+                    .collect()
             }
             _ => unreachable!("{key} is in TOP.known"),
         }

@@ -48,7 +48,7 @@ fn unknown_fields_everywhere_name_their_place() {
         "policy.yaml:2:1: unknown field `rule` at the top level; expected one of: version, \
          default, sql_default, sql_mask, http_default, prompt_redact, response_mask, \
          ssh_default, workloads, targets, credentials, detectors, presets, udp, rules, audit, \
-         approvals"
+         approvals, budgets"
     );
     // In a flow mapping, the column is the key's.
     assert_eq!(
@@ -1334,4 +1334,102 @@ fn bad_owners() {
     )
     .unwrap();
     assert_eq!(p.owners_of("w"), ["alice"]);
+}
+
+#[test]
+fn budgets_are_keyed_by_workload_with_tokens_per_day_and_providers() {
+    let p = Policy::from_yaml(
+        "\
+version: 1
+workloads:
+  support-bot: { match: { uid: 1000 } }
+  batch-job: { match: { uid: 1001 } }
+budgets:
+  support-bot: { tokens_per_day: 200000 }
+  batch-job:
+    tokens_per_day: \"1000000\"
+    providers: openai
+",
+        "policy.yaml",
+    )
+    .unwrap();
+    let bot = p.budget_of("support-bot").unwrap();
+    assert_eq!(
+        (bot.tokens_per_day, bot.providers.as_deref()),
+        (200_000, None)
+    );
+    assert_eq!(bot.audit_rule(), "budgets.support-bot");
+    let batch = p.budget_of("batch-job").unwrap();
+    assert_eq!(
+        (batch.tokens_per_day, batch.providers.as_deref()),
+        (1_000_000, Some(&["openai"][..]))
+    );
+    assert!(p.budget_of("nobody").is_none());
+    assert_eq!(p.budgets().len(), 2);
+    assert!(p.summary().contains(", 2 token budgets"), "{}", p.summary());
+}
+
+#[test]
+fn budget_errors_name_their_line() {
+    let head = "version: 1\nworkloads:\n  bot: { match: { uid: 1000 } }\n  job: { match: { uid: 1001 } }\nbudgets:\n";
+    assert_eq!(
+        err(&format!("{head}  b0t: {{ tokens_per_day: 10 }}\n")),
+        "policy.yaml:6:3: budgets name workload `b0t`, which is not defined under workloads:; \
+         defined: bot, job; a budget is keyed by the name of the workload whose LLM calls it counts"
+    );
+    assert_err(
+        &format!("{head}  bot: {{ tokens_per_day: 0 }}\n"),
+        6,
+        26,
+        "tokens_per_day 0 would refuse every LLM call",
+    );
+    assert_err(
+        &format!("{head}  bot: {{ tokens_per_day: 200k }}\n"),
+        6,
+        26,
+        "\"200k\" is not a number of tokens",
+    );
+    assert_err(
+        &format!("{head}  bot: {{ tokens_per_day: -5 }}\n"),
+        6,
+        26,
+        "-5 is not a number of tokens",
+    );
+    assert_err(
+        &format!("{head}  bot: {{ providers: [openai] }}\n"),
+        6,
+        8,
+        "the budget of workload `bot` does not say how many tokens",
+    );
+    assert_err(
+        &format!("{head}  bot: {{ tokens_per_day: 10, providers: [azure] }}\n"),
+        6,
+        42,
+        "\"azure\" is not an LLM provider",
+    );
+    assert_err(
+        &format!("{head}  bot: {{ tokens: 10 }}\n"),
+        6,
+        10,
+        "unknown field `tokens` in a budget (write `tokens_per_day:`)",
+    );
+    assert_err(
+        &format!("{head}  bot: {{ tokens_per_day: 10 }}\n  bot: {{ tokens_per_day: 20 }}\n"),
+        7,
+        3,
+        "budget `bot` is defined twice under budgets:",
+    );
+    assert_err(
+        "version: 1\nbudget: {}\n",
+        2,
+        1,
+        "write `budgets:`, keyed by workload name",
+    );
+    // Without workloads, the message says none is defined.
+    assert_err(
+        "version: 1\nbudgets:\n  bot: { tokens_per_day: 10 }\n",
+        3,
+        3,
+        "defined: none",
+    );
 }

@@ -208,6 +208,14 @@ struct Call {
     request: Option<LlmRequest>,
 }
 
+impl Call {
+    /// The prompt's length, for estimating the input tokens of an answer
+    /// that reports no usage.
+    fn prompt_bytes(&self) -> usize {
+        self.request.as_ref().map_or(0, |r| r.prompt.len())
+    }
+}
+
 impl Exchange {
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
@@ -316,7 +324,8 @@ impl Exchange {
         }
 
         // 2. decide
-        let decision = s.policy.current().decide_http(&HttpRequest {
+        let policy = s.policy.current();
+        let decision = policy.decide_http(&HttpRequest {
             identity: &s.identity,
             destination: s.destination,
             host: host.as_deref(),
@@ -347,6 +356,16 @@ impl Exchange {
                 .unwrap_or_else(|| format!("denied by rule {:?}", decision.rule));
             return self.refuse(row, provider, StatusCode::FORBIDDEN, &reason);
         }
+        // A workload whose daily token budget is spent: refused before it
+        // leaves the host (and before reviewers are asked).
+        if let (Some(provider), Some(workload)) = (provider, row.workload.as_deref())
+            && let Some(budget) = policy.budget_of(workload)
+            && let Err(over) = s.audit.tokens().check(budget, provider.as_str()).await
+        {
+            row.rule = budget.audit_rule();
+            return self.refuse_over_budget(row, provider, &over.message(budget));
+        }
+        drop(policy);
         // Held: the client's request waits (its connection open) for reviewers.
         let ticket = match &decision.approval {
             Some(rule) if decision.action == Action::Approve => {
@@ -439,6 +458,7 @@ impl Exchange {
                 let body = MaskedStream {
                     inner: body,
                     masker,
+                    prompt_bytes: call.prompt_bytes(),
                     flushed: false,
                     lineage: s.lineage.clone(),
                     log: Some(Log {
@@ -463,6 +483,7 @@ impl Exchange {
                     .headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
                 row.end_time = Utc::now();
+                s.audit.tokens().spend(&row, call.prompt_bytes());
                 s.audit.record_request(row);
                 Response::from_parts(parts, full(bytes))
             }
@@ -666,6 +687,36 @@ impl Exchange {
         if status == StatusCode::FORBIDDEN {
             row.decision = "deny";
         }
+        let body = llm::error_body(provider.unwrap_or(Provider::OpenAi), message);
+        self.answer_refusal(row, status, message, body)
+    }
+
+    /// A refusal because the workload's daily token budget is spent: 429,
+    /// the provider's rate-limit shape, and `x-should-retry: false`, which
+    /// the openai and anthropic SDKs obey instead of retrying a 429 (no
+    /// retry can succeed before the budget resets).
+    fn refuse_over_budget(
+        &self,
+        mut row: RequestRow,
+        provider: Provider,
+        message: &str,
+    ) -> Response<Body> {
+        row.decision = "deny";
+        let body = llm::budget_error_body(provider, message);
+        let mut resp = self.answer_refusal(row, StatusCode::TOO_MANY_REQUESTS, message, body);
+        resp.headers_mut()
+            .insert("x-should-retry", HeaderValue::from_static("false"));
+        resp
+    }
+
+    /// Audits a refused request and answers it with `body`.
+    fn answer_refusal(
+        &self,
+        mut row: RequestRow,
+        status: StatusCode,
+        message: &str,
+        body: Vec<u8>,
+    ) -> Response<Body> {
         if let Some(fields) = row.http.as_mut() {
             fields.status = Some(status.as_u16());
         }
@@ -673,7 +724,6 @@ impl Exchange {
         row.end_time = Utc::now();
         let rule = row.rule.clone();
         self.session.audit.record_request(row);
-        let body = llm::error_body(provider.unwrap_or(Provider::OpenAi), message);
         let mut resp = Response::new(full(Bytes::from(body)));
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
@@ -953,6 +1003,8 @@ impl Drop for Logged {
 struct MaskedStream {
     inner: Incoming,
     masker: StreamMasker,
+    /// For the estimate of the input tokens when the stream reports none.
+    prompt_bytes: usize,
     flushed: bool,
     lineage: Arc<Lineage>,
     log: Option<Log>,
@@ -966,6 +1018,8 @@ impl MaskedStream {
                 fill_answer(fields, self.masker.response());
             }
             propose(&self.lineage, &log.row, self.masker.response());
+            // What the stream carried counts, also when the app left early.
+            log.audit.tokens().spend(&log.row, self.prompt_bytes);
             log.write(error);
         }
     }

@@ -11,7 +11,8 @@
 //! - [`StreamMasker`] does the same for a streamed (SSE) response, chunk by
 //!   chunk, holding back only the text that could still be part of a finding
 //!   (see [`stream`] for the hold-back rule and what it costs);
-//! - [`error_body`] writes a denial the provider's SDK understands.
+//! - [`error_body`] and [`budget_error_body`] write a denial the
+//!   provider's SDK understands.
 //!
 //! The body shape follows the [`Endpoint`]; the [`Provider`] only chooses
 //! the error shape and the event vocabulary of streams. Bodies are read
@@ -33,7 +34,7 @@ mod stream_tests;
 #[cfg(test)]
 mod tests;
 
-pub use error::error_body;
+pub use error::{budget_error_body, error_body};
 pub use request::{parse_request, redact_request};
 pub use response::{mask_response, parse_response};
 pub use stream::StreamMasker;

@@ -562,3 +562,18 @@ fn error_bodies_have_the_providers_shape() {
         json!({"type": "error", "error": {"type": "permission_error", "message": "no"}})
     );
 }
+
+#[test]
+fn budget_error_bodies_are_the_providers_quota_errors() {
+    let v: Value = serde_json::from_slice(&budget_error_body(Provider::OpenAi, "spent")).unwrap();
+    assert_eq!(
+        v,
+        json!({"error": {"message": "spent", "type": "insufficient_quota", "param": null, "code": "warden_budget_exceeded"}})
+    );
+    let v: Value =
+        serde_json::from_slice(&budget_error_body(Provider::Anthropic, "spent")).unwrap();
+    assert_eq!(
+        v,
+        json!({"type": "error", "error": {"type": "rate_limit_error", "message": "spent"}})
+    );
+}

@@ -1071,7 +1071,7 @@ impl Parse for PathP {
 }
 
 #[derive(Clone, Copy)]
-struct ProviderP;
+pub(super) struct ProviderP;
 
 impl Parse for ProviderP {
     type Out = &'static str;
