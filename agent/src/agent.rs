@@ -26,7 +26,9 @@ use crate::{
     identity::Origin,
     metrics::Metrics,
     policy::{ApprovalSettings, ConnectionRequest, LivePolicy, Policy, Transport},
-    proxy::{Proxy, detect::Protocol, intercept::Interceptor, ssh::HostKeys},
+    proxy::{
+        Proxy, detect::Protocol, intercept::Interceptor, ssh::HostKeys, token::WorkloadTokens,
+    },
     tls::Authority,
 };
 
@@ -219,6 +221,13 @@ impl Agent {
         if let (Some(addr), Some(metrics)) = (options.metrics_listen, metrics) {
             crate::metrics::serve(addr, metrics, approvals.clone(), cancel.clone()).await?;
         }
+        let workload_tokens = Arc::new(WorkloadTokens::new(Fetcher::new(
+            crate::tls::upstream_config(&options.upstream_ca, &[b"http/1.1".to_vec()])?,
+        )));
+        if let Some(settings) = policy.current().workload_tokens().cloned() {
+            let tokens = workload_tokens.clone();
+            tokio::spawn(async move { tokens.discover(&settings).await });
+        }
         let proxy = Arc::new(Proxy {
             capture: capture.clone(),
             policy: policy.clone(),
@@ -226,6 +235,7 @@ impl Agent {
             tls: options.tls,
             lineage: Arc::default(),
             approvals,
+            workload_tokens,
             ssh_host_keys: options.ssh_host_keys,
             recordings: Some(recordings),
         });

@@ -117,6 +117,22 @@ const ALLOWED_ALGS: [CoreJwsSigningAlgorithm; 9] = [
     CoreJwsSigningAlgorithm::EdDsa,
 ];
 
+/// The issuer a token names, before anything of it is verified: only to
+/// pick which trusted issuer's keys verify it. An expired token is refused
+/// here already.
+pub fn unverified_issuer(token: &str) -> Result<String, TokenError> {
+    let token: Token = token
+        .trim()
+        .parse()
+        .map_err(|e: serde_json::Error| TokenError::Malformed(e.to_string()))?;
+    let peek = CoreIdTokenVerifier::new_insecure_without_verification();
+    match token.claims(&peek, |_: Option<&Nonce>| Ok(())) {
+        Ok(claims) => Ok(claims.issuer().to_string()),
+        Err(ClaimsVerificationError::Expired(_)) => Err(TokenError::Expired),
+        Err(other) => Err(TokenError::Invalid(other.to_string())),
+    }
+}
+
 /// The parts of a discovery document the agent uses. Only `issuer` and
 /// `jwks_uri` are required: a Kubernetes API server's document has no
 /// endpoints for signing in.

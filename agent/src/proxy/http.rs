@@ -3,6 +3,8 @@
 //!
 //! 1. read: method, host and path; an LLM API call's body is read whole
 //!    (bounded by [`MAX_INSPECTED_BODY`]) and decoded (model, prompt...);
+//!    a workload token is taken out of its header and verified (a request
+//!    with a token that does not verify goes no further);
 //! 2. decide: the policy's verdict for this request;
 //! 3. redact: prompt DLP, findings replaced (or the request refused)
 //!    before anything leaves the host;
@@ -44,7 +46,7 @@ use tokio::{
     sync::{Mutex, oneshot},
 };
 
-use super::{io::Counted, relay::Transferred};
+use super::{io::Counted, relay::Transferred, token::WorkloadTokens};
 use crate::{
     approvals::{Approvals, HoldRequest, Ticket},
     audit::{AuditSink, HttpFields, LlmFields, RequestRow},
@@ -53,7 +55,7 @@ use crate::{
     masking::Masker,
     policy::{
         Action, Credential, CredentialHeader, HttpDecision, HttpRequest, LivePolicy, LlmInfo,
-        OnDetect, PromptAudit,
+        OnDetect, PresentedToken, PromptAudit,
     },
     protocols::llm::{self, Endpoint, LlmRequest, Provider, StreamMasker},
 };
@@ -80,6 +82,7 @@ pub struct HttpSession {
     pub lineage: Arc<Lineage>,
     /// Where requests a rule holds wait for reviewers.
     pub approvals: Option<Arc<Approvals>>,
+    pub workload_tokens: Arc<WorkloadTokens>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +250,7 @@ impl Exchange {
                 host: host.clone(),
                 path: path.clone(),
                 status: None,
+                ..HttpFields::default()
             }),
             llm: None,
             ssh: None,
@@ -315,8 +319,26 @@ impl Exchange {
             );
         }
 
+        // A workload token adds to who asked; its header never goes on.
+        let policy = s.policy.current();
+        let token = match policy.workload_tokens() {
+            None => None,
+            Some(settings) => match s.workload_tokens.take(settings, &mut parts.headers).await {
+                None => None,
+                Some(Ok(token)) => Some(token),
+                Some(Err(reason)) => {
+                    row.rule = TOKEN_RULE.into();
+                    return self.refuse(row, provider_of(&call), StatusCode::UNAUTHORIZED, &reason);
+                }
+            },
+        };
+        if let (Some(fields), Some(token)) = (row.http.as_mut(), &token) {
+            fields.token_issuer = Some(token.issuer.clone());
+            fields.token_subject = Some(token.subject.clone());
+        }
+
         // 2. decide
-        let decision = s.policy.current().decide_http(&HttpRequest {
+        let decision = policy.decide_http(&HttpRequest {
             identity: &s.identity,
             destination: s.destination,
             host: host.as_deref(),
@@ -330,6 +352,10 @@ impl Exchange {
                 stream: c.request.as_ref().is_some_and(|r| r.stream),
             }),
             from_llm: row.caused_by.is_some(),
+            token: token.as_ref().map(|t| PresentedToken {
+                issuer: &t.issuer,
+                subject: &t.subject,
+            }),
         });
         row.rule = decision.rule.clone();
         let provider = call.as_ref().map(|c| c.provider);
@@ -663,7 +689,7 @@ impl Exchange {
         status: StatusCode,
         message: &str,
     ) -> Response<Body> {
-        if status == StatusCode::FORBIDDEN {
+        if status == StatusCode::FORBIDDEN || status == StatusCode::UNAUTHORIZED {
             row.decision = "deny";
         }
         if let Some(fields) = row.http.as_mut() {
@@ -686,6 +712,13 @@ impl Exchange {
         }
         resp
     }
+}
+
+/// The rule a request refused for its workload token is audited under.
+const TOKEN_RULE: &str = "workload_tokens";
+
+fn provider_of(call: &Option<Call>) -> Option<Provider> {
+    call.as_ref().map(|c| c.provider)
 }
 
 /// The LLM request body, read whole for inspection, carried from step 1 to 3.
