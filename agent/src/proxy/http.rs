@@ -320,6 +320,7 @@ impl Exchange {
         }
 
         // A workload token adds to who asked; its header never goes on.
+        let provider = call.as_ref().map(|c| c.provider);
         let policy = s.policy.current();
         let token = match policy.workload_tokens() {
             None => None,
@@ -328,7 +329,7 @@ impl Exchange {
                 Some(Ok(token)) => Some(token),
                 Some(Err(reason)) => {
                     row.rule = TOKEN_RULE.into();
-                    return self.refuse(row, provider_of(&call), StatusCode::UNAUTHORIZED, &reason);
+                    return self.refuse(row, provider, StatusCode::UNAUTHORIZED, &reason);
                 }
             },
         };
@@ -358,7 +359,6 @@ impl Exchange {
             }),
         });
         row.rule = decision.rule.clone();
-        let provider = call.as_ref().map(|c| c.provider);
         if let (Some(fields), Some(req)) = (
             row.llm.as_mut(),
             call.as_ref().and_then(|c| c.request.as_ref()),
@@ -716,10 +716,6 @@ impl Exchange {
 
 /// The rule a request refused for its workload token is audited under.
 const TOKEN_RULE: &str = "workload_tokens";
-
-fn provider_of(call: &Option<Call>) -> Option<Provider> {
-    call.as_ref().map(|c| c.provider)
-}
 
 /// The LLM request body, read whole for inspection, carried from step 1 to 3.
 #[derive(Clone)]
