@@ -5,7 +5,13 @@ in LLM calls over intercepted TLS (the openai client's `default_headers`).
 A valid token's subject is matched by a `token` rule and written to the
 audit, in addition to the kernel's attribution; a forged, expired,
 wrong-audience or untrusted token denies the request with the reason; and
-the header never reaches the server, whatever it held."""
+the header never reaches the server, whatever it held.
+
+A Kubernetes API server cannot run here, so a loopback issuer serves the
+two documents it serves (a discovery document with only issuer and
+jwks_uri, and the key set) and signs tokens shaped as the kubelet's
+projected tokens (ES256, a kid and no typ, the kubernetes.io claim)."""
+import base64
 import http.server
 import json
 import sys
@@ -15,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+from joserfc import jws
+from joserfc.jwk import ECKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "peers"))
 from oidc import OidcProvider, tamper_signature  # noqa: E402
@@ -194,3 +202,105 @@ def test_llm_calls_with_tokens_over_intercepted_tls(idp, tokens, https_llm, upst
         ("deny", "llm-needs-a-crm-account", None),
     ], rows
     assert rows[0]["token_issuer"] == idp.issuer and rows[0]["llm_model"] == "gpt-4o-mini"
+
+
+class ClusterIssuer:
+    """The service-account issuer of a Kubernetes API server, as the agent
+    reads it: `/.well-known/openid-configuration` (no authorization or
+    token endpoint) and `/openid/v1/jwks`, over plain HTTP on loopback."""
+
+    def __init__(self):
+        self.key = ECKey.generate_key("P-256", parameters={"kid": "sa-key-1", "use": "sig", "alg": "ES256"}, private=True)
+        issuer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                documents = {
+                    "/.well-known/openid-configuration": {
+                        "issuer": issuer.url,
+                        "jwks_uri": f"{issuer.url}/openid/v1/jwks",
+                        "response_types_supported": ["id_token"],
+                        "subject_types_supported": ["public"],
+                        "id_token_signing_alg_values_supported": ["ES256"],
+                    },
+                    "/openid/v1/jwks": {"keys": [issuer.key.as_dict(private=False)]},
+                }
+                body = json.dumps(documents.get(self.path, {})).encode()
+                self.send_response(200 if self.path in documents else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def token(self, namespace: str, account: str, audience: str = "warden", key: ECKey | None = None) -> str:
+        """A projected service-account token, as the kubelet gets it."""
+        now = int(time.time())
+        claims = {
+            "aud": [audience], "exp": now + 3600, "iat": now, "nbf": now, "iss": self.url,
+            "sub": f"system:serviceaccount:{namespace}:{account}",
+            "kubernetes.io": {
+                "namespace": namespace,
+                "pod": {"name": f"{account}-7d9f", "uid": "0b1c2d3e-0000-4000-8000-000000000001"},
+                "serviceaccount": {"name": account, "uid": "0b1c2d3e-0000-4000-8000-000000000002"},
+            },
+        }
+        header = {"alg": "ES256", "kid": "sa-key-1"}
+        return jws.serialize_compact(header, json.dumps(claims).encode(), key or self.key)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_kubernetes_projected_tokens(api, tmp_path, audit_dir):
+    cluster = ClusterIssuer()
+    try:
+        port = api.server_address[1]
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(textwrap.dedent(f"""\
+            version: 1
+            workload_tokens:
+              issuers: [{{ issuer: "{cluster.url}", audience: warden }}]
+            http_default: deny
+            targets:
+              api: {{ address: 127.0.0.1, port: {port}, protocol: http }}
+            rules:
+              - name: crm-accounts
+                when: {{ target: api, token: {{ subject: "system:serviceaccount:crm:*" }} }}
+                action: allow
+            """))
+        other_key = ECKey.generate_key("P-256", parameters={"kid": "sa-key-1"}, private=True)
+        sent = {
+            "billing": cluster.token("crm", "billing"),
+            "api-server-audience": cluster.token("crm", "billing", audience="https://kubernetes.default.svc"),
+            "other-key": cluster.token("crm", "billing", key=other_key),
+        }
+        header = json.loads(base64.urlsafe_b64decode(sent["billing"].split(".")[0] + "=="))
+        assert header == {"alg": "ES256", "kid": "sa-key-1"}  # no typ, as the kubelet's
+        code = textwrap.dedent(f"""
+            import json, httpx
+            out = {{}}
+            with httpx.Client(base_url="http://127.0.0.1:{port}", trust_env=False, timeout=30) as c:
+                for name, token in json.loads({json.dumps(json.dumps(sent))}).items():
+                    r = c.get("/" + name, headers={{"X-Warden-Workload-Token": token}})
+                    out[name] = [r.status_code, r.text]
+            print(json.dumps(out))
+        """)
+        run = warden_run(code, audit_dir, "--policy", str(policy))
+        assert run.returncode == 0 and run.report is not None, run.stdout + run.stderr
+    finally:
+        cluster.close()
+    out = run.report
+    assert out["billing"][0] == 200, out
+    assert out["api-server-audience"][0] == 401 and "issued to another client or audience" in out["api-server-audience"][1], out
+    assert out["other-key"][0] == 401 and "signature does not verify" in out["other-key"][1], out
+    assert [s["path"] for s in api.seen] == ["/billing"] and HEADER not in api.seen[0]["headers"], api.seen
+    (row,) = read_requests(audit_dir, "http_status = 200")
+    assert (row["rule"], row["token_issuer"], row["token_subject"]) == ("crm-accounts", cluster.url, BILLING)
