@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "peers"))
 from oidc import OidcProvider, tamper_signature  # noqa: E402
 
 from conftest import read_requests, warden_run  # noqa: E402
+from test_approvals import held  # noqa: E402,F401 - fixture
 from llm_fixtures import app_env, https_llm, upstream_pki  # noqa: E402,F401 - fixtures
 
 HEADER = "x-warden-workload-token"
@@ -60,6 +61,10 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.do_GET()
 
     def do_GET(self):
         self.server.seen.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}})
@@ -304,3 +309,32 @@ def test_kubernetes_projected_tokens(api, tmp_path, audit_dir):
     assert [s["path"] for s in api.seen] == ["/billing"] and HEADER not in api.seen[0]["headers"], api.seen
     (row,) = read_requests(audit_dir, "http_status = 200")
     assert (row["rule"], row["token_issuer"], row["token_subject"]) == ("crm-accounts", cluster.url, BILLING)
+
+
+def test_a_held_request_shows_reviewers_the_token_subject(idp, tokens, api, tmp_path, audit_dir, held):
+    port = api.server_address[1]
+    policy = write_policy(tmp_path, idp, f"api: {{ address: 127.0.0.1, port: {port}, protocol: http }}")
+    policy.write_text(policy.read_text().replace("rules:\n", textwrap.dedent("""\
+        approvals:
+          oidc: { issuer: "ISSUER", client_id: warden }
+        rules:
+          - name: crm-writes-need-ops
+            when: { target: api, token: { subject: "system:serviceaccount:crm:*" }, http: { method: POST } }
+            action: approve
+            approve: { groups: [ops] }
+        """).replace("ISSUER", idp.issuer), 1))
+    code = textwrap.dedent(f"""
+        import json, httpx
+        r = httpx.post("http://127.0.0.1:{port}/refunds", json={{}}, trust_env=False, timeout=60,
+                       headers={{"{HEADER}": {tokens["billing"]!r}}})
+        print(json.dumps({{"status": r.status_code, "body": r.text}}))
+    """)
+    run = held(policy, code)
+    [pending] = run.pending()
+    assert pending["context"] == {"token_issuer": idp.issuer, "token_subject": BILLING}, pending
+    reviewer = idp.id_token("erin@example.com", groups=["ops"], email="erin@example.com")
+    assert run.approvals("approve", pending["id"], token=reviewer).returncode == 0
+    assert run.finish() == {"status": 200, "body": '{"ok": true}'}
+    assert [s["path"] for s in api.seen] == ["/refunds"] and HEADER not in api.seen[0]["headers"], api.seen
+    (row,) = read_requests(audit_dir, "protocol = 'http'")
+    assert (row["rule"], row["approval_id"], row["token_subject"]) == ("crm-writes-need-ops", pending["id"], BILLING)

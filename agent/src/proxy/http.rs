@@ -20,6 +20,7 @@
 //! closed too, after the request in flight.
 use std::{
     borrow::Cow,
+    collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
@@ -378,7 +379,27 @@ impl Exchange {
             Some(rule) if decision.action == Action::Approve => {
                 // The path without its query, as the audit keeps it.
                 let request = format!("{method} {}{path}", host.as_deref().unwrap_or_default());
-                match hold(s, rule, &decision.rule, request, row.caused_by.clone()).await {
+                // Reviewers see who the workload token says asked, next to
+                // the process.
+                let context = token
+                    .iter()
+                    .flat_map(|t| {
+                        [
+                            ("token_issuer", t.issuer.clone()),
+                            ("token_subject", t.subject.clone()),
+                        ]
+                    })
+                    .collect();
+                match hold(
+                    s,
+                    rule,
+                    &decision.rule,
+                    request,
+                    context,
+                    row.caused_by.clone(),
+                )
+                .await
+                {
                     Ok(ticket) => {
                         row.approval_id = Some(ticket.id().to_string());
                         Some(ticket)
@@ -729,6 +750,7 @@ async fn hold(
     rule: &Arc<crate::policy::ApprovalRule>,
     rule_name: &str,
     request: String,
+    context: BTreeMap<&'static str, String>,
     caused_by: Option<crate::lineage::Link>,
 ) -> Result<Ticket, (Option<String>, String)> {
     let Some(approvals) = &s.approvals else {
@@ -745,7 +767,7 @@ async fn hold(
         destination: s.destination,
         rule: rule_name.to_string(),
         request,
-        context: Default::default(),
+        context,
         caused_by,
         approval: rule.clone(),
     });

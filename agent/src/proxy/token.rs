@@ -120,3 +120,87 @@ impl WorkloadTokens {
             .clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::policy::{DEFAULT_TOKEN_HEADER, TokenIssuer};
+
+    /// RS256 in form, signed by nobody: iss https://elsewhere.example, exp 2100.
+    const UNTRUSTED: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJpc3MiOiJodHRwczovL2Vsc2V3aGVyZS5leGFtcGxlIiwic3ViIjoic3lzdGVtOnNlcnZpY2VhY2NvdW50OmNybTpiaWxsaW5nIiwiYXVkIjpbIndhcmRlbiJdLCJpYXQiOjE3MDAwMDAwMDAsImV4cCI6NDEwMjQ0NDgwMH0.c2lnbmF0dXJl";
+    /// The same from the trusted issuer, expired in 2023.
+    const EXPIRED: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJpc3MiOiJodHRwczovL2s4cy5leGFtcGxlIiwic3ViIjoic3lzdGVtOnNlcnZpY2VhY2NvdW50OmNybTpiaWxsaW5nIiwiYXVkIjpbIndhcmRlbiJdLCJpYXQiOjE3MDAwMDAwMDAsImV4cCI6MTcwMDAwMDAwMH0.c2lnbmF0dXJl";
+
+    fn settings() -> WorkloadTokenSettings {
+        WorkloadTokenSettings {
+            issuers: vec![TokenIssuer {
+                issuer: "https://k8s.example".into(),
+                audience: "warden".into(),
+            }],
+            header: DEFAULT_TOKEN_HEADER.into(),
+        }
+    }
+
+    /// Every case here is refused before anything is fetched: the issuer
+    /// is never reachable.
+    fn tokens() -> WorkloadTokens {
+        let tls = crate::tls::upstream_config(&[], &[]).expect("a TLS client config");
+        WorkloadTokens::new(Fetcher::new(tls))
+    }
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-other", HeaderValue::from_static("kept"));
+        for value in values {
+            headers.append(DEFAULT_TOKEN_HEADER, HeaderValue::from_str(value).unwrap());
+        }
+        headers
+    }
+
+    async fn refusal(values: &[&str]) -> String {
+        let mut headers = headers(values);
+        let taken = tokens().take(&settings(), &mut headers).await;
+        assert!(
+            !headers.contains_key(DEFAULT_TOKEN_HEADER),
+            "the header is always removed"
+        );
+        assert_eq!(headers["x-other"], "kept");
+        match taken {
+            Some(Err(reason)) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn without_the_header_nothing_changes() {
+        let mut headers = headers(&[]);
+        assert_eq!(tokens().take(&settings(), &mut headers).await, None);
+        assert_eq!(headers.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn what_is_refused_is_taken_out_and_says_why() {
+        let why = refusal(&[UNTRUSTED]).await;
+        assert!(
+            why.starts_with("the workload token in x-warden-workload-token was refused: ")
+                && why.contains(
+                    "its issuer https://elsewhere.example is not one the policy trusts \
+                     (workload_tokens.issuers: https://k8s.example)"
+                ),
+            "{why}"
+        );
+        assert!(refusal(&[EXPIRED]).await.contains("the token has expired"));
+        assert!(
+            refusal(&["not-a-token"])
+                .await
+                .contains("this is not a signed JWT")
+        );
+        assert!(
+            refusal(&[EXPIRED, UNTRUSTED])
+                .await
+                .contains("the request carries 2 x-warden-workload-token headers")
+        );
+    }
+}
