@@ -59,9 +59,7 @@ pub enum TokenError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error(
-        "this is not a signed JWT ({0}); pass an ID token (or a service-account token), not an opaque access token"
-    )]
+    #[error("this is not a signed JWT ({0}); pass the ID token itself, not an opaque access token")]
     Malformed(String),
     #[error(
         "the token's signature does not verify against the keys of {0}; it is forged or from another provider"
