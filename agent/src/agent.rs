@@ -27,7 +27,9 @@ use crate::{
     metrics::Metrics,
     netns::{Namespace, Namespaces},
     policy::{ApprovalSettings, ConnectionRequest, LivePolicy, Policy, Transport},
-    proxy::{Proxy, detect::Protocol, intercept::Interceptor, ssh::HostKeys},
+    proxy::{
+        Proxy, detect::Protocol, intercept::Interceptor, ssh::HostKeys, token::WorkloadTokens,
+    },
     tls::Authority,
 };
 
@@ -177,6 +179,13 @@ impl Agent {
             }
             None => None,
         };
+        let workload_tokens = Arc::new(WorkloadTokens::new(Fetcher::new(
+            crate::tls::upstream_config(&options.upstream_ca, &[b"http/1.1".to_vec()])?,
+        )));
+        if let Some(settings) = policy.current().workload_tokens().cloned() {
+            let tokens = workload_tokens.clone();
+            tokio::spawn(async move { tokens.discover(&settings).await });
+        }
         let authority = options.tls.as_ref().map(|t| t.authority().clone());
         let proxy = Arc::new(Proxy {
             capture: capture.clone(),
@@ -185,6 +194,7 @@ impl Agent {
             tls: options.tls,
             lineage: Arc::default(),
             approvals: approvals.clone(),
+            workload_tokens,
             ssh_host_keys: options.ssh_host_keys.clone(),
             recordings: Some(recordings),
         });

@@ -68,6 +68,8 @@ fn call(
             host: Some("api.openai.com".into()),
             path: "/v1/chat/completions".into(),
             status: Some(status),
+            token_issuer: None,
+            token_subject: None,
         }),
         llm: Some(LlmFields {
             provider,

@@ -1,14 +1,15 @@
-//! Reviewers' identity: OpenID Connect ID tokens checked against the
-//! issuer's discovery document and keys (signature, issuer, audience,
-//! expiry), with the groups read from a configurable claim.
+//! OpenID Connect ID tokens checked against the issuer's discovery
+//! document and keys (signature, issuer, audience, expiry): reviewers'
+//! tokens ([`Verifier`], with the groups read from a configurable claim),
+//! and the tokens workloads present ([`Issuer`], used by the proxy).
 use std::{collections::HashMap, time::Duration};
 
 use openidconnect::{
-    AdditionalClaims, ClaimsVerificationError, ClientId, CsrfToken, IdToken, IssuerUrl, Nonce,
-    PkceCodeChallenge, SignatureVerificationError,
+    AdditionalClaims, ClaimsVerificationError, ClientId, CsrfToken, IdToken, IdTokenClaims,
+    IssuerUrl, Nonce, PkceCodeChallenge, SignatureVerificationError,
     core::{
-        CoreGenderClaim, CoreIdTokenVerifier, CoreJweContentEncryptionAlgorithm,
-        CoreJwsSigningAlgorithm, CoreProviderMetadata,
+        CoreGenderClaim, CoreIdTokenVerifier, CoreJsonWebKeySet, CoreJweContentEncryptionAlgorithm,
+        CoreJwsSigningAlgorithm,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -49,37 +50,37 @@ impl Reviewer {
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error(
-        "the identity provider {issuer} cannot be read ({source}); check `approvals.oidc.issuer` and that the provider is up"
+        "the identity provider {issuer} cannot be read ({source}); check `{setting}` and that the provider is up"
     )]
     Provider {
         issuer: String,
+        /// Where the policy names the issuer: "approvals.oidc.issuer".
+        setting: &'static str,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error(
-        "this is not an ID token ({0}); sign in again and pass the ID token, not an access token"
-    )]
+    #[error("this is not a signed JWT ({0}); pass the ID token itself, not an opaque access token")]
     Malformed(String),
     #[error(
-        "the ID token's signature does not verify against the keys of {0}; it is forged or from another provider"
+        "the token's signature does not verify against the keys of {0}; it is forged or from another provider"
     )]
     Signature(String),
-    #[error("the ID token has expired; sign in again")]
+    #[error("the token has expired; sign in again, or present a fresh token")]
     Expired,
     #[error(
-        "the ID token was issued to another client ({0}); sign in through the client `approvals.oidc.client_id` names"
+        "the token was issued to another client or audience ({got}); it must be issued to `{want}`"
     )]
-    Audience(String),
-    #[error("the ID token is from another issuer ({0})")]
+    Audience { got: String, want: String },
+    #[error("the token is from another issuer ({0})")]
     Issuer(String),
-    #[error("the ID token was refused: {0}")]
+    #[error("the token was refused: {0}")]
     Invalid(String),
 }
 
 /// Claims besides the standard ones, for the groups claim, whatever its
 /// name.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-struct OtherClaims {
+pub struct OtherClaims {
     #[serde(flatten)]
     claims: HashMap<String, serde_json::Value>,
 }
@@ -93,29 +94,248 @@ type Token = IdToken<
     CoreJwsSigningAlgorithm,
 >;
 
+/// What a token says, once its signature, issuer, audience and expiry hold.
+pub type Claims = IdTokenClaims<OtherClaims, CoreGenderClaim>;
+
 /// The provider's keys are fetched again, at most this often, when a token
 /// names a key the agent does not have (the provider rotated its keys).
 const REFRESH_AT_MOST_EVERY: Duration = Duration::from_secs(30);
 
+/// Signatures by public keys only: a shared-secret (HS*) or unsigned token
+/// could be made by anyone who holds the secret, or by anyone.
+const ALLOWED_ALGS: [CoreJwsSigningAlgorithm; 9] = [
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha384,
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha512,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha256,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha384,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha512,
+    CoreJwsSigningAlgorithm::EcdsaP256Sha256,
+    CoreJwsSigningAlgorithm::EcdsaP384Sha384,
+    CoreJwsSigningAlgorithm::EdDsa,
+];
+
+/// The issuer a token names, before anything of it is verified: only to
+/// pick which trusted issuer's keys verify it. An expired token is refused
+/// here already.
+pub fn unverified_issuer(token: &str) -> Result<String, TokenError> {
+    let token: Token = token
+        .trim()
+        .parse()
+        .map_err(|e: serde_json::Error| TokenError::Malformed(e.to_string()))?;
+    let peek = CoreIdTokenVerifier::new_insecure_without_verification();
+    match token.claims(&peek, |_: Option<&Nonce>| Ok(())) {
+        Ok(claims) => Ok(claims.issuer().to_string()),
+        Err(ClaimsVerificationError::Expired(_)) => Err(TokenError::Expired),
+        Err(other) => Err(TokenError::Invalid(other.to_string())),
+    }
+}
+
+/// The parts of a discovery document the agent uses. Only `issuer` and
+/// `jwks_uri` are required: a Kubernetes API server's document has no
+/// endpoints for signing in.
+#[derive(Clone, Debug, Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+    authorization_endpoint: Option<String>,
+    token_endpoint: Option<String>,
+}
+
+#[derive(Clone)]
+struct Discovered {
+    document: Discovery,
+    keys: CoreJsonWebKeySet,
+}
+
+/// One issuer of tokens: its discovery document and keys, read when first
+/// needed and again when a token names a key the agent does not have.
+pub struct Issuer {
+    issuer: String,
+    setting: &'static str,
+    fetcher: Fetcher,
+    discovered: Mutex<Option<(Discovered, Instant)>>,
+}
+
+impl Issuer {
+    /// `setting`: where the policy names `issuer`, for messages.
+    pub fn new(issuer: String, setting: &'static str, fetcher: Fetcher) -> Issuer {
+        Issuer {
+            issuer,
+            setting,
+            fetcher,
+            discovered: Mutex::new(None),
+        }
+    }
+
+    /// Reads the discovery document and keys now, so that a wrong issuer
+    /// shows at start rather than at the first token.
+    pub async fn discover(&self) -> Result<(), TokenError> {
+        self.discovered(true).await.map(|_| ())
+    }
+
+    /// Checks `token`'s signature, issuer, expiry, and that it is issued to
+    /// `audience` (and to nobody else); with `nonce`, that it carries it.
+    pub async fn verify(
+        &self,
+        token: &str,
+        audience: &str,
+        nonce: Option<&Nonce>,
+    ) -> Result<Claims, TokenError> {
+        let token: Token = token
+            .trim()
+            .parse()
+            .map_err(|e: serde_json::Error| TokenError::Malformed(e.to_string()))?;
+        let discovered = self.discovered(false).await?;
+        match self.check(&token, &discovered, audience, nonce) {
+            Err(TokenError::Signature(_)) if self.may_refresh().await => {
+                let discovered = self.discovered(true).await?;
+                self.check(&token, &discovered, audience, nonce)
+            }
+            checked => checked,
+        }
+    }
+
+    fn check(
+        &self,
+        token: &Token,
+        discovered: &Discovered,
+        audience: &str,
+        nonce: Option<&Nonce>,
+    ) -> Result<Claims, TokenError> {
+        let issuer = IssuerUrl::new(discovered.document.issuer.clone())
+            .map_err(|e| TokenError::Invalid(format!("the issuer is not a URL: {e}")))?;
+        let verifier = CoreIdTokenVerifier::new_public_client(
+            ClientId::new(audience.to_string()),
+            issuer,
+            discovered.keys.clone(),
+        )
+        .set_allowed_algs(ALLOWED_ALGS);
+        // Tokens handed to the control API, and workloads' tokens, come from
+        // a sign-in the agent did not start: no nonce of ours to compare.
+        let nonce_check = |got: Option<&Nonce>| match (nonce, got) {
+            (None, _) => Ok(()),
+            (Some(want), Some(got)) if want.secret() == got.secret() => Ok(()),
+            _ => Err("the nonce is not the one this sign-in sent".to_string()),
+        };
+        token
+            .claims(&verifier, nonce_check)
+            .cloned()
+            .map_err(|e| match e {
+                ClaimsVerificationError::Expired(_) => TokenError::Expired,
+                ClaimsVerificationError::InvalidAudience(got) => TokenError::Audience {
+                    got,
+                    want: audience.to_string(),
+                },
+                ClaimsVerificationError::InvalidIssuer(m) => TokenError::Issuer(m),
+                ClaimsVerificationError::SignatureVerification(
+                    SignatureVerificationError::NoMatchingKey
+                    | SignatureVerificationError::CryptoError(_)
+                    | SignatureVerificationError::AmbiguousKeyId(_),
+                ) => TokenError::Signature(self.issuer.clone()),
+                other => TokenError::Invalid(other.to_string()),
+            })
+    }
+
+    async fn may_refresh(&self) -> bool {
+        self.discovered
+            .lock()
+            .await
+            .as_ref()
+            .is_none_or(|(_, at)| at.elapsed() >= REFRESH_AT_MOST_EVERY)
+    }
+
+    async fn discovered(&self, refresh: bool) -> Result<Discovered, TokenError> {
+        let mut cached = self.discovered.lock().await;
+        if !refresh && let Some((discovered, _)) = cached.as_ref() {
+            return Ok(discovered.clone());
+        }
+        let failed = |reason: String| TokenError::Provider {
+            issuer: self.issuer.clone(),
+            setting: self.setting,
+            source: Box::new(DiscoveryFailed(reason)),
+        };
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            self.issuer.trim_end_matches('/')
+        );
+        let document: Discovery = serde_json::from_slice(&self.get(&url).await.map_err(failed)?)
+            .map_err(|e| failed(format!("{url}: not a discovery document: {e}")))?;
+        if document.issuer != self.issuer {
+            return Err(failed(format!(
+                "{url} says its issuer is {:?}; write that exact URL in the policy",
+                document.issuer
+            )));
+        }
+        let keys: CoreJsonWebKeySet = serde_json::from_slice(
+            &self.get(&document.jwks_uri).await.map_err(failed)?,
+        )
+        .map_err(|e| {
+            failed(format!(
+                "{}: not a JSON Web Key Set: {e}",
+                document.jwks_uri
+            ))
+        })?;
+        let discovered = Discovered { document, keys };
+        *cached = Some((discovered.clone(), Instant::now()));
+        Ok(discovered)
+    }
+
+    async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
+        let request = http::Request::get(url)
+            .header(http::header::ACCEPT, "application/json")
+            .body(Vec::new())
+            .map_err(|e| format!("{url}: {e}"))?;
+        let answer = self
+            .fetcher
+            .send(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !answer.status().is_success() {
+            return Err(format!("{url} answered {}", answer.status()));
+        }
+        Ok(answer.into_body())
+    }
+
+    /// A sign-in endpoint of the discovery document (`key` names it, for
+    /// messages): a Kubernetes API server's has none.
+    async fn endpoint(
+        &self,
+        key: &str,
+        pick: fn(Discovery) -> Option<String>,
+    ) -> Result<String, TokenError> {
+        pick(self.discovered(false).await?.document).ok_or_else(|| {
+            TokenError::Invalid(format!(
+                "the provider {} has no {key}, so reviewers cannot sign in through it",
+                self.issuer
+            ))
+        })
+    }
+}
+
 pub struct Verifier {
     settings: OidcSettings,
     fetcher: Fetcher,
-    provider: Mutex<Option<(CoreProviderMetadata, Instant)>>,
+    issuer: Issuer,
 }
 
 impl Verifier {
     pub fn new(settings: OidcSettings, fetcher: Fetcher) -> Verifier {
         Verifier {
+            issuer: Issuer::new(
+                settings.issuer.clone(),
+                "approvals.oidc.issuer",
+                fetcher.clone(),
+            ),
             settings,
             fetcher,
-            provider: Mutex::new(None),
         }
     }
 
     /// Reads the discovery document and keys now, so that a wrong issuer
     /// shows at start rather than at the first review.
     pub async fn discover(&self) -> Result<(), TokenError> {
-        self.provider(true).await.map(|_| ())
+        self.issuer.discover().await
     }
 
     /// Checks `token` and says who it names.
@@ -130,28 +350,26 @@ impl Verifier {
         token: &str,
         nonce: Option<&Nonce>,
     ) -> Result<Reviewer, TokenError> {
-        let token: Token = token
-            .trim()
-            .parse()
-            .map_err(|e: serde_json::Error| TokenError::Malformed(e.to_string()))?;
-        let provider = self.provider(false).await?;
-        match self.check(&token, &provider, nonce) {
-            Err(TokenError::Signature(_)) if self.may_refresh().await => {
-                let provider = self.provider(true).await?;
-                self.check(&token, &provider, nonce)
-            }
-            checked => checked,
-        }
+        let claims = self
+            .issuer
+            .verify(token, &self.settings.client_id, nonce)
+            .await?;
+        Ok(self.reviewer(&claims))
     }
 
     /// Where to send a reviewer to sign in (authorization code flow with
     /// PKCE), and what the callback needs to finish.
     pub async fn sign_in(&self, redirect_uri: &str) -> Result<(String, SignIn), TokenError> {
-        let provider = self.provider(false).await?;
+        let endpoint = self
+            .issuer
+            .endpoint("authorization_endpoint", |d| d.authorization_endpoint)
+            .await?;
+        let mut url = openidconnect::url::Url::parse(&endpoint).map_err(|e| {
+            TokenError::Invalid(format!("the authorization endpoint {endpoint:?}: {e}"))
+        })?;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let state = CsrfToken::new_random();
         let nonce = Nonce::new_random();
-        let mut url = provider.authorization_endpoint().url().clone();
         url.query_pairs_mut()
             .append_pair("response_type", "code")
             .append_pair("client_id", &self.settings.client_id)
@@ -179,10 +397,10 @@ impl Verifier {
         sign_in: &SignIn,
         code: &str,
     ) -> Result<(String, Reviewer), TokenError> {
-        let provider = self.provider(false).await?;
-        let endpoint = provider
-            .token_endpoint()
-            .ok_or_else(|| TokenError::Invalid("the provider has no token endpoint".into()))?;
+        let endpoint = self
+            .issuer
+            .endpoint("token_endpoint", |d| d.token_endpoint)
+            .await?;
         // Built in a block: the serializer is not Send, and must not live
         // across the await below.
         let form = {
@@ -197,7 +415,7 @@ impl Verifier {
             }
             form.finish()
         };
-        let request = http::Request::post(endpoint.url().as_str())
+        let request = http::Request::post(endpoint.as_str())
             .header(
                 http::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
@@ -211,6 +429,7 @@ impl Verifier {
             .await
             .map_err(|e| TokenError::Provider {
                 issuer: self.settings.issuer.clone(),
+                setting: "approvals.oidc.issuer",
                 source: Box::new(e),
             })?;
         let body: serde_json::Value = serde_json::from_slice(answer.body()).unwrap_or_default();
@@ -229,35 +448,7 @@ impl Verifier {
         Ok((token.to_string(), reviewer))
     }
 
-    fn check(
-        &self,
-        token: &Token,
-        provider: &CoreProviderMetadata,
-        nonce: Option<&Nonce>,
-    ) -> Result<Reviewer, TokenError> {
-        let verifier = CoreIdTokenVerifier::new_public_client(
-            ClientId::new(self.settings.client_id.clone()),
-            provider.issuer().clone(),
-            provider.jwks().clone(),
-        );
-        // Tokens handed to the control API come from a sign-in the agent did
-        // not start, so there is no nonce of ours to compare then.
-        let nonce_check = |got: Option<&Nonce>| match (nonce, got) {
-            (None, _) => Ok(()),
-            (Some(want), Some(got)) if want.secret() == got.secret() => Ok(()),
-            _ => Err("the nonce is not the one this sign-in sent".to_string()),
-        };
-        let claims = token.claims(&verifier, nonce_check).map_err(|e| match e {
-            ClaimsVerificationError::Expired(_) => TokenError::Expired,
-            ClaimsVerificationError::InvalidAudience(m) => TokenError::Audience(m),
-            ClaimsVerificationError::InvalidIssuer(m) => TokenError::Issuer(m),
-            ClaimsVerificationError::SignatureVerification(
-                SignatureVerificationError::NoMatchingKey
-                | SignatureVerificationError::CryptoError(_)
-                | SignatureVerificationError::AmbiguousKeyId(_),
-            ) => TokenError::Signature(self.settings.issuer.clone()),
-            other => TokenError::Invalid(other.to_string()),
-        })?;
+    fn reviewer(&self, claims: &Claims) -> Reviewer {
         let groups = match claims
             .additional_claims()
             .claims
@@ -270,7 +461,7 @@ impl Verifier {
             Some(serde_json::Value::String(one)) => vec![one.clone()],
             _ => Vec::new(),
         };
-        Ok(Reviewer {
+        Reviewer {
             subject: claims.subject().to_string(),
             email: claims.email().map(|e| e.to_string()),
             username: claims.preferred_username().map(|u| u.to_string()),
@@ -279,39 +470,7 @@ impl Verifier {
                 .and_then(|n| n.get(None))
                 .map(|n| n.to_string()),
             groups,
-        })
-    }
-
-    async fn may_refresh(&self) -> bool {
-        self.provider
-            .lock()
-            .await
-            .as_ref()
-            .is_none_or(|(_, at)| at.elapsed() >= REFRESH_AT_MOST_EVERY)
-    }
-
-    async fn provider(&self, refresh: bool) -> Result<CoreProviderMetadata, TokenError> {
-        let mut cached = self.provider.lock().await;
-        if !refresh && let Some((provider, _)) = cached.as_ref() {
-            return Ok(provider.clone());
         }
-        let failed = |source: Box<dyn std::error::Error + Send + Sync>| TokenError::Provider {
-            issuer: self.settings.issuer.clone(),
-            source,
-        };
-        let issuer = IssuerUrl::new(self.settings.issuer.clone()).map_err(|e| failed(e.into()))?;
-        // Owned futures: a borrowed fetcher makes the future not Send for
-        // every lifetime, which the control API's tasks need.
-        let fetcher = self.fetcher.clone();
-        let client = move |request| {
-            let fetcher = fetcher.clone();
-            async move { fetcher.send(request).await }
-        };
-        let provider = CoreProviderMetadata::discover_async(issuer, &client)
-            .await
-            .map_err(|e| failed(Box::new(DiscoveryFailed(e.to_string()))))?;
-        *cached = Some((provider.clone(), Instant::now()));
-        Ok(provider)
     }
 }
 

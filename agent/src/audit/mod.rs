@@ -153,6 +153,10 @@ pub struct HttpFields {
     pub path: String,
     /// The status the client got: the server's, or the agent's own on a denial.
     pub status: Option<u16>,
+    /// The verified workload token's issuer and subject, if the request
+    /// carried one (in addition to the kernel's attribution).
+    pub token_issuer: Option<String>,
+    pub token_subject: Option<String>,
 }
 
 /// The SSH columns of a `requests` row: one row per exec, shell,

@@ -771,6 +771,7 @@ mod tests {
                 host: Some("api.openai.com".into()),
                 path: "/v1/chat/completions".into(),
                 status: Some(200),
+                ..HttpFields::default()
             }),
             llm: Some(LlmFields {
                 provider: "openai",

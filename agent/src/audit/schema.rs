@@ -29,7 +29,7 @@ pub const SCHEMA_VERSION: i16 = 2;
 
 /// The version of the `requests` schema (see [`SCHEMA_VERSION`]); the two
 /// tables' versions move independently.
-pub const REQUESTS_SCHEMA_VERSION: i16 = 6;
+pub const REQUESTS_SCHEMA_VERSION: i16 = 7;
 
 /// The `connections` table's name: its directory under the audit directory
 /// and the file's `warden.table` key-value metadata.
@@ -337,6 +337,10 @@ static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("recording", DataType::Utf8, true),
     ]);
     fields.extend(pod_fields());
+    fields.extend([
+        Field::new("token_issuer", DataType::Utf8, true),
+        Field::new("token_subject", DataType::Utf8, true),
+    ]);
     Arc::new(Schema::new(fields))
 });
 
@@ -466,8 +470,8 @@ impl Table for RequestRow {
     fn estimated_size(&self) -> u64 {
         // Fixed-width columns (2 + 8 * 8 + 4 bytes, and 4 bytes of list
         // offsets for each of 3 lists) plus string offsets (4 bytes for each
-        // of 27 strings) plus the short constant strings.
-        const FIXED: usize = 70 + 12 + 108 + 40;
+        // of 29 strings) plus the short constant strings.
+        const FIXED: usize = 70 + 12 + 116 + 40;
         let variable = self.session_id.len()
             + self.rule.len()
             + requester_len(&self.identity)
@@ -484,7 +488,13 @@ impl Table for RequestRow {
             + list_len(&self.tables_written)
             + list_len(&self.functions)
             + self.http.as_ref().map_or(0, |h| {
-                h.method.len() + opt_len(&h.host) + h.path.len() + 3 * 4 + 4
+                h.method.len()
+                    + opt_len(&h.host)
+                    + h.path.len()
+                    + opt_len(&h.token_issuer)
+                    + opt_len(&h.token_subject)
+                    + 3 * 4
+                    + 4
             })
             + self.ssh.as_ref().map_or(0, |s| {
                 s.user.len() + opt_len(&s.command) + opt_len(&s.recording) + 8 + 5 * 4
@@ -662,6 +672,20 @@ impl Table for RequestRow {
             ),
         ]);
         columns.extend(pod_columns(rows, |r| &r.identity));
+        columns.extend([
+            (
+                "token_issuer",
+                opt_strings(rows, |r| {
+                    r.http.as_ref().and_then(|h| h.token_issuer.as_deref())
+                }),
+            ),
+            (
+                "token_subject",
+                opt_strings(rows, |r| {
+                    r.http.as_ref().and_then(|h| h.token_subject.as_deref())
+                }),
+            ),
+        ]);
         batch(Self::schema(), columns)
     }
 }

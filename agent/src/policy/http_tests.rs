@@ -97,6 +97,7 @@ impl Req {
             path: self.path,
             llm: self.llm,
             from_llm: self.from_llm,
+            token: None,
         })
     }
 

@@ -168,6 +168,46 @@ pub struct HttpRequest<'a> {
     /// Whether an LLM answer to the same workload carried this request's
     /// URL (see [`crate::lineage`]).
     pub from_llm: bool,
+    /// The verified workload token the request carried, if any: added to
+    /// the kernel's attribution (`identity`), never in its place.
+    pub token: Option<PresentedToken<'a>>,
+}
+
+/// Who a verified workload token says the workload is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PresentedToken<'a> {
+    /// The issuer, as `workload_tokens.issuers` names it.
+    pub issuer: &'a str,
+    /// The token's `sub`: `system:serviceaccount:crm:billing`.
+    pub subject: &'a str,
+}
+
+/// The header that carries a workload token when the policy names none.
+pub const DEFAULT_TOKEN_HEADER: &str = "x-warden-workload-token";
+
+/// The `workload_tokens:` section: whose tokens the agent trusts, and where
+/// a request carries one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadTokenSettings {
+    /// In file order; an issuer appears once.
+    pub issuers: Vec<TokenIssuer>,
+    /// The HTTP header, lowercase; the agent removes it from every request.
+    pub header: String,
+}
+
+/// One trusted issuer of workload tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TokenIssuer {
+    /// The issuer URL; its `/.well-known/openid-configuration` is read.
+    pub issuer: String,
+    /// What the token's `aud` must be.
+    pub audience: String,
+}
+
+impl WorkloadTokenSettings {
+    pub fn issuer(&self, issuer: &str) -> Option<&TokenIssuer> {
+        self.issuers.iter().find(|i| i.issuer == issuer)
+    }
 }
 
 /// What an SSH client asks for on a session's connection: the kind of
@@ -1021,6 +1061,27 @@ impl LlmMatcher {
     }
 }
 
+/// Who else: a rule's `token` matcher, on the verified workload token of
+/// a request. It never holds for a request without one. Every key given
+/// must hold.
+#[derive(Clone, Debug, Default)]
+struct TokenMatcher {
+    /// Globs on the token's subject; case matters.
+    subject: Option<Vec<Glob>>,
+    /// Issuers of `workload_tokens.issuers` (checked at load).
+    issuer: Option<Vec<String>>,
+}
+
+impl TokenMatcher {
+    fn matches(&self, token: &PresentedToken) -> bool {
+        globs_match(&self.subject, Some(token.subject))
+            && self
+                .issuer
+                .as_ref()
+                .is_none_or(|issuers| issuers.iter().any(|i| i == token.issuer))
+    }
+}
+
 /// What: a rule's `ssh` matcher. Every key given must hold; a key with a
 /// list holds when any of its values does. No key: every SSH request.
 #[derive(Clone, Debug, Default)]
@@ -1126,8 +1187,8 @@ enum RuleKind {
     Connection,
     /// It has a `sql` matcher.
     Statement,
-    /// It has an `http` or `llm` matcher, `limits`, `redact_prompt` or
-    /// `mask_response`, or names a target with a `host`.
+    /// It has an `http`, `llm` or `token` matcher, `limits`,
+    /// `redact_prompt` or `mask_response`, or names a target with a `host`.
     Request,
     /// It has an `ssh` matcher.
     Ssh,
@@ -1145,9 +1206,10 @@ struct Rule {
     port: Option<Vec<PortRange>>,
     /// Some on a statement rule only.
     sql: Option<SqlMatcher>,
-    /// Some on a request rule only, as the next four.
+    /// Some on a request rule only, as the next five.
     http: Option<HttpMatcher>,
     llm: Option<LlmMatcher>,
+    token: Option<TokenMatcher>,
     /// Some on an SSH rule only.
     ssh: Option<SshMatcher>,
     action: Action,
@@ -1191,6 +1253,10 @@ impl Rule {
                 .llm
                 .as_ref()
                 .is_none_or(|m| req.llm.as_ref().is_some_and(|llm| m.matches(llm)))
+            && self
+                .token
+                .as_ref()
+                .is_none_or(|m| req.token.as_ref().is_some_and(|t| m.matches(t)))
     }
 }
 
@@ -1227,6 +1293,7 @@ pub struct Policy {
     approvals: Option<ApprovalSettings>,
     /// In file order; at most one per workload.
     budgets: Vec<Budget>,
+    workload_tokens: Option<WorkloadTokenSettings>,
 }
 
 impl Policy {
@@ -1628,6 +1695,13 @@ impl Policy {
         self.approvals.as_ref()
     }
 
+    /// `workload_tokens:`: whose tokens requests may carry, and in which
+    /// header; None when the file has none (then no rule has a `token`
+    /// matcher, checked at load).
+    pub fn workload_tokens(&self) -> Option<&WorkloadTokenSettings> {
+        self.workload_tokens.as_ref()
+    }
+
     /// The `owners:` of the workload named `workload`; none for an unknown
     /// name.
     pub fn owners_of(&self, workload: &str) -> &[String] {
@@ -1704,8 +1778,10 @@ impl Policy {
     /// applies to what no rule decides: "; sql_mask masks columns
     /// \"*email*\" and detectors card, iban" (presets expanded), ";
     /// http_default: deny", "; prompt_redact redacts detectors ...", ";
-    /// response_mask masks ...", "; ssh_default: deny", and last, with an
-    /// `approvals` section, "; approvals by <issuer>". Never a secret.
+    /// response_mask masks ...", "; ssh_default: deny", with an `approvals`
+    /// section, "; approvals by <issuer>", and last, with a
+    /// `workload_tokens` section, "; workload tokens in <header> from
+    /// <issuers>". Never a secret.
     pub fn summary(&self) -> String {
         fn count(n: usize, noun: &str) -> String {
             format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
@@ -1769,6 +1845,14 @@ impl Policy {
         if let Some(approvals) = &self.approvals {
             defaults.push_str(&format!("; approvals by {}", approvals.oidc.issuer));
         }
+        if let Some(tokens) = &self.workload_tokens {
+            let issuers: Vec<&str> = tokens.issuers.iter().map(|i| i.issuer.as_str()).collect();
+            defaults.push_str(&format!(
+                "; workload tokens in {} from {}",
+                tokens.header,
+                issuers.join(", ")
+            ));
+        }
         format!(
             "{}{statements}{requests}{ssh}, {}, {}{credentials}{defaults}",
             count(self.rule_count(), "rule"),
@@ -1796,3 +1880,7 @@ mod http_tests;
 #[cfg(test)]
 #[path = "ssh_tests.rs"]
 mod ssh_tests;
+
+#[cfg(test)]
+#[path = "token_tests.rs"]
+mod token_tests;

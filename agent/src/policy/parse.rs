@@ -42,7 +42,8 @@ use super::{
     Action, ApprovalRule, ApprovalSettings, AuditSettings, Budget, Credential, DefaultAction,
     HttpMatcher, Limits, LlmMatcher, Mask, OnAuditFailure, Policy, PolicyError, PortRange,
     PromptAudit, Protocol, Rule, RuleKind, STATEMENT_CLASSES, Selector, SqlMatcher, SshLogin,
-    SshMatcher, Target, UpstreamHostKeys, Workload, glob::Glob,
+    SshMatcher, Target, TokenMatcher, UpstreamHostKeys, Workload, WorkloadTokenSettings,
+    glob::Glob,
 };
 use crate::masking::{self, Checksum, DetectorSpec, MaskError, Masker};
 
@@ -50,10 +51,12 @@ mod approval;
 mod budget;
 mod request;
 mod ssh;
+mod token;
 
 use approval::{ApprovalsKeys, ApproveKeys, OwnerP};
 use budget::BudgetKeys;
 use ssh::{HostKeyP, KnownHostsP, SshDefaultP, SshKeys};
+use token::{TokenKeys, WorkloadTokensKeys};
 
 #[cfg(test)]
 pub(crate) use request::with_test_env;
@@ -102,10 +105,15 @@ pub(crate) const TOP: Fields = Fields {
         "audit",
         "approvals",
         "budgets",
+        "workload_tokens",
     ],
     later: &[],
     instead: &[
         ("budget", "write `budgets:`, keyed by workload name"),
+        (
+            "tokens",
+            "write `workload_tokens:`, with the issuers whose tokens the agent trusts",
+        ),
         (
             "mask",
             "write `sql_mask:` to mask the rows of statements no rule matches, or `mask:` in a \
@@ -355,7 +363,7 @@ pub(crate) const RULE: Fields = Fields {
 pub(crate) const WHEN: Fields = Fields {
     what: "in a rule's when",
     known: &[
-        "workload", "target", "address", "port", "sql", "http", "llm", "ssh",
+        "workload", "target", "address", "port", "sql", "http", "llm", "ssh", "token",
     ],
     later: &[
         ("protocol", "protocol matchers"),
@@ -414,6 +422,11 @@ pub(crate) const WHEN: Fields = Fields {
         (
             "limits",
             "limits go in the rule, next to its action: `action: allow, limits: { ... }`",
+        ),
+        (
+            "subject",
+            "a workload token's subject goes in the token matcher: `token: { subject: \
+             \"system:serviceaccount:crm:*\" }`",
         ),
     ],
 };
@@ -483,6 +496,9 @@ pub(crate) const SCHEMA_OBJECTS: &[(&str, &Fields)] = &[
     ("/$defs/approvals", &approval::APPROVALS),
     ("/$defs/oidc", &approval::OIDC),
     ("/$defs/budget", &budget::BUDGET),
+    ("/$defs/workloadTokens", &token::WORKLOAD_TOKENS),
+    ("/$defs/tokenIssuer", &token::TOKEN_ISSUER),
+    ("/$defs/token", &token::TOKEN),
 ];
 
 // ---------------------------------------------------------------------------
@@ -585,6 +601,8 @@ struct Names {
     credentials: Vec<String>,
     /// Whether the file has an `approvals` section (which has an `oidc`).
     approvals: bool,
+    /// The issuers of `workload_tokens`, when the file has the section.
+    token_issuers: Option<Vec<String>>,
     /// The custom detectors: (name, pattern, checksum), as
     /// [`masking::resolve`] takes them.
     detectors: Vec<(String, String, Option<Checksum>)>,
@@ -645,6 +663,10 @@ impl Names {
             http_default: first.http_default,
             credentials: first.credentials.iter().map(|(n, _)| n.clone()).collect(),
             approvals: first.approvals.is_some(),
+            token_issuers: first
+                .workload_tokens
+                .as_ref()
+                .map(|t| t.issuers.iter().map(|i| i.issuer.clone()).collect()),
             detectors: first.detectors,
             presets: first.presets,
         }
@@ -805,6 +827,7 @@ enum Matcher {
     Http,
     Llm,
     Ssh,
+    Token,
 }
 
 impl Matcher {
@@ -814,6 +837,7 @@ impl Matcher {
             "http" => Some(Matcher::Http),
             "llm" => Some(Matcher::Llm),
             "ssh" => Some(Matcher::Ssh),
+            "token" => Some(Matcher::Token),
             _ => None,
         }
     }
@@ -825,6 +849,7 @@ impl Matcher {
             Matcher::Http => "an http matcher",
             Matcher::Llm => "an llm matcher",
             Matcher::Ssh => "an ssh matcher",
+            Matcher::Token => "a token matcher",
         }
     }
 
@@ -832,7 +857,7 @@ impl Matcher {
     fn decides(self) -> &'static str {
         match self {
             Matcher::Sql => "PostgreSQL statements",
-            Matcher::Http | Matcher::Llm => "HTTP requests",
+            Matcher::Http | Matcher::Llm | Matcher::Token => "HTTP requests",
             Matcher::Ssh => "SSH requests",
         }
     }
@@ -879,7 +904,7 @@ impl Ctx {
                 Protocol::speaks_sql(protocol),
                 "`protocol: postgres`",
             ),
-            Matcher::Http => (
+            Matcher::Http | Matcher::Token => (
                 "HTTP requests",
                 Protocol::speaks_http(protocol),
                 "`protocol: http` or `llm`",
@@ -1090,6 +1115,7 @@ struct FileDef {
     prompts: PromptAudit,
     approvals: Option<ApprovalSettings>,
     budgets: Vec<Budget>,
+    workload_tokens: Option<WorkloadTokenSettings>,
 }
 
 impl Default for FileDef {
@@ -1115,6 +1141,7 @@ impl Default for FileDef {
             prompts: PromptAudit::default(),
             approvals: None,
             budgets: Vec::new(),
+            workload_tokens: None,
         }
     }
 }
@@ -1128,6 +1155,7 @@ struct RuleDef {
     sql: Option<SqlMatcher>,
     http: Option<HttpMatcher>,
     llm: Option<LlmMatcher>,
+    token: Option<TokenMatcher>,
     ssh: Option<SshMatcher>,
     action: Action,
     approval: Option<ApprovalRule>,
@@ -1140,7 +1168,7 @@ struct RuleDef {
 impl RuleDef {
     /// What the rule decides: with `sql`, statements, with `ssh`, SSH
     /// requests (giving either other parts too is an error); with a request
-    /// part or a target with a host (`targets` are the file's), HTTP
+    /// part (a `token` matcher included) or a target with a host (`targets` are the file's), HTTP
     /// requests; else connections.
     fn kind(&self, targets: &[Target]) -> RuleKind {
         let host_target = self
@@ -1153,6 +1181,7 @@ impl RuleDef {
             RuleKind::Ssh
         } else if self.http.is_some()
             || self.llm.is_some()
+            || self.token.is_some()
             || self.limits.is_some()
             || self.redact_prompt.is_some()
             || self.mask_response.is_some()
@@ -1198,6 +1227,7 @@ impl FileDef {
                 sql: r.sql,
                 http: r.http,
                 llm: r.llm,
+                token: r.token,
                 ssh: r.ssh,
                 action: r.action,
                 approval: r.approval.map(Arc::new),
@@ -1262,6 +1292,7 @@ impl FileDef {
             prompts: self.prompts,
             approvals: self.approvals,
             budgets: self.budgets,
+            workload_tokens: self.workload_tokens,
         }
     }
 }
@@ -1536,6 +1567,10 @@ impl<'de> Keys<'de> for FileKeys<'_> {
                     .into_iter()
                     .map(|(_, budget)| budget)
                     .collect()
+            }
+            "workload_tokens" => {
+                file.workload_tokens =
+                    Some(map.next_value_seed(Mapping(WorkloadTokensKeys::default()))?)
             }
             _ => unreachable!("{key} is in TOP.known"),
         }
@@ -2078,6 +2113,7 @@ impl<'de> Keys<'de> for RuleKeys<'_> {
             sql: when.sql,
             http: when.http,
             llm: when.llm,
+            token: when.token,
             ssh: when.ssh,
             action,
             approval: self.approval,
@@ -2099,6 +2135,7 @@ struct WhenDef {
     http: Option<HttpMatcher>,
     llm: Option<LlmMatcher>,
     ssh: Option<SshMatcher>,
+    token: Option<TokenMatcher>,
 }
 
 impl WhenDef {
@@ -2109,6 +2146,7 @@ impl WhenDef {
             (self.http.is_some(), Matcher::Http),
             (self.llm.is_some(), Matcher::Llm),
             (self.ssh.is_some(), Matcher::Ssh),
+            (self.token.is_some(), Matcher::Token),
         ]
         .into_iter()
         .filter_map(|(given, m)| given.then_some(m))
@@ -2148,6 +2186,15 @@ impl<'de> Keys<'de> for WhenKeys<'_> {
         let Some(matcher) = Matcher::of_key(key) else {
             return Ok(());
         };
+        if matcher == Matcher::Token
+            && let Some(names) = &self.ctx.names
+            && names.token_issuers.is_none()
+        {
+            return Err(format!(
+                "rule `{}` has a token matcher, but the file trusts no issuer of workload tokens,                  so no request would carry a valid one: add a `workload_tokens:` section with                  `issuers: [{{ issuer: https://..., audience: warden }}]`",
+                self.ctx.current_rule()
+            ));
+        }
         let before = self.when.matchers();
         let apart = |other: &&Matcher| other.decides() != matcher.decides();
         if let Some(&other) = before.iter().find(apart)
@@ -2214,6 +2261,7 @@ impl<'de> Keys<'de> for WhenKeys<'_> {
             "http" => w.http = Some(map.next_value_seed(Mapping(HttpKeys::default()))?),
             "llm" => w.llm = Some(map.next_value_seed(Mapping(LlmKeys::default()))?),
             "ssh" => w.ssh = Some(map.next_value_seed(Mapping(SshKeys::default()))?),
+            "token" => w.token = Some(map.next_value_seed(Mapping(TokenKeys::new(ctx)))?),
             _ => unreachable!("{key} is in WHEN.known"),
         }
         Ok(())

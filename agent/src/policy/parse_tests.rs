@@ -48,13 +48,13 @@ fn unknown_fields_everywhere_name_their_place() {
         "policy.yaml:2:1: unknown field `rule` at the top level; expected one of: version, \
          default, sql_default, sql_mask, http_default, prompt_redact, response_mask, \
          ssh_default, workloads, targets, credentials, detectors, presets, udp, rules, audit, \
-         approvals, budgets"
+         approvals, budgets, workload_tokens"
     );
     // In a flow mapping, the column is the key's.
     assert_eq!(
         err("version: 1\nrules:\n  - { name: a, when: { adress: 10.0.0.1 }, action: deny }\n"),
         "policy.yaml:3:24: unknown field `adress` in a rule's when; expected one of: workload, \
-         target, address, port, sql, http, llm, ssh"
+         target, address, port, sql, http, llm, ssh, token"
     );
     assert_err(
         "version: 1\nworkloads:\n  w:\n    match: { pid: 1 }\n",
@@ -377,7 +377,7 @@ fn not_supported_yet() {
         ),
         "policy.yaml:6:7: `protocol` in a rule's when is not supported yet in policy v0 (a later \
          version adds protocol matchers); expected one of: workload, target, address, port, sql, \
-         http, llm, ssh"
+         http, llm, ssh, token"
     );
     assert_eq!(
         err("version: 1\nrules:\n  - name: r\n    action: audit\n"),

@@ -3,6 +3,8 @@
 //!
 //! 1. read: method, host and path; an LLM API call's body is read whole
 //!    (bounded by [`MAX_INSPECTED_BODY`]) and decoded (model, prompt...);
+//!    a workload token is taken out of its header and verified (a request
+//!    with a token that does not verify goes no further);
 //! 2. decide: the policy's verdict for this request;
 //! 3. redact: prompt DLP, findings replaced (or the request refused)
 //!    before anything leaves the host;
@@ -18,6 +20,7 @@
 //! closed too, after the request in flight.
 use std::{
     borrow::Cow,
+    collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
@@ -44,7 +47,7 @@ use tokio::{
     sync::{Mutex, oneshot},
 };
 
-use super::{io::Counted, relay::Transferred};
+use super::{io::Counted, relay::Transferred, token::WorkloadTokens};
 use crate::{
     approvals::{Approvals, HoldRequest, Ticket},
     audit::{AuditSink, HttpFields, LlmFields, RequestRow},
@@ -53,7 +56,7 @@ use crate::{
     masking::Masker,
     policy::{
         Action, Credential, CredentialHeader, HttpDecision, HttpRequest, LivePolicy, LlmInfo,
-        OnDetect, PromptAudit,
+        OnDetect, PresentedToken, PromptAudit,
     },
     protocols::llm::{self, Endpoint, LlmRequest, Provider, StreamMasker},
 };
@@ -80,6 +83,7 @@ pub struct HttpSession {
     pub lineage: Arc<Lineage>,
     /// Where requests a rule holds wait for reviewers.
     pub approvals: Option<Arc<Approvals>>,
+    pub workload_tokens: Arc<WorkloadTokens>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -255,6 +259,7 @@ impl Exchange {
                 host: host.clone(),
                 path: path.clone(),
                 status: None,
+                ..HttpFields::default()
             }),
             llm: None,
             ssh: None,
@@ -323,8 +328,26 @@ impl Exchange {
             );
         }
 
-        // 2. decide
+        // A workload token adds to who asked; its header never goes on.
+        let provider = call.as_ref().map(|c| c.provider);
         let policy = s.policy.current();
+        let token = match policy.workload_tokens() {
+            None => None,
+            Some(settings) => match s.workload_tokens.take(settings, &mut parts.headers).await {
+                None => None,
+                Some(Ok(token)) => Some(token),
+                Some(Err(reason)) => {
+                    row.rule = TOKEN_RULE.into();
+                    return self.refuse(row, provider, StatusCode::UNAUTHORIZED, &reason);
+                }
+            },
+        };
+        if let (Some(fields), Some(token)) = (row.http.as_mut(), &token) {
+            fields.token_issuer = Some(token.issuer.clone());
+            fields.token_subject = Some(token.subject.clone());
+        }
+
+        // 2. decide
         let decision = policy.decide_http(&HttpRequest {
             identity: &s.identity,
             destination: s.destination,
@@ -339,9 +362,12 @@ impl Exchange {
                 stream: c.request.as_ref().is_some_and(|r| r.stream),
             }),
             from_llm: row.caused_by.is_some(),
+            token: token.as_ref().map(|t| PresentedToken {
+                issuer: &t.issuer,
+                subject: &t.subject,
+            }),
         });
         row.rule = decision.rule.clone();
-        let provider = call.as_ref().map(|c| c.provider);
         if let (Some(fields), Some(req)) = (
             row.llm.as_mut(),
             call.as_ref().and_then(|c| c.request.as_ref()),
@@ -371,7 +397,27 @@ impl Exchange {
             Some(rule) if decision.action == Action::Approve => {
                 // The path without its query, as the audit keeps it.
                 let request = format!("{method} {}{path}", host.as_deref().unwrap_or_default());
-                match hold(s, rule, &decision.rule, request, row.caused_by.clone()).await {
+                // Reviewers see who the workload token says asked, next to
+                // the process.
+                let context = token
+                    .iter()
+                    .flat_map(|t| {
+                        [
+                            ("token_issuer", t.issuer.clone()),
+                            ("token_subject", t.subject.clone()),
+                        ]
+                    })
+                    .collect();
+                match hold(
+                    s,
+                    rule,
+                    &decision.rule,
+                    request,
+                    context,
+                    row.caused_by.clone(),
+                )
+                .await
+                {
                     Ok(ticket) => {
                         row.approval_id = Some(ticket.id().to_string());
                         Some(ticket)
@@ -684,7 +730,7 @@ impl Exchange {
         status: StatusCode,
         message: &str,
     ) -> Response<Body> {
-        if status == StatusCode::FORBIDDEN {
+        if status == StatusCode::FORBIDDEN || status == StatusCode::UNAUTHORIZED {
             row.decision = "deny";
         }
         let body = llm::error_body(provider.unwrap_or(Provider::OpenAi), message);
@@ -738,6 +784,9 @@ impl Exchange {
     }
 }
 
+/// The rule a request refused for its workload token is audited under.
+const TOKEN_RULE: &str = "workload_tokens";
+
 /// The LLM request body, read whole for inspection, carried from step 1 to 3.
 #[derive(Clone)]
 struct InspectedBody(Bytes);
@@ -750,6 +799,7 @@ async fn hold(
     rule: &Arc<crate::policy::ApprovalRule>,
     rule_name: &str,
     request: String,
+    context: BTreeMap<&'static str, String>,
     caused_by: Option<crate::lineage::Link>,
 ) -> Result<Ticket, (Option<String>, String)> {
     let Some(approvals) = &s.approvals else {
@@ -766,7 +816,7 @@ async fn hold(
         destination: s.destination,
         rule: rule_name.to_string(),
         request,
-        context: Default::default(),
+        context,
         caused_by,
         approval: rule.clone(),
     });

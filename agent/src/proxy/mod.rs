@@ -15,6 +15,7 @@ mod io;
 pub mod postgres;
 pub mod relay;
 pub mod ssh;
+pub mod token;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -57,6 +58,9 @@ pub struct Proxy {
     /// Where requests a rule holds wait for reviewers; None when the
     /// policy has no `approvals:`.
     pub approvals: Option<Arc<Approvals>>,
+    /// The keys of the issuers of workload tokens, for HTTP requests that
+    /// carry one.
+    pub workload_tokens: Arc<token::WorkloadTokens>,
     /// The host keys shown to SSH clients; None: SSH is relayed opaque.
     pub ssh_host_keys: Option<Arc<ssh::HostKeys>>,
     /// Where SSH sessions are recorded (asciicast); None: not recorded.
@@ -393,6 +397,7 @@ impl Proxy {
             policy: self.policy.clone(),
             lineage: self.lineage.clone(),
             approvals: self.approvals.clone(),
+            workload_tokens: self.workload_tokens.clone(),
         }
     }
 

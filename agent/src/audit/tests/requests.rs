@@ -166,7 +166,7 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
     // File metadata: zstd, key-value metadata, the documented schema.
     let kv = kv_metadata(&files[0]);
     assert!(
-        kv.contains(&("warden.schema_version".into(), s("6"))),
+        kv.contains(&("warden.schema_version".into(), s("7"))),
         "{kv:?}"
     );
     assert!(
@@ -256,12 +256,14 @@ async fn requests_round_trip_of_every_column_with_lists_and_nulls() {
             "pod_uid",
             "pod_container",
             "pod_service_account",
+            "token_issuer",
+            "token_subject",
         ]
     );
 
     let b = read(&files[0]);
     assert_eq!(b.num_rows(), 3);
-    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[6, 6, 6]);
+    assert_eq!(col::<Int16Array>(&b, "schema_version").values(), &[7, 7, 7]);
     assert_eq!(strs(&b, "session_id"), [s("s-1"), s("s-2"), s("s-3")]);
     assert_eq!(col::<Int64Array>(&b, "seq").values(), &[1, 7, 2]);
     let starts = col::<TimestampMicrosecondArray>(&b, "start_time");
@@ -655,6 +657,8 @@ async fn http_and_llm_columns_round_trip_and_are_null_for_statements() {
             host: Some("api.openai.com".into()),
             path: "/v1/chat/completions".into(),
             status: Some(200),
+            token_issuer: Some("https://kubernetes.default.svc".into()),
+            token_subject: Some("system:serviceaccount:crm:billing".into()),
         }),
         llm: Some(LlmFields {
             provider: "openai",
@@ -720,4 +724,12 @@ async fn http_and_llm_columns_round_trip_and_are_null_for_statements() {
     let seq = col::<Int64Array>(&b, "caused_by_seq");
     assert_eq!((seq.is_null(0), seq.value(1)), (true, 1));
     assert_eq!(strs(&b, "caused_by_match"), [None, s("normalized")]);
+    assert_eq!(
+        strs(&b, "token_issuer"),
+        [s("https://kubernetes.default.svc"), None]
+    );
+    assert_eq!(
+        strs(&b, "token_subject"),
+        [s("system:serviceaccount:crm:billing"), None]
+    );
 }

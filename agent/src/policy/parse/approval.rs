@@ -457,7 +457,7 @@ impl Parse for MessageP {
 
 /// An http(s) URL: the OIDC issuer, or the webhook.
 #[derive(Clone, Copy)]
-enum UrlP {
+pub(super) enum UrlP {
     Issuer,
     Webhook,
 }
