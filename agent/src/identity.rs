@@ -8,8 +8,8 @@ use std::{
     collections::HashMap,
     fs,
     net::SocketAddr,
-    path::Path,
-    sync::{LazyLock, Mutex},
+    path::{Path, PathBuf},
+    sync::{LazyLock, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -120,10 +120,23 @@ impl Identity {
     }
 }
 
+/// Where the node's kubelet and runtime files are; `/` unless the daemon's
+/// configuration says otherwise.
+static NODE_ROOT: OnceLock<PathBuf> = OnceLock::new();
+
+/// Read the node's files below `root`; before any identity is looked up.
+pub fn use_node_root(root: &Path) {
+    let _ = NODE_ROOT.set(root.to_path_buf());
+}
+
 /// The pods of this node, at the paths the kubelet and runtimes use (the
 /// DaemonSet mounts them at the same paths).
 fn pods() -> &'static PodCache {
-    static PODS: LazyLock<PodCache> = LazyLock::new(|| PodCache::new(NodeFiles::default()));
+    static PODS: LazyLock<PodCache> = LazyLock::new(|| {
+        PodCache::new(NodeFiles::under(
+            NODE_ROOT.get().map_or(Path::new("/"), PathBuf::as_path),
+        ))
+    });
     &PODS
 }
 

@@ -60,7 +60,7 @@ class Daemon:
     """`warden daemon` with a configuration in a temporary directory."""
 
     def __init__(self, tmp: Path, manage: dict, policy: Path | None = None, fail_open: bool = False,
-                 metrics_port: int | None = None, env: dict | None = None):
+                 metrics_port: int | None = None, env: dict | None = None, node_root: Path | None = None):
         self.tmp = tmp
         self.socket = tmp / "control.sock"
         self.audit_dir = tmp / "audit"
@@ -76,6 +76,8 @@ class Daemon:
             config["policy"] = str(policy)
         if metrics_port:
             config["metrics_listen"] = f"127.0.0.1:{metrics_port}"
+        if node_root:
+            config["node_root"] = str(node_root)
         # JSON is YAML.
         self.config.write_text(json.dumps(config, indent=2))
         self.log = open(tmp / f"daemon-{time.monotonic_ns()}.log", "w+")
@@ -340,7 +342,7 @@ def test_a_bad_configuration_names_its_line(tmp_path):
     config.write_text("manage:\n  units: [\"langchain-*.service\"]\n")
     out = subprocess.run([WARDEN, "daemon", "--config", str(config), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "1 unit patterns, 0 cgroups, fail closed" in out.stdout
+    assert "1 unit patterns, 0 cgroups, 0 pod selectors, fail closed" in out.stdout
     assert "embedded default policy" in out.stdout
 
 
@@ -445,14 +447,7 @@ def test_a_unit_with_a_network_namespace_of_its_own_is_served(slice_dir, tmp_pat
         own_ns = os.stat(netns).st_ino
         assert namespace_served() == [f"net:[{own_ns}]"]
 
-        files = tmp_path / "site"
-        files.mkdir()
-        (files / "hello").write_text("from inside the namespace")
-        port = free_port()
-        server = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-m", "http.server",
-                                   "--bind", "127.0.0.1", "--directory", str(files), str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: _listening(netns, port), 10.0, "the server in the namespace")
+        server, port = serve_file_in(netns, tmp_path / "site", "hello", "from inside the namespace")
 
         fetch = f"""
             import json, urllib.request
@@ -505,11 +500,23 @@ def test_a_unit_with_a_network_namespace_of_its_own_is_served(slice_dir, tmp_pat
     assert kinds.count("netns_served") == 1 and kinds.count("netns_released") == 1, kinds
 
 
-def _listening(netns: str, port: int) -> bool:
-    probe = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-c",
-                            f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)"],
-                           capture_output=True)
-    return probe.returncode == 0
+def serve_file_in(netns: str, site: Path, name: str, text: str) -> tuple[subprocess.Popen, int]:
+    """An HTTP server on the loopback of a network namespace only, serving one file."""
+    site.mkdir()
+    (site / name).write_text(text)
+    port = free_port()
+    server = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-m", "http.server",
+                               "--bind", "127.0.0.1", "--directory", str(site), str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        probe = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-c",
+                                f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)"],
+                               capture_output=True)
+        return probe.returncode == 0
+
+    wait_until(listening, 10.0, "the server in the namespace")
+    return server, port
 
 
 def in_netns_and_cgroup(netns: str, cgroup: Path, code: str) -> dict:
@@ -519,3 +526,67 @@ def in_netns_and_cgroup(netns: str, cgroup: Path, code: str) -> dict:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_pods_are_selected_by_namespace_from_the_node_files(slice_dir, tmp_path):
+    """`manage.pods` selects pods by what the kubelet's files on the node say
+    (here below a node root of the test's own), at the cgroup path the
+    kubelet gives a pod. As on a node, a pod's cgroup comes first, then its
+    files, then its first process, in a network namespace of its own."""
+    node = tmp_path / "node"
+    besteffort = slice_dir / "kubepods.slice" / "kubepods-besteffort.slice"
+    besteffort.mkdir(parents=True)
+    chat_uid, web_uid = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def pod_cgroup(uid: str) -> Path:
+        return besteffort / f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
+
+    def pod_files(namespace: str, name: str, uid: str):
+        (node / "var/log/pods" / f"{namespace}_{name}_{uid}").mkdir(parents=True)
+
+    daemon = Daemon(tmp_path, {"pods": [{"namespace": "ai-*"}]}, node_root=node)
+    chat, web = pod_cgroup(chat_uid), pod_cgroup(web_uid)
+    holder = server = None
+    try:
+        chat.mkdir()
+        web.mkdir()
+        pod_files("default", "web-5d8f", web_uid)
+        time.sleep(0.3)
+        assert daemon.managed() == [], "no pod is selected before the node's files say which it is"
+        pod_files("ai-chat", "bot-7f9c", chat_uid)
+        holder = subprocess.Popen(
+            ["unshare", "--net", "sh", "-c",
+             f"ip link set lo up && echo $$ > {chat}/cgroup.procs && exec sleep 300"])
+        took = wait_until(lambda: str(chat) in daemon.managed(), 2.0, "selecting the ai-chat pod")
+        print(f"pod selected {took * 1000:.1f} ms after its first process")
+        assert daemon.managed() == [str(chat)]
+        status = daemon.cli("status")
+        assert "pod ai-chat/bot-7f9c matches manage.pods[0]" in status.stdout, status.stdout
+        netns = f"/proc/{holder.pid}/ns/net"
+        wait_until(lambda: "listening in its network namespace" in daemon.cli("status").stdout, 2.0,
+                   "serving the pod's network namespace")
+
+        server, port = serve_file_in(netns, tmp_path / "site", "model", "sidecar answer")
+        # The app's container, below the pod's cgroup.
+        container = chat / f"cri-containerd-{uuid.uuid4().hex}{uuid.uuid4().hex}.scope"
+        container.mkdir()
+        fetch = f"""
+            import json, urllib.request
+            body = urllib.request.urlopen("http://127.0.0.1:{port}/model", timeout=5).read().decode()
+            print(json.dumps({{"body": body}}))
+            """
+        assert in_netns_and_cgroup(netns, container, fetch) == {"body": "sidecar answer"}
+    finally:
+        for proc in (server, holder):
+            if proc and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert daemon.stop() == 0, daemon.output()
+        subprocess.run([WARDEN, "cleanup"], capture_output=True)
+        for cgroup in sorted(slice_dir.glob("kubepods.slice/**"), key=lambda p: len(p.parts), reverse=True):
+            kill_all(cgroup)
+            cgroup.rmdir()
+
+    rows = read_requests(daemon.audit_dir, "protocol = 'http'")
+    assert [(r["http_path"], r["pod_namespace"], r["pod_name"], r["pod_uid"]) for r in rows] == [
+        ("/model", "ai-chat", "bot-7f9c", chat_uid)], rows

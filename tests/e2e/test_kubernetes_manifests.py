@@ -25,7 +25,7 @@ DAEMON_KEYS = {
     "fail_open", "tls_intercept", "upstream_ca", "manage",
 }
 MANAGE_KEYS = {"units", "cgroups", "pods"}
-POD_SELECTOR_KEYS = {"namespace", "labels"}
+POD_SELECTOR_KEYS = {"namespace", "name", "service_account", "labels"}
 
 # SYS_ADMIN: setns into pods' network namespaces (docs/kubernetes.md).
 CAPABILITIES = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE", "DAC_READ_SEARCH", "SYS_ADMIN"]

@@ -1,13 +1,14 @@
 //! `/etc/warden/warden.yaml`: what the host daemon protects and how.
 //! Read once at start; the policy it names is the part that reloads.
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
 
 use serde::Deserialize;
 
-use crate::policy::glob::Glob;
+use crate::{kubernetes::PodInfo, policy::glob::Glob};
 
 pub const DEFAULT_PATH: &str = "/etc/warden/warden.yaml";
 
@@ -48,6 +49,8 @@ struct Raw {
     control_listen: Option<SocketAddr>,
     #[serde(default)]
     manage: RawManage,
+    #[serde(default = "default_node_root")]
+    node_root: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,10 +60,22 @@ struct RawManage {
     units: Vec<String>,
     #[serde(default)]
     cgroups: Vec<String>,
-    /// Accepted empty, so that one configuration format serves hosts and
-    /// nodes; selecting pods is not built yet.
     #[serde(default)]
-    pods: Vec<serde_yaml::Value>,
+    pods: Vec<RawPodSelector>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPodSelector {
+    namespace: String,
+    name: Option<String>,
+    service_account: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+fn default_node_root() -> PathBuf {
+    PathBuf::from("/")
 }
 
 fn default_state_dir() -> PathBuf {
@@ -90,6 +105,9 @@ pub struct DaemonConfig {
     pub review_listen: Option<SocketAddr>,
     pub control_listen: Option<SocketAddr>,
     pub manage: Selection,
+    /// Where the node's kubelet and runtime files are: `/` when they are at
+    /// their own paths, as the DaemonSet mounts them.
+    pub node_root: PathBuf,
 }
 
 /// Which cgroups the daemon manages.
@@ -99,6 +117,34 @@ pub struct Selection {
     pub units: Vec<Glob>,
     /// cgroup v2 paths relative to the hierarchy's root, "/" first.
     pub cgroups: Vec<String>,
+    /// Kubernetes pods, by what the node's files say of them.
+    pub pods: Vec<PodSelector>,
+}
+
+/// Pods by namespace, and optionally name, service account and labels:
+/// every key given must match.
+#[derive(Debug)]
+pub struct PodSelector {
+    namespace: Glob,
+    name: Option<Glob>,
+    service_account: Option<Glob>,
+    labels: BTreeMap<String, String>,
+}
+
+impl PodSelector {
+    pub fn matches(&self, pod: &PodInfo) -> bool {
+        self.namespace.is_match(&pod.namespace)
+            && self.name.as_ref().is_none_or(|g| g.is_match(&pod.name))
+            && self.service_account.as_ref().is_none_or(|g| {
+                pod.service_account
+                    .as_deref()
+                    .is_some_and(|sa| g.is_match(sa))
+            })
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| pod.labels.get(k) == Some(v))
+    }
 }
 
 impl DaemonConfig {
@@ -124,15 +170,6 @@ impl DaemonConfig {
         }
         .map_err(|e| invalid(e.location().map(|l| l.line()), strip_location(&e)))?;
         let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).map(|i| i + 1);
-        if !raw.manage.pods.is_empty() {
-            return Err(invalid(
-                line_of("pods:"),
-                "manage.pods: selecting Kubernetes pods is not built yet: a pod's connections would be \
-                 sent to the loopback of the pod's own network namespace, where the agent does not \
-                 listen (docs/kubernetes.md); leave it empty"
-                    .into(),
-            ));
-        }
         let units = raw
             .manage
             .units
@@ -147,6 +184,30 @@ impl DaemonConfig {
             .iter()
             .map(|c| normalize_cgroup(c).map_err(|e| invalid(line_of(c), e)))
             .collect::<Result<_, _>>()?;
+        let glob = |what: &str, text: &str| {
+            Glob::new(text).map_err(|e| invalid(line_of(text), format!("{what}: {text:?}: {e}")))
+        };
+        let pods = raw
+            .manage
+            .pods
+            .iter()
+            .map(|p| {
+                Ok(PodSelector {
+                    namespace: glob("manage.pods namespace", &p.namespace)?,
+                    name: p
+                        .name
+                        .as_deref()
+                        .map(|n| glob("manage.pods name", n))
+                        .transpose()?,
+                    service_account: p
+                        .service_account
+                        .as_deref()
+                        .map(|n| glob("manage.pods service_account", n))
+                        .transpose()?,
+                    labels: p.labels.clone(),
+                })
+            })
+            .collect::<Result<_, ConfigError>>()?;
         for (name, addr) in [
             ("metrics_listen", raw.metrics_listen),
             ("review_listen", raw.review_listen),
@@ -173,7 +234,12 @@ impl DaemonConfig {
             upstream_ca: raw.upstream_ca,
             review_listen: raw.review_listen,
             control_listen: raw.control_listen,
-            manage: Selection { units, cgroups },
+            manage: Selection {
+                units,
+                cgroups,
+                pods,
+            },
+            node_root: raw.node_root,
         })
     }
 }
@@ -217,7 +283,16 @@ fn normalize_cgroup(path: &str) -> Result<String, String> {
 
 impl Selection {
     pub fn is_empty(&self) -> bool {
-        self.units.is_empty() && self.cgroups.is_empty()
+        self.units.is_empty() && self.cgroups.is_empty() && self.pods.is_empty()
+    }
+
+    /// Why a pod is managed, or None when no `manage.pods` entry selects it.
+    pub fn pod_reason(&self, pod: &PodInfo) -> Option<String> {
+        let at = self.pods.iter().position(|s| s.matches(pod))?;
+        Some(format!(
+            "pod {}/{} matches manage.pods[{at}]",
+            pod.namespace, pod.name
+        ))
     }
 
     /// Why the cgroup at `path` (relative to the root, "/" first) is
@@ -287,13 +362,77 @@ mod tests {
         }
     }
 
+    fn pod(namespace: &str, name: &str, sa: Option<&str>, labels: &[(&str, &str)]) -> PodInfo {
+        PodInfo {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: "0b7c5a64-2f2e-4c11-9d7e-7a1f3c9e8d21".into(),
+            service_account: sa.map(Into::into),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
     #[test]
-    fn pods_are_refused_until_they_can_be_served() {
-        assert!(parse("manage:\n  pods: []\n").is_ok());
-        let err = parse("manage:\n  units: []\n  pods:\n    - namespace: ai\n")
+    fn pods_are_selected_by_every_key_given() {
+        let config = parse(
+            "manage:\n  pods:\n    - namespace: \"ai-*\"\n    - namespace: crm\n      name: \"bot-*\"\n      service_account: agent\n      labels: {app: langchain}\n",
+        )
+        .unwrap();
+        let m = &config.manage;
+        assert!(!m.is_empty());
+        assert_eq!(
+            m.pod_reason(&pod("ai-chat", "x", None, &[])).as_deref(),
+            Some("pod ai-chat/x matches manage.pods[0]")
+        );
+        assert_eq!(m.pod_reason(&pod("default", "x", None, &[])), None);
+        let full = pod(
+            "crm",
+            "bot-1",
+            Some("agent"),
+            &[("app", "langchain"), ("tier", "x")],
+        );
+        assert_eq!(
+            m.pod_reason(&full).as_deref(),
+            Some("pod crm/bot-1 matches manage.pods[1]")
+        );
+        // Each key narrows: another name, another account, no such label
+        // (or labels the node does not know) do not match.
+        assert_eq!(
+            m.pod_reason(&pod("crm", "web-1", Some("agent"), &[("app", "langchain")])),
+            None
+        );
+        assert_eq!(
+            m.pod_reason(&pod("crm", "bot-1", Some("other"), &[("app", "langchain")])),
+            None
+        );
+        assert_eq!(
+            m.pod_reason(&pod("crm", "bot-1", None, &[("app", "langchain")])),
+            None
+        );
+        assert_eq!(m.pod_reason(&pod("crm", "bot-1", Some("agent"), &[])), None);
+    }
+
+    #[test]
+    fn a_bad_pod_selector_names_its_line() {
+        let err = parse("manage:\n  pods:\n    - namespace: ai\n      label: {app: x}\n")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("warden.yaml:3: manage.pods"), "{err}");
+        assert!(err.contains("unknown field `label`"), "{err}");
+        assert!(err.starts_with("warden.yaml:"), "{err}");
+        let err = parse("manage:\n  pods:\n    - name: bot\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `namespace`"), "{err}");
+        let err = parse("manage:\n  pods:\n    - namespace: \"[ai\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("warden.yaml:3: manage.pods namespace"),
+            "{err}"
+        );
     }
 
     #[test]

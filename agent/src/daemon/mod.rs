@@ -18,7 +18,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     agent::{self, Agent, AgentOptions, Detach},
-    capture,
+    capture, identity,
+    kubernetes::{NodeFiles, PodCgroup},
     policy::Policy,
     preflight,
     proxy::ssh::HostKeys,
@@ -42,10 +43,11 @@ pub fn check(config_path: &Path) -> anyhow::Result<String> {
         ),
     };
     Ok(format!(
-        "{}: ok ({} unit patterns, {} cgroups, {})\n{policy}",
+        "{}: ok ({} unit patterns, {} cgroups, {} pod selectors, {})\n{policy}",
         config_path.display(),
         config.manage.units.len(),
         config.manage.cgroups.len(),
+        config.manage.pods.len(),
         if config.fail_open {
             "fail open"
         } else {
@@ -57,6 +59,7 @@ pub fn check(config_path: &Path) -> anyhow::Result<String> {
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = DaemonConfig::load(config_path)?;
+    identity::use_node_root(&config.node_root);
     let host = preflight::check(preflight::Role::Daemon)?;
     let policy = agent::load_policy(config.policy.as_deref())?;
     if config.manage.is_empty() {
@@ -131,6 +134,7 @@ async fn serve(
     let mut manager = Manager {
         agent,
         config,
+        node: NodeFiles::under(&config.node_root),
         managed: BTreeSet::new(),
         watch: CgroupWatch::new(cgroup_root)?,
     };
@@ -181,6 +185,9 @@ async fn serve(
 struct Manager<'a> {
     agent: &'a Agent,
     config: &'a DaemonConfig,
+    /// The kubelet's files, for `manage.pods`; read afresh for each pod
+    /// cgroup, since the kubelet writes them after it makes the cgroup.
+    node: NodeFiles,
     managed: BTreeSet<String>,
     watch: CgroupWatch,
 }
@@ -194,11 +201,13 @@ impl Manager<'_> {
         let Manager {
             agent,
             config,
+            node,
             managed,
             watch,
         } = self;
         let root = watch.absolute("/");
         let mut newly = Vec::new();
+        let mut unknown_pods = Vec::new();
         watch.scan(relative, &mut |rel| {
             if managed.contains(rel) {
                 return Descend::No;
@@ -207,8 +216,17 @@ impl Manager<'_> {
             if rel == "/warden" || rel.starts_with("/warden/") {
                 return Descend::No;
             }
-            let Some(reason) = config.manage.reason(rel) else {
-                return Descend::Yes;
+            let reason = match config.manage.reason(rel) {
+                Some(reason) => reason,
+                None => match pod_of(rel, &config.manage, node) {
+                    Pod::NotOne => return Descend::Yes,
+                    Pod::NotSelected => return Descend::No,
+                    Pod::Unknown => {
+                        unknown_pods.push(rel.to_string());
+                        return Descend::No;
+                    }
+                    Pod::Selected(reason) => reason,
+                },
             };
             let path = root.join(rel.trim_start_matches('/'));
             match agent.manage(&path, &reason) {
@@ -226,6 +244,13 @@ impl Manager<'_> {
             }
             Descend::No
         });
+        // The kubelet writes a pod's files after making its cgroup, and
+        // before the pod's first process: look again when that comes.
+        for rel in unknown_pods {
+            if let Err(e) = watch.follow(&rel) {
+                tracing::warn!(cgroup = %rel, error = %e, "cannot follow a pod cgroup the node's files do not describe yet");
+            }
+        }
         for rel in newly {
             match watch.follow(&rel) {
                 // Processes that came between managing and following.
@@ -244,6 +269,8 @@ impl Manager<'_> {
             Change::Populated(rel) => {
                 if self.managed.contains(&rel) {
                     self.agent.follow_namespaces(&self.watch.absolute(&rel));
+                } else {
+                    self.scan_from(&rel);
                 }
             }
             Change::Gone(rel) => {
@@ -255,6 +282,32 @@ impl Manager<'_> {
                 }
             }
         }
+    }
+}
+
+/// What `manage.pods` says of a cgroup.
+enum Pod {
+    /// Not a pod's own cgroup (a slice above pods, or anything else).
+    NotOne,
+    /// A pod no entry selects; its containers are not looked at either.
+    NotSelected,
+    /// A pod the node's files do not describe yet.
+    Unknown,
+    Selected(String),
+}
+
+fn pod_of(rel: &str, selection: &config::Selection, node: &NodeFiles) -> Pod {
+    if selection.pods.is_empty() {
+        return Pod::NotOne;
+    }
+    let Some(cgroup) = PodCgroup::parse(rel).filter(|p| p.container_id.is_none()) else {
+        return Pod::NotOne;
+    };
+    match node.pod(&cgroup.pod_uid) {
+        None => Pod::Unknown,
+        Some(pod) => selection
+            .pod_reason(&pod)
+            .map_or(Pod::NotSelected, Pod::Selected),
     }
 }
 
