@@ -44,11 +44,22 @@ pub struct FlowKey {
     pub _pad: u32,
 }
 
-/// A UDP datagram or connect the kernel refused, for the audit.
+/// A connect or datagram the kernel refused, and why, for the audit.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UdpDenied {
+pub struct Refused {
     pub conn: ConnRecord,
+    /// One of [`refused`].
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+/// Why the kernel refused.
+pub mod refused {
+    /// UDP to a port the policy does not allow.
+    pub const UDP_PORT: u32 = 1;
+    /// A TCP connect from a network namespace where the agent does not listen.
+    pub const NETNS: u32 = 2;
 }
 
 /// Written once by the agent before the programs run.
@@ -71,7 +82,7 @@ pub mod names {
     pub const PENDING: &str = "WARDEN_PENDING";
     pub const FLOWS: &str = "WARDEN_FLOWS";
     pub const UDP_ALLOW: &str = "WARDEN_UDP_ALLOW";
-    pub const UDP_DENIED: &str = "WARDEN_UDP_DENIED";
+    pub const REFUSED: &str = "WARDEN_REFUSED";
     pub const NETNS: &str = "WARDEN_NETNS";
     pub const CONNECT4: &str = "warden_connect4";
     pub const CONNECT6: &str = "warden_connect6";
@@ -102,6 +113,6 @@ mod pod {
     // SAFETY: all types are repr(C), Copy, and valid for any bit pattern.
     unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::UdpDenied {}
+    unsafe impl aya::Pod for super::Refused {}
     unsafe impl aya::Pod for super::AgentConfig {}
 }

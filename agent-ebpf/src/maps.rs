@@ -35,9 +35,9 @@ pub static WARDEN_NETNS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_NETNS,
 #[map]
 pub static WARDEN_UDP_ALLOW: HashMap<u16, u8> = HashMap::with_max_entries(256, 0);
 
-/// Refused UDP sends, for the audit.
+/// Refused UDP sends and connects from unserved namespaces, for the audit.
 #[map]
-pub static WARDEN_UDP_DENIED: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub static WARDEN_REFUSED: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 /// The original peer of each redirected socket, by cookie, so that
 /// getpeername() shows the program the address it connected to. Removed

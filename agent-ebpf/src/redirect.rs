@@ -9,10 +9,10 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use warden_common::{ConnRecord, mapped_v4};
+use warden_common::{ConnRecord, Refused, mapped_v4, refused};
 
 use crate::{
-    maps::{PeerName, WARDEN_CONFIG, WARDEN_NETNS, WARDEN_PEERS, WARDEN_PENDING},
+    maps::{PeerName, WARDEN_CONFIG, WARDEN_NETNS, WARDEN_PEERS, WARDEN_PENDING, WARDEN_REFUSED},
     udp,
 };
 
@@ -34,6 +34,10 @@ pub fn warden_connect4(ctx: SockAddrContext) -> i32 {
             let cfg = WARDEN_CONFIG.load();
             if is_agent_or_listener(&cfg, mapped_v4(ip), port) {
                 return PROCEED;
+            }
+            if !served(&ctx) {
+                report(&ctx, mapped_v4(ip), port, 4, refused::NETNS);
+                return REFUSE;
             }
             if !remember(&ctx, mapped_v4(ip), port, 4) {
                 return REFUSE;
@@ -66,6 +70,10 @@ pub fn warden_connect6(ctx: SockAddrContext) -> i32 {
             if is_agent_or_listener(&cfg, ip, port) {
                 return PROCEED;
             }
+            if !served(&ctx) {
+                report(&ctx, ip, port, family, refused::NETNS);
+                return REFUSE;
+            }
             if !remember(&ctx, ip, port, family) {
                 return REFUSE;
             }
@@ -96,18 +104,32 @@ fn is_agent_or_listener(cfg: &warden_common::AgentConfig, ip: [u8; 16], port: u1
     port == cfg.listen_port && (ip == mapped_v4(cfg.listen_v4) || ip == cfg.listen_v6)
 }
 
+/// Whether the agent listens in the socket's network namespace: a connect
+/// from any other would reach a loopback the agent is not on.
+fn served(ctx: &SockAddrContext) -> bool {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    unsafe { WARDEN_NETNS.get(&netns) }.is_some()
+}
+
+/// Tell the agent what was refused and why. A full ring loses the report,
+/// never the refusal.
+// Not inlined, like `remember`: each record gets a frame of its own, which
+// keeps every call chain inside the verifier's 512-byte stack.
+#[inline(never)]
+pub fn report(ctx: &SockAddrContext, ip: [u8; 16], port: u16, family: u8, reason: u32) {
+    let event = Refused {
+        conn: record_for(ctx, ip, port, family),
+        reason,
+        _pad: 0,
+    };
+    let _ = WARDEN_REFUSED.output::<Refused>(&event, 0);
+}
+
 /// Store the record under the socket's cookie. Returns false when it could
-/// not be stored, or when the agent does not listen in the socket's network
-/// namespace: the connection is then refused rather than let through
-/// unattributed, or sent to a loopback the agent is not on.
-// Not inlined: its record and the UDP path's each get a frame of their own,
-// which keeps every call chain inside the verifier's 512-byte stack.
+/// not be stored: the connection is then refused rather than let through
+/// unattributed.
 #[inline(never)]
 fn remember(ctx: &SockAddrContext, ip: [u8; 16], port: u16, family: u8) -> bool {
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if unsafe { WARDEN_NETNS.get(&netns) }.is_none() {
-        return false;
-    }
     let record = record_for(ctx, ip, port, family);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let peer = PeerName {

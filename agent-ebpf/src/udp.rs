@@ -2,22 +2,18 @@
 //! EPERM and reported, so that QUIC or a home-made channel cannot go around
 //! the TCP proxy.
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use warden_common::{UdpDenied, mapped_v4};
+use warden_common::{mapped_v4, refused};
 
 use crate::{
-    maps::{WARDEN_UDP_ALLOW, WARDEN_UDP_DENIED},
-    redirect::{PROCEED, REFUSE, record_for, words_to_bytes},
+    maps::WARDEN_UDP_ALLOW,
+    redirect::{PROCEED, REFUSE, report, words_to_bytes},
 };
 
 pub fn check(ctx: &SockAddrContext, ip: [u8; 16], port: u16, family: u8) -> i32 {
     if unsafe { WARDEN_UDP_ALLOW.get(port) }.is_some() {
         return PROCEED;
     }
-    let event = UdpDenied {
-        conn: record_for(ctx, ip, port, family),
-    };
-    // A full ring loses the report, never the refusal.
-    let _ = WARDEN_UDP_DENIED.output::<UdpDenied>(&event, 0);
+    report(ctx, ip, port, family, refused::UDP_PORT);
     REFUSE
 }
 

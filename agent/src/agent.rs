@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, net::TcpListener};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use warden_common::UdpDenied;
+use warden_common::{Refused, refused};
 
 use crate::{
     approvals::{Approvals, Fetcher, control, review},
@@ -25,7 +25,7 @@ use crate::{
     capture::{Capture, Listener},
     identity::Origin,
     metrics::Metrics,
-    netns::{Namespace, Namespaces},
+    netns::{Namespace, Namespaces, NsId},
     policy::{ApprovalSettings, ConnectionRequest, LivePolicy, Policy, Transport},
     proxy::{
         Proxy, detect::Protocol, intercept::Interceptor, ssh::HostKeys, token::WorkloadTokens,
@@ -266,8 +266,8 @@ impl Agent {
         if let (Some(addr), Some(metrics)) = (options.metrics_listen, metrics) {
             crate::metrics::serve(addr, metrics, approvals.clone(), cancel.clone()).await?;
         }
-        if let Some(ring) = capture.take_udp_denials() {
-            tokio::spawn(audit_udp_denials(ring, policy, sink, cancel.clone()));
+        if let Some(ring) = capture.take_refusals() {
+            tokio::spawn(audit_refusals(ring, core.clone(), cancel.clone()));
         }
         tracing::info!(port, "agent listening on 127.0.0.1 and [::1]");
         Ok(Agent {
@@ -452,6 +452,7 @@ impl Core {
     /// the kernel keeps refusing its connects.
     fn follow_namespaces(&self, cgroup: &Path) {
         let followed = self.namespaces.follow(cgroup);
+        self.let_go(followed.gone);
         let mut failed: Vec<String> = followed.failed.iter().map(|e| e.to_string()).collect();
         for (id, cookie) in followed.added {
             match self.capture.serve_netns(cookie) {
@@ -479,15 +480,30 @@ impl Core {
         }
     }
 
-    fn release(&self, cgroup: &Path, why: &str) {
-        self.capture.detach(cgroup);
-        for (id, cookie) in self.namespaces.forget(cgroup) {
+    /// Namespaces no managed cgroup has processes in any more: connects
+    /// from there are refused again.
+    fn let_go(&self, gone: Vec<(NsId, u64)>) {
+        for (id, cookie) in gone {
             self.capture.unserve_netns(cookie);
             self.sink.record_event(EventRow::now(
                 Event::NetnsReleased,
                 format!("{id}: no managed cgroup has processes there"),
             ));
         }
+    }
+
+    /// A connect came from a namespace not served: look for it among the
+    /// processes of every managed cgroup (it may be one that a unit made
+    /// after its first process came, as systemd's `PrivateNetwork=` does).
+    fn follow_all_namespaces(&self) {
+        for cgroup in self.capture.attached() {
+            self.follow_namespaces(&cgroup);
+        }
+    }
+
+    fn release(&self, cgroup: &Path, why: &str) {
+        self.capture.detach(cgroup);
+        self.let_go(self.namespaces.forget(cgroup));
         self.problems
             .lock()
             .expect("agent lock")
@@ -693,11 +709,13 @@ async fn bind_listeners(port: u16) -> anyhow::Result<(TcpListener, TcpListener)>
     anyhow::bail!("found no port free on both 127.0.0.1 and [::1]; pass one with --listen-port")
 }
 
-/// The kernel refuses non-DNS UDP on its own; this turns its reports into audit rows.
-async fn audit_udp_denials(
+/// What the kernel refused: UDP to a port the policy does not allow, and
+/// connects from a network namespace where the agent does not listen. Each
+/// is a `deny` row; a namespace not seen before is looked for among the
+/// managed cgroups' processes, so that it is served from then on.
+async fn audit_refusals(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
-    policy: Arc<LivePolicy>,
-    audit: AuditSink,
+    core: Arc<Core>,
     cancel: CancellationToken,
 ) {
     // SAFETY: the ring buffer owns its map descriptor for as long as the AsyncFd owns the ring.
@@ -706,10 +724,13 @@ async fn audit_udp_denials(
     } {
         Ok(fd) => fd,
         Err(e) => {
-            tracing::error!(error = %e, "cannot watch the UDP denial ring; refused UDP will not be audited");
+            tracing::error!(error = %e, "cannot watch the kernel's refusals; they will not be audited");
             return;
         }
     };
+    // Namespaces already looked for: one that cannot be served is not
+    // looked for again at every refused connect.
+    let mut seen = std::collections::HashSet::new();
     loop {
         let mut guard = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -717,23 +738,42 @@ async fn audit_udp_denials(
         };
         let inner = guard.get_inner_mut();
         while let Some(item) = inner.next() {
-            if item.len() < size_of::<UdpDenied>() {
+            if item.len() < size_of::<Refused>() {
                 continue;
             }
-            // SAFETY: the kernel wrote a UdpDenied; read_unaligned copes with the ring's alignment.
-            let event: UdpDenied = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            // SAFETY: the kernel wrote a Refused; read_unaligned copes with the ring's alignment.
+            let event: Refused = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             let origin = Origin::from_record(&event.conn);
-            let decision = policy.current().decide_connection(&ConnectionRequest {
+            let (transport, kind, rule, error) = match event.reason {
+                refused::NETNS => {
+                    if seen.insert(event.conn.netns) {
+                        core.follow_all_namespaces();
+                    }
+                    (
+                        Transport::Tcp,
+                        "tcp",
+                        "netns",
+                        "refused by the kernel: the connect came from a network namespace where                          the agent does not listen (docs/daemon.md#network-namespaces-of-their-own)",
+                    )
+                }
+                _ => (
+                    Transport::Udp,
+                    "udp",
+                    "udp",
+                    "UDP to this port is not allowed (policy udp.allow_ports)",
+                ),
+            };
+            let decision = core.policy.current().decide_connection(&ConnectionRequest {
                 identity: &origin.identity,
                 destination: origin.destination,
-                transport: Transport::Udp,
+                transport,
             });
             let now = Utc::now();
-            audit.record(ConnectionRow {
+            core.sink.record(ConnectionRow {
                 session_id: uuid::Uuid::now_v7().to_string(),
                 start_time: now,
                 end_time: now,
-                transport: "udp",
+                transport: kind,
                 identity: origin.identity,
                 workload: decision.workload,
                 destination: origin.destination,
@@ -741,10 +781,10 @@ async fn audit_udp_denials(
                 server_name: None,
                 tls: None,
                 decision: "deny",
-                rule: "udp".into(),
+                rule: rule.into(),
                 bytes_up: 0,
                 bytes_down: 0,
-                error: Some("UDP to this port is not allowed (policy udp.allow_ports)".into()),
+                error: Some(error.into()),
             });
         }
         guard.clear_ready();

@@ -263,6 +263,8 @@ struct Served {
 pub struct Followed {
     /// Namespaces newly served, with their cookies for the kernel's map.
     pub added: Vec<(NsId, u64)>,
+    /// Namespaces no managed process is in any more: let go.
+    pub gone: Vec<(NsId, u64)>,
     /// Namespaces that could not be served: their connections stay refused.
     pub failed: Vec<NetnsError>,
 }
@@ -279,12 +281,26 @@ impl Namespaces {
     }
 
     /// Serve every namespace that the processes in `cgroup` (and below it)
-    /// are in. Called when a cgroup is managed and again when processes
-    /// come into it; namespaces already served are only counted.
+    /// are in, and only those. Called when a cgroup is managed, and again
+    /// when processes come into it or a connect came from a namespace not
+    /// served; a namespace its processes left is let go, unless another
+    /// managed cgroup still has processes there.
     pub fn follow(&self, cgroup: &Path) -> Followed {
         let mut followed = Followed::default();
         let mut served = self.served.lock().expect("netns lock");
-        for (id, pid) in namespaces_below(cgroup) {
+        let found = namespaces_below(cgroup);
+        served.retain(|id, entry| {
+            if found.iter().any(|(f, _)| f == id) || !entry.cgroups.remove(cgroup) {
+                return true;
+            }
+            if entry.cgroups.is_empty() {
+                entry.stop.cancel();
+                followed.gone.push((*id, entry.ns.cookie));
+                return false;
+            }
+            true
+        });
+        for (id, pid) in found {
             if id == self.own {
                 continue;
             }

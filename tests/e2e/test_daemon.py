@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WARDEN, read_requests
+from conftest import WARDEN, read_audit, read_requests
 from test_lifecycle import cgroup2_root
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "peers"))
@@ -459,22 +459,16 @@ def test_a_unit_with_a_network_namespace_of_its_own_is_served(slice_dir, tmp_pat
             """
         assert in_netns_and_cgroup(netns, unit, fetch) == {"body": "from inside the namespace"}
 
-        # A namespace made later by a process of an already busy unit is
-        # not served: its connects are refused, never sent elsewhere.
+        # A namespace made later by a process of an already busy unit (as
+        # systemd's PrivateNetwork= does, after placing the process) is not
+        # served at first: its connect is refused, never sent around the
+        # agent. The kernel's report makes the agent look, and serve it.
         late = subprocess.run(
-            ["unshare", "--net", sys.executable, "-c", textwrap.dedent(f"""
-                import json, socket
-                try:
-                    socket.create_connection(("127.0.0.1", {port}), timeout=5)
-                    print(json.dumps({{"connected": True}}))
-                except OSError as e:
-                    print(json.dumps({{"error": type(e).__name__}}))
-                """)],
+            ["unshare", "--net", "sh", "-c", f"ip link set lo up && exec {sys.executable} -c '{LATE_CONNECT}' {port}"],
             preexec_fn=lambda: (unit / "cgroup.procs").write_text("0"),
             capture_output=True, text=True, timeout=30)
-        late = json.loads(late.stdout.strip().splitlines()[-1])
-        assert late == {"error": "PermissionError"}, late
-
+        assert late.returncode == 0, late.stderr
+        assert json.loads(late.stdout.strip().splitlines()[-1]) == {"first": "PermissionError", "then": "accepted"}
         status = daemon.cli("status")
         assert f"listening in its network namespace net:[{own_ns}]" in status.stdout, status.stdout
 
@@ -497,7 +491,31 @@ def test_a_unit_with_a_network_namespace_of_its_own_is_served(slice_dir, tmp_pat
     assert [(r["http_method"], r["http_path"], r["http_status"]) for r in rows] == [("GET", "/hello", 200)], rows
     assert rows[0]["unit"] == "langchain-isolated.service"
     kinds = [e for e, _ in daemon.events()]
-    assert kinds.count("netns_served") == 1 and kinds.count("netns_released") == 1, kinds
+    assert kinds.count("netns_served") == 2 and kinds.count("netns_released") == 2, kinds
+    refused = [(r["decision"], r["transport"], r["dst_port"]) for r in read_audit(daemon.audit_dir) if r["rule"] == "netns"]
+    assert refused == [("deny", "tcp", port)], refused
+
+
+# Connects until the agent serves this namespace: refused by the kernel at
+# first, then accepted by the agent's listener (the server is in another
+# namespace, so the agent's own connect then fails and the connection ends).
+LATE_CONNECT = """
+import json, socket, sys, time
+port = int(sys.argv[1])
+def attempt():
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        return "accepted"
+    except OSError as e:
+        return type(e).__name__
+first = attempt()
+then = first
+deadline = time.monotonic() + 5
+while then != "accepted" and time.monotonic() < deadline:
+    time.sleep(0.05)
+    then = attempt()
+print(json.dumps({"first": first, "then": then}))
+"""
 
 
 def serve_file_in(netns: str, site: Path, name: str, text: str) -> tuple[subprocess.Popen, int]:

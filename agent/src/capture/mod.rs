@@ -88,7 +88,7 @@ pub struct Capture {
     flows: Mutex<HashMap<MapData, FlowKey, ConnRecord>>,
     udp_allow: Mutex<HashMap<MapData, u16, u8>>,
     netns: Mutex<HashMap<MapData, u64, u8>>,
-    udp_denied: Mutex<Option<RingBuf<MapData>>>,
+    refused: Mutex<Option<RingBuf<MapData>>>,
     /// Where the links are pinned; None holds them by descriptor only.
     pin_dir: Option<PathBuf>,
     attached: Mutex<Vec<Attachment>>,
@@ -135,12 +135,12 @@ impl Capture {
         let flows = take_map(&mut ebpf, names::FLOWS)?;
         let udp_allow = take_map(&mut ebpf, names::UDP_ALLOW)?;
         let netns = take_map(&mut ebpf, names::NETNS)?;
-        let udp_denied = RingBuf::try_from(
-            ebpf.take_map(names::UDP_DENIED)
-                .ok_or(CaptureError::Missing(names::UDP_DENIED))?,
+        let refused = RingBuf::try_from(
+            ebpf.take_map(names::REFUSED)
+                .ok_or(CaptureError::Missing(names::REFUSED))?,
         )
         .map_err(|source| CaptureError::Map {
-            name: names::UDP_DENIED,
+            name: names::REFUSED,
             source,
         })?;
         if let Some(dir) = &pin_dir {
@@ -155,7 +155,7 @@ impl Capture {
             flows: Mutex::new(flows),
             udp_allow: Mutex::new(udp_allow),
             netns: Mutex::new(netns),
-            udp_denied: Mutex::new(Some(udp_denied)),
+            refused: Mutex::new(Some(refused)),
             pin_dir,
             attached: Mutex::new(Vec::new()),
         })
@@ -332,8 +332,8 @@ impl Capture {
     }
 
     /// The ring of refused UDP sends; taken once, by the task that audits them.
-    pub fn take_udp_denials(&self) -> Option<RingBuf<MapData>> {
-        self.udp_denied.lock().expect("capture lock").take()
+    pub fn take_refusals(&self) -> Option<RingBuf<MapData>> {
+        self.refused.lock().expect("capture lock").take()
     }
 }
 
