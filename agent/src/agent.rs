@@ -685,7 +685,7 @@ fn raise_fd_limit() {
 
 async fn bind_listeners(port: u16) -> anyhow::Result<(TcpListener, TcpListener)> {
     let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr).await.map_err(|e| {
+        crate::netns::listen_here(addr).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
                 anyhow::anyhow!("{addr} is already in use: another agent or program listens there; choose another port with --listen-port, or 0 for a free one")
             } else {
@@ -702,7 +702,8 @@ async fn bind_listeners(port: u16) -> anyhow::Result<(TcpListener, TcpListener)>
     for _ in 0..32 {
         let v4 = bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).await?;
         let port = v4.local_addr()?.port();
-        if let Ok(v6) = TcpListener::bind(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)).await {
+        if let Ok(v6) = crate::netns::listen_here(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port))
+        {
             return Ok((v4, v6));
         }
     }

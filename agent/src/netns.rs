@@ -175,14 +175,7 @@ impl Namespace {
             }
         }
         .map_err(listen_err)?;
-        if addr.is_ipv6() {
-            socket.set_only_v6(true).map_err(listen_err)?;
-        }
-        socket.set_reuse_address(true).map_err(listen_err)?;
-        socket.bind(&addr.into()).map_err(listen_err)?;
-        socket.listen(1024).map_err(listen_err)?;
-        socket.set_nonblocking(true).map_err(listen_err)?;
-        TcpListener::from_std(socket.into()).map_err(listen_err)
+        bind_and_listen(socket, addr).map_err(listen_err)
     }
 
     /// Connect to `addr` from this namespace, as the managed process would.
@@ -203,6 +196,31 @@ impl Namespace {
         let socket = TcpSocket::from_std_stream(OwnedFd::from(socket).into());
         socket.connect(addr).await
     }
+}
+
+/// A listener on `addr` in the agent's own namespace. Needs a tokio runtime.
+pub fn listen_here(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_and_listen(
+        Socket::new(Domain::for_address(addr), Type::STREAM, None)?,
+        addr,
+    )
+}
+
+/// Room for a burst of connects: with the usual 1024 (or less), a thousand
+/// programs connecting at once overflow the queue, and the kernel falls
+/// back to SYN cookies, which can revive a connection that already ended as
+/// a new one the agent has no record of. The kernel caps it at somaxconn.
+const BACKLOG: i32 = 4096;
+
+fn bind_and_listen(socket: Socket, addr: SocketAddr) -> io::Result<TcpListener> {
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
 }
 
 fn send(
