@@ -387,6 +387,12 @@ impl Agent {
     }
 }
 
+/// The subject under which `warden status` shows that a cgroup's network
+/// namespaces could not be served.
+fn netns_problem(cgroup: &Path) -> String {
+    format!("netns {}", cgroup.display())
+}
+
 /// The policy file, or the embedded default without one.
 pub fn load_policy(path: Option<&Path>) -> anyhow::Result<Policy> {
     Ok(match path {
@@ -463,7 +469,7 @@ impl Core {
                 Err(e) => failed.push(format!("{id}: {e}")),
             }
         }
-        let subject = format!("netns {}", cgroup.display());
+        let subject = netns_problem(cgroup);
         let mut problems = self.problems.lock().expect("agent lock");
         if failed.is_empty() {
             problems.remove(&subject);
@@ -507,7 +513,7 @@ impl Core {
         self.problems
             .lock()
             .expect("agent lock")
-            .remove(&format!("netns {}", cgroup.display()));
+            .remove(&netns_problem(cgroup));
         self.reasons.lock().expect("agent lock").remove(cgroup);
         self.sink.record_event(EventRow::now(
             Event::CgroupDetached,

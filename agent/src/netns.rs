@@ -276,6 +276,19 @@ struct Served {
     cgroups: BTreeSet<PathBuf>,
 }
 
+impl Served {
+    /// `cgroup` has no processes here any more. True when no managed
+    /// cgroup has: the listeners are then stopped.
+    fn leave(&mut self, cgroup: &Path) -> bool {
+        self.cgroups.remove(cgroup);
+        let unused = self.cgroups.is_empty();
+        if unused {
+            self.stop.cancel();
+        }
+        unused
+    }
+}
+
 /// What changed when a cgroup's namespaces were looked at again.
 #[derive(Debug, Default)]
 pub struct Followed {
@@ -308,15 +321,14 @@ impl Namespaces {
         let mut served = self.served.lock().expect("netns lock");
         let found = namespaces_below(cgroup);
         served.retain(|id, entry| {
-            if found.iter().any(|(f, _)| f == id) || !entry.cgroups.remove(cgroup) {
+            if found.iter().any(|(f, _)| f == id) || !entry.cgroups.contains(cgroup) {
                 return true;
             }
-            if entry.cgroups.is_empty() {
-                entry.stop.cancel();
+            let unused = entry.leave(cgroup);
+            if unused {
                 followed.gone.push((*id, entry.ns.cookie));
-                return false;
             }
-            true
+            !unused
         });
         for (id, pid) in found {
             if id == self.own {
@@ -368,14 +380,11 @@ impl Namespaces {
         let mut served = self.served.lock().expect("netns lock");
         let mut gone = Vec::new();
         served.retain(|id, entry| {
-            entry.cgroups.remove(cgroup);
-            if entry.cgroups.is_empty() {
-                entry.stop.cancel();
+            let unused = entry.leave(cgroup);
+            if unused {
                 gone.push((*id, entry.ns.cookie));
-                false
-            } else {
-                true
             }
+            !unused
         });
         gone
     }
