@@ -129,6 +129,12 @@ pub fn use_node_root(root: &Path) {
     let _ = NODE_ROOT.set(root.to_path_buf());
 }
 
+/// Take pods' namespace, name and account from the API server's view
+/// when it has the pod (the daemon's `kubernetes_api`).
+pub fn use_api_pods(api: crate::kubernetes::api::ApiPods) {
+    pods().use_api(api);
+}
+
 /// The pods of this node, at the paths the kubelet and runtimes use (the
 /// DaemonSet mounts them at the same paths).
 fn pods() -> &'static PodCache {

@@ -5,7 +5,10 @@
 //! directories the kubelet makes, and the files the container runtime
 //! keeps. Nothing comes from inside the pod (its environment, hostname or
 //! files), which a process in the pod could change. docs/kubernetes.md
-//! says which file gives which field.
+//! says which file gives which field. Labels, which containerd keeps in no
+//! file, come from the API server ([`api`]) when the daemon is given one.
+pub mod api;
+
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
@@ -393,6 +396,9 @@ fn read_spec(path: &Path) -> Option<OciSpec> {
 pub struct PodCache {
     files: NodeFiles,
     pods: Mutex<HashMap<String, Cached>>,
+    /// The API server's pods, which outrank the files when the daemon
+    /// reads them: the pod spec's account, not what a token file says.
+    api: std::sync::OnceLock<api::ApiPods>,
 }
 
 struct Cached {
@@ -410,12 +416,25 @@ impl PodCache {
         PodCache {
             files,
             pods: Mutex::new(HashMap::new()),
+            api: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Answers from the API server's pods first; set once.
+    pub fn use_api(&self, api: api::ApiPods) {
+        let _ = self.api.set(api);
     }
 
     /// The pod identity of a process in this cgroup.
     pub fn identity(&self, cgroup: &PodCgroup) -> Option<PodIdentity> {
-        let info = self.pod(&cgroup.pod_uid)?;
+        // Read (and cached) either way: the cache entry holds the
+        // container names too.
+        let files = self.pod(&cgroup.pod_uid);
+        let info = self
+            .api
+            .get()
+            .and_then(|api| api.pod(&cgroup.pod_uid))
+            .or(files)?;
         let container = cgroup
             .container_id
             .as_deref()

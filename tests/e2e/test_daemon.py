@@ -20,6 +20,7 @@ from conftest import WARDEN, read_audit, read_requests
 from test_lifecycle import cgroup2_root
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "peers"))
+from kube_api import KubeApiServer  # noqa: E402
 from pg import PostgresServer  # noqa: E402
 
 
@@ -60,7 +61,8 @@ class Daemon:
     """`warden daemon` with a configuration in a temporary directory."""
 
     def __init__(self, tmp: Path, manage: dict, policy: Path | None = None, fail_open: bool = False,
-                 metrics_port: int | None = None, env: dict | None = None, node_root: Path | None = None):
+                 metrics_port: int | None = None, env: dict | None = None, node_root: Path | None = None,
+                 kubernetes_api: dict | None = None):
         self.tmp = tmp
         self.socket = tmp / "control.sock"
         self.audit_dir = tmp / "audit"
@@ -78,6 +80,8 @@ class Daemon:
             config["metrics_listen"] = f"127.0.0.1:{metrics_port}"
         if node_root:
             config["node_root"] = str(node_root)
+        if kubernetes_api is not None:
+            config["kubernetes_api"] = kubernetes_api
         # JSON is YAML.
         self.config.write_text(json.dumps(config, indent=2))
         self.log = open(tmp / f"daemon-{time.monotonic_ns()}.log", "w+")
@@ -608,3 +612,93 @@ def test_pods_are_selected_by_namespace_from_the_node_files(slice_dir, tmp_path)
     rows = read_requests(daemon.audit_dir, "protocol = 'http'")
     assert [(r["http_path"], r["pod_namespace"], r["pod_name"], r["pod_uid"]) for r in rows] == [
         ("/model", "ai-chat", "bot-7f9c", chat_uid)], rows
+
+
+def test_pods_are_selected_by_labels_from_the_kubernetes_api(echo4, slice_dir, tmp_path):
+    """On containerd nodes a pod's labels are in no file: with `kubernetes_api`
+    the daemon lists and watches its node's pods on the API server (a
+    stand-in speaking the API's list and watch protocol, tests/peers/kube_api.py)
+    and selects pods by their labels, as they are labelled and unlabelled."""
+    node = tmp_path / "node"
+    besteffort = slice_dir / "kubepods.slice" / "kubepods-besteffort.slice"
+    besteffort.mkdir(parents=True)
+    chat_uid, web_uid, elsewhere_uid = (str(uuid.uuid4()) for _ in range(3))
+
+    def pod(namespace: str, name: str, uid: str) -> Path:
+        """A pod's cgroup, its log directory, and its sandbox's process."""
+        (node / "var/log/pods" / f"{namespace}_{name}_{uid}").mkdir(parents=True)
+        cgroup = besteffort / f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
+        cgroup.mkdir()
+        holders.append(subprocess.Popen(["sh", "-c", f"echo $$ > {cgroup}/cgroup.procs && exec sleep 300"]))
+        return cgroup
+
+    api = KubeApiServer(tmp_path / "kube")
+    api.add_pod("ai-chat", "bot-7f9c", chat_uid, "node-a", labels={"app": "langchain"}, service_account="agent")
+    api.add_pod("ai-chat", "web-5d8f", web_uid, "node-a", labels={"app": "web"})
+    # Another node's pod with the label, and the same UID as a cgroup here: not this node's.
+    api.add_pod("ai-chat", "bot-other", elsewhere_uid, "node-b", labels={"app": "langchain"})
+    holders: list[subprocess.Popen] = []
+    daemon = Daemon(tmp_path, {"pods": [{"namespace": "ai-*", "labels": {"app": "langchain"}}]}, node_root=node,
+                    kubernetes_api={"server": api.url, "node_name": "node-a",
+                                    "token_file": str(api.token_file), "ca_file": str(api.ca_file)})
+    try:
+        chat, web = pod("ai-chat", "bot-7f9c", chat_uid), pod("ai-chat", "web-5d8f", web_uid)
+        elsewhere = pod("ai-chat", "bot-other", elsewhere_uid)
+        wait_until(lambda: str(chat) in daemon.managed(), 2.0, "selecting the labelled pod")
+        time.sleep(0.3)
+        assert daemon.managed() == [str(chat)], "only this node's pod with the label"
+        assert "pod ai-chat/bot-7f9c matches manage.pods[0]" in daemon.cli("status").stdout
+        assert in_cgroup(chat, connect(echo4.port)) == {"reply": "ping"}
+
+        # Labelled later: selected as the watch says so.
+        api.set_labels(web_uid, {"app": "langchain", "tier": "agent"})
+        took = wait_until(lambda: str(web) in daemon.managed(), 2.0, "selecting the relabelled pod")
+        print(f"relabelled pod selected {took * 1000:.1f} ms after the change")
+        # Unlabelled: let go; its new connections go direct and are not audited.
+        api.set_labels(chat_uid, {"app": "retired"})
+        took = wait_until(lambda: str(chat) not in daemon.managed(), 2.0, "letting the unlabelled pod go")
+        print(f"unlabelled pod let go {took * 1000:.1f} ms after the change")
+        assert in_cgroup(chat, connect(echo4.port)) == {"reply": "ping"}
+
+        # A rotated token is read again for the next watch.
+        api.rotate_token()
+        api.end_watches()
+        api.set_labels(chat_uid, {"app": "langchain"})
+        wait_until(lambda: str(chat) in daemon.managed(), 5.0, "selecting the pod after the token rotated")
+
+        # Without RBAC the daemon says what to grant, and recovers when it is granted.
+        api.forbid(True)
+        api.end_watches()
+        wait_until(lambda: any("get, list and watch on pods" in p for p in daemon.status()["problems"]), 5.0,
+                   "reporting the refusal")
+        api.forbid(False)
+        wait_until(lambda: not daemon.status()["problems"], 10.0, "recovering once allowed")
+
+        # History the server no longer has: the daemon lists again, and misses nothing.
+        lists = sum(1 for r in api.requests if not r["watch"] and r["status"] == 200)
+        api.compact()
+        api.set_labels(web_uid, {"app": "web"})
+        wait_until(lambda: str(web) not in daemon.managed(), 5.0, "letting the pod go after a relist")
+        assert sum(1 for r in api.requests if not r["watch"] and r["status"] == 200) > lists
+        assert in_cgroup(web, connect(echo4.port)) == {"reply": "ping"}
+        assert elsewhere.exists()
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()
+        assert daemon.stop() == 0, daemon.output()
+        api.close()
+        subprocess.run([WARDEN, "cleanup"], capture_output=True)
+        for cgroup in sorted(slice_dir.glob("kubepods.slice/**"), key=lambda p: len(p.parts), reverse=True):
+            kill_all(cgroup)
+            cgroup.rmdir()
+
+    # Every request the daemon made carried the token it was given, and asked for its node's pods only.
+    assert all(r["query"].get("fieldSelector") == "spec.nodeName=node-a" for r in api.requests), api.requests
+    rows = read_audit(daemon.audit_dir)
+    audited = [(r["pod_name"], r["pod_service_account"]) for r in rows if r["dst_port"] == echo4.port]
+    # The chat pod while selected, its account from the pod spec (the node
+    # root holds no token); neither pod while let go.
+    assert audited == [("bot-7f9c", "agent")], rows
+    events = daemon.events()
+    assert any(e == "cgroup_detached" and "no longer matches manage.pods" in m for e, m in events), events

@@ -22,7 +22,7 @@ K8S = kubernetes_validate.latest_version()
 # The keys of `warden daemon`'s configuration file (docs/kubernetes.md).
 DAEMON_KEYS = {
     "policy", "state_dir", "audit_dir", "listen_port", "control_socket", "metrics_listen",
-    "fail_open", "tls_intercept", "upstream_ca", "manage",
+    "fail_open", "tls_intercept", "upstream_ca", "manage", "kubernetes_api",
 }
 MANAGE_KEYS = {"units", "cgroups", "pods"}
 POD_SELECTOR_KEYS = {"namespace", "name", "service_account", "labels"}
@@ -53,8 +53,28 @@ def validate_all(docs):
 
 def test_manifest_validates_against_the_kubernetes_schemas():
     docs = manifest()
-    assert [d["kind"] for d in docs] == ["Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"]
+    assert [d["kind"] for d in docs] == [
+        "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]
     validate_all(docs)
+
+
+# What the agent may do with the API server: read pods, nothing else.
+READ_PODS = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+
+
+def check_rbac(docs, namespace="warden-system"):
+    """The agent's service account reads pods, and that is all it is given."""
+    account = by_kind(docs, "ServiceAccount")["metadata"]
+    role, binding = by_kind(docs, "ClusterRole"), by_kind(docs, "ClusterRoleBinding")
+    assert role["rules"] == READ_PODS
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["name"], "namespace": namespace}]
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+
+
+def test_manifest_gives_the_agent_read_access_to_pods_only():
+    check_rbac(manifest())
 
 
 def test_the_validator_rejects_unknown_and_mistyped_fields():
@@ -69,10 +89,11 @@ def test_the_validator_rejects_unknown_and_mistyped_fields():
         kubernetes_validate.validate(ds, K8S, strict=True)
 
 
-def check_pod_spec(spec, containerd=True, crio=True):
+def check_pod_spec(spec, containerd=True, crio=True, api=True):
     """What docs/kubernetes.md promises about the agent's pod."""
     assert spec["hostPID"] is True and spec["hostNetwork"] is True
-    assert spec["automountServiceAccountToken"] is False
+    # A token only when the agent reads pods from the API server.
+    assert spec["automountServiceAccountToken"] is api
     assert {"operator": "Exists"} in spec["tolerations"]
     agent = spec["containers"][0]
     assert agent["args"][:3] == ["daemon", "--config", "/etc/warden/warden.yaml"]
@@ -109,6 +130,11 @@ def check_pod_spec(spec, containerd=True, crio=True):
     # Bidirectional needs a privileged container.
     assert all(m.get("mountPropagation") != "Bidirectional" for m in mounts.values())
     assert volumes[mounts["/etc/warden"]["name"]]["configMap"]
+    env = {e["name"]: e for e in agent.get("env", [])}
+    if api:
+        assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    else:
+        assert "NODE_NAME" not in env
     return agent
 
 
@@ -132,6 +158,8 @@ def check_config(config_map):
     assert config["audit_dir"].startswith("/var/lib/warden/")
     assert config["control_socket"].startswith("/run/warden/")
     assert config["fail_open"] is False
+    # In-cluster defaults: the mounted token and CA, NODE_NAME.
+    assert config.get("kubernetes_api", {}) == {}
     return config_map["data"]["policy.yaml"]
 
 
@@ -153,8 +181,11 @@ def test_manifest_config_and_policy(tmp_path):
 
 def test_chart_renders_valid_objects_like_the_manifest(tmp_path):
     docs = render()
-    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "DaemonSet", "ServiceAccount"]
+    assert sorted(d["kind"] for d in docs) == [
+        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "ServiceAccount"]
     validate_all(docs)
+    check_rbac(docs)
+    assert "kubernetes_api" in yaml.safe_load(by_kind(docs, "ConfigMap")["data"]["warden.yaml"])
     ds = by_kind(docs, "DaemonSet")
     assert ds["metadata"]["namespace"] == "warden-system"
     agent = check_pod_spec(ds["spec"]["template"]["spec"])
@@ -175,10 +206,13 @@ def test_chart_values_change_what_they_say():
         "ship": {"enabled": True, "destination": "s3:audit-bucket/warden", "configSecret": "rclone"},
         "runtimes": {"crio": False},
         "daemon": {"metricsListen": ""},
+        "kubernetesApi": {"enabled": False},
     })
     validate_all(docs)
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "DaemonSet", "ServiceAccount"]
+    assert by_kind(docs, "ServiceAccount")["automountServiceAccountToken"] is False
     spec = by_kind(docs, "DaemonSet")["spec"]["template"]["spec"]
-    agent = check_pod_spec(spec, crio=False)
+    agent = check_pod_spec(spec, crio=False, api=False)
     assert agent["image"] == "registry.example/warden:1.2.3"
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["audit"] == {"name": "audit", "emptyDir": {}}
@@ -189,6 +223,7 @@ def test_chart_values_change_what_they_say():
     config = yaml.safe_load(by_kind(docs, "ConfigMap")["data"]["warden.yaml"])
     assert config["manage"]["pods"] == [{"namespace": "team-*"}, {"namespace": "ml", "labels": {"tier": "agent"}}]
     assert "metrics_listen" not in config
+    assert "kubernetes_api" not in config
 
 
 @pytest.mark.parametrize("values, message", [

@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::{
@@ -48,16 +48,39 @@ impl Fetcher {
             url: url.clone(),
             reason,
         };
-        tokio::time::timeout(TIMEOUT, self.send_inner(request))
+        let read = async {
+            let (parts, body) = self.open_inner(request).await?.into_parts();
+            let bytes = read_body(body, MAX_BODY).await?;
+            Ok::<_, String>(http::Response::from_parts(parts, bytes))
+        };
+        tokio::time::timeout(TIMEOUT, read)
             .await
             .map_err(|_| fail(format!("no answer within {TIMEOUT:?}")))?
             .map_err(fail)
     }
 
-    async fn send_inner(
+    /// Sends `request` and returns once the answer's head has come: the
+    /// body streams (a watch) or is large (a list); the caller reads it,
+    /// with [`read_body`] or frame by frame, under timeouts of its own.
+    pub async fn open(
         &self,
         request: http::Request<Vec<u8>>,
-    ) -> Result<http::Response<Vec<u8>>, String> {
+    ) -> Result<http::Response<Incoming>, FetchError> {
+        let url = request.uri().to_string();
+        let fail = |reason: String| FetchError {
+            url: url.clone(),
+            reason,
+        };
+        tokio::time::timeout(TIMEOUT, self.open_inner(request))
+            .await
+            .map_err(|_| fail(format!("no answer within {TIMEOUT:?}")))?
+            .map_err(fail)
+    }
+
+    async fn open_inner(
+        &self,
+        request: http::Request<Vec<u8>>,
+    ) -> Result<http::Response<Incoming>, String> {
         let uri = request.uri().clone();
         let host = uri.host().ok_or("the URL has no host")?.to_string();
         let https = match uri.scheme_str() {
@@ -90,7 +113,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     request: http::Request<Vec<u8>>,
     host: &str,
     port: u16,
-) -> Result<http::Response<Vec<u8>>, String> {
+) -> Result<http::Response<Incoming>, String> {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP: {e}"))?;
@@ -108,23 +131,26 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             .map_err(|e| format!("bad host: {e}"))?;
         parts.headers.insert(http::header::HOST, value);
     }
-    let answer = sender
+    sender
         .send_request(http::Request::from_parts(
             parts,
             Full::new(Bytes::from(body)),
         ))
         .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    let (parts, mut body) = answer.into_parts();
+        .map_err(|e| format!("HTTP: {e}"))
+}
+
+/// The whole of an answer's body, refused when over `max` bytes.
+pub async fn read_body(mut body: Incoming, max: usize) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("reading the answer: {e}"))?;
         if let Some(data) = frame.data_ref() {
-            if bytes.len() + data.len() > MAX_BODY {
-                return Err(format!("the answer is over {MAX_BODY} bytes"));
+            if bytes.len() + data.len() > max {
+                return Err(format!("the answer is over {max} bytes"));
             }
             bytes.extend_from_slice(data);
         }
     }
-    Ok(http::Response::from_parts(parts, bytes))
+    Ok(bytes)
 }

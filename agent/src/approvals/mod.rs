@@ -11,7 +11,7 @@
 //! Pending requests live in the agent's memory: when the agent stops, the
 //! held clients' connections close with it, and nothing held runs later.
 pub mod control;
-mod fetch;
+pub mod fetch;
 pub mod oidc;
 pub mod review;
 mod tls_listener;

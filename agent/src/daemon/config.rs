@@ -51,6 +51,58 @@ struct Raw {
     manage: RawManage,
     #[serde(default = "default_node_root")]
     node_root: PathBuf,
+    kubernetes_api: Option<KubernetesApi>,
+}
+
+/// `kubernetes_api:`: where the node's pods' labels come from on nodes
+/// whose runtime keeps them in no file (containerd). Each key left out is
+/// the in-cluster default, from the pod the daemon runs in.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesApi {
+    /// `https://host:port`; by default the `KUBERNETES_SERVICE_HOST` and
+    /// `_PORT` Kubernetes puts in every pod's environment.
+    pub server: Option<String>,
+    /// By default `NODE_NAME`, which the chart sets from `spec.nodeName`.
+    pub node_name: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl KubernetesApi {
+    /// The settings, with what is left out taken from `env` (the daemon's
+    /// environment).
+    pub fn resolve(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<crate::kubernetes::api::ApiSettings> {
+        use crate::kubernetes::api::{ApiSettings, IN_CLUSTER_DIR};
+        let server = match &self.server {
+            Some(server) => server.trim_end_matches('/').to_string(),
+            None => {
+                let host = env("KUBERNETES_SERVICE_HOST").ok_or_else(|| {
+                    anyhow::anyhow!("kubernetes_api: no server given and KUBERNETES_SERVICE_HOST is not set (it is in a pod); set kubernetes_api.server")
+                })?;
+                let port = env("KUBERNETES_SERVICE_PORT").unwrap_or_else(|| "443".into());
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host
+                };
+                format!("https://{host}:{port}")
+            }
+        };
+        let node_name = self.node_name.clone().or_else(|| env("NODE_NAME")).ok_or_else(|| {
+            anyhow::anyhow!("kubernetes_api: no node_name given and NODE_NAME is not set; set it from the downward API (fieldRef spec.nodeName), as the chart does")
+        })?;
+        let dir = Path::new(IN_CLUSTER_DIR);
+        Ok(ApiSettings {
+            server,
+            node_name,
+            token_file: self.token_file.clone().unwrap_or_else(|| dir.join("token")),
+            ca_file: self.ca_file.clone().unwrap_or_else(|| dir.join("ca.crt")),
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,6 +160,7 @@ pub struct DaemonConfig {
     /// Where the node's kubelet and runtime files are: `/` when they are at
     /// their own paths, as the DaemonSet mounts them.
     pub node_root: PathBuf,
+    pub kubernetes_api: Option<KubernetesApi>,
 }
 
 /// Which cgroups the daemon manages.
@@ -222,6 +275,23 @@ impl DaemonConfig {
                 ));
             }
         }
+        if let Some(server) = raw
+            .kubernetes_api
+            .as_ref()
+            .and_then(|k| k.server.as_deref())
+        {
+            let ok = server
+                .parse::<http::Uri>()
+                .is_ok_and(|u| u.scheme_str() == Some("https") && u.host().is_some());
+            if !ok || server.trim_end_matches('/').matches('/').count() > 2 {
+                return Err(invalid(
+                    line_of(server),
+                    format!(
+                        "kubernetes_api.server: {server:?} is not an https://host:port URL; the token goes to it, so only https is taken"
+                    ),
+                ));
+            }
+        }
         Ok(DaemonConfig {
             policy: raw.policy,
             state_dir: raw.state_dir,
@@ -240,6 +310,7 @@ impl DaemonConfig {
                 pods,
             },
             node_root: raw.node_root,
+            kubernetes_api: raw.kubernetes_api,
         })
     }
 }
@@ -359,6 +430,57 @@ mod tests {
         for bad in ["/", "/sys/fs/cgroup", "/a/../b", "a//b"] {
             let text = format!("manage:\n  cgroups: [\"{bad}\"]\n");
             assert!(parse(&text).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_kubernetes_api_defaults_to_the_pods_own() {
+        let config = parse("kubernetes_api: {}\n").unwrap();
+        let api = config.kubernetes_api.unwrap();
+        let env = |name: &str| match name {
+            "KUBERNETES_SERVICE_HOST" => Some("fd00::1".to_string()),
+            "KUBERNETES_SERVICE_PORT" => Some("6443".to_string()),
+            "NODE_NAME" => Some("node-a".to_string()),
+            _ => None,
+        };
+        let settings = api.resolve(env).unwrap();
+        assert_eq!(settings.server, "https://[fd00::1]:6443");
+        assert_eq!(settings.node_name, "node-a");
+        assert_eq!(
+            settings.token_file,
+            Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        );
+        let err = api.resolve(|_| None).unwrap_err().to_string();
+        assert!(err.contains("set kubernetes_api.server"), "{err}");
+        let named = parse(
+            "kubernetes_api:\n  server: https://127.0.0.1:6443/\n  node_name: n1\n  token_file: /t\n  ca_file: /c\n",
+        )
+        .unwrap()
+        .kubernetes_api
+        .unwrap()
+        .resolve(|_| None)
+        .unwrap();
+        assert_eq!(named.server, "https://127.0.0.1:6443");
+        assert_eq!(named.ca_file, Path::new("/c"));
+    }
+
+    #[test]
+    fn the_kubernetes_api_is_https_only() {
+        for bad in [
+            "http://127.0.0.1:8080",
+            "https://",
+            "127.0.0.1:6443",
+            "https://h:1/api",
+        ] {
+            let err = parse(&format!(
+                "manage: {{}}\nkubernetes_api:\n  server: \"{bad}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with("warden.yaml:3: kubernetes_api.server"),
+                "{bad}: {err}"
+            );
         }
     }
 

@@ -7,19 +7,26 @@ mod notify;
 mod watch;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 use crate::{
     agent::{self, Agent, AgentOptions, Detach},
+    approvals::Fetcher,
     capture, identity,
-    kubernetes::{NodeFiles, PodCgroup},
+    kubernetes::{
+        NodeFiles, PodCgroup, PodInfo,
+        api::{self, ApiEvent, ApiPods},
+    },
     policy::Policy,
     preflight,
     proxy::ssh::HostKeys,
@@ -43,11 +50,16 @@ pub fn check(config_path: &Path) -> anyhow::Result<String> {
         ),
     };
     Ok(format!(
-        "{}: ok ({} unit patterns, {} cgroups, {} pod selectors, {})\n{policy}",
+        "{}: ok ({} unit patterns, {} cgroups, {} pod selectors{}, {})\n{policy}",
         config_path.display(),
         config.manage.units.len(),
         config.manage.cgroups.len(),
         config.manage.pods.len(),
+        if config.kubernetes_api.is_some() {
+            " with labels from the Kubernetes API"
+        } else {
+            ""
+        },
         if config.fail_open {
             "fail open"
         } else {
@@ -68,6 +80,19 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             "manage: selects nothing, so the daemon protects nothing; list units or cgroups there"
         );
     }
+    let api_client = match &config.kubernetes_api {
+        Some(k) => {
+            let settings = k.resolve(|name| std::env::var(name).ok())?;
+            let tls = crate::tls::private_ca_config(&settings.ca_file).with_context(|| {
+                format!(
+                    "kubernetes_api: the cluster CA {}; mount the service account's ca.crt or set kubernetes_api.ca_file",
+                    settings.ca_file.display()
+                )
+            })?;
+            Some((settings, Fetcher::new(tls)))
+        }
+        None => None,
+    };
     let audit = agent::audit_config(config.audit_dir.clone(), &policy);
     let interceptor =
         agent::interceptor(config.tls_intercept, &config.state_dir, &config.upstream_ca)?;
@@ -106,7 +131,13 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     })
     .await?;
 
-    let result = serve(&agent, &config, &host.cgroup_root, &predecessors).await;
+    let pods_api = api_client.map(|(settings, fetcher)| {
+        tracing::info!(server = %settings.server, node = %settings.node_name, "reading this node's pods from the Kubernetes API");
+        let (pods, events) = api::spawn(settings, fetcher);
+        identity::use_api_pods(pods.clone());
+        (pods, events)
+    });
+    let result = serve(&agent, &config, &host.cgroup_root, &predecessors, pods_api).await;
     let detach = if config.fail_open {
         Detach::All
     } else {
@@ -127,25 +158,38 @@ async fn serve(
     config: &DaemonConfig,
     cgroup_root: &Path,
     predecessors: &[PathBuf],
+    pods_api: Option<(ApiPods, mpsc::Receiver<ApiEvent>)>,
 ) -> anyhow::Result<()> {
+    let (api_pods, mut api_events) = pods_api.unzip();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut manager = Manager {
         agent,
         config,
-        node: NodeFiles::under(&config.node_root),
+        pods: Pods {
+            files: NodeFiles::under(&config.node_root),
+            api: api_pods,
+        },
+        pod_cgroups: HashMap::new(),
+        predecessors: Vec::new(),
         managed: BTreeSet::new(),
         watch: CgroupWatch::new(cgroup_root)?,
     };
     manager.rescan();
-    for dir in predecessors {
-        match capture::remove_pins(dir) {
-            Ok(()) => tracing::info!(pins = %dir.display(), "took over from a daemon that stopped"),
-            Err(e) => {
-                tracing::warn!(pins = %dir.display(), error = %e, "could not remove a stopped daemon's pins; `warden cleanup` releases them")
-            }
-        }
+    // Pods selected by label are known once the API server has answered:
+    // until then a dead predecessor's pins keep them failing closed.
+    let synced = match &mut api_events {
+        Some(events) => first_sync(events, &mut manager).await,
+        None => true,
+    };
+    if synced {
+        take_over(predecessors);
+    } else {
+        tracing::warn!(
+            "the Kubernetes API has not answered: a stopped daemon's pins stay until it does"
+        );
+        manager.predecessors = predecessors.to_vec();
     }
     agent.set_ready();
     let systemd = Notifier::from_env();
@@ -175,6 +219,7 @@ async fn serve(
                     manager.apply(change);
                 }
             }
+            Some(event) = next(&mut api_events) => manager.api_event(event),
         }
     }
     systemd.send("STOPPING=1");
@@ -182,14 +227,88 @@ async fn serve(
     Ok(())
 }
 
+/// How long the daemon waits at start for the API server's pods.
+const FIRST_SYNC: Duration = Duration::from_secs(10);
+
+/// Waits for the first list of the node's pods; false when the API server
+/// did not give it in time.
+async fn first_sync(events: &mut mpsc::Receiver<ApiEvent>, manager: &mut Manager<'_>) -> bool {
+    let wait = async {
+        while let Some(event) = events.recv().await {
+            let synced = matches!(event, ApiEvent::Synced { .. });
+            manager.api_event(event);
+            if synced {
+                return true;
+            }
+        }
+        false
+    };
+    tokio::time::timeout(FIRST_SYNC, wait)
+        .await
+        .unwrap_or(false)
+}
+
+/// Removes dead daemons' pins, once this one has attached what it selects.
+fn take_over(predecessors: &[PathBuf]) {
+    for dir in predecessors {
+        match capture::remove_pins(dir) {
+            Ok(()) => tracing::info!(pins = %dir.display(), "took over from a daemon that stopped"),
+            Err(e) => {
+                tracing::warn!(pins = %dir.display(), error = %e, "could not remove a stopped daemon's pins; `warden cleanup` releases them")
+            }
+        }
+    }
+}
+
+/// The next event of a channel that may not be there; never, when not.
+async fn next<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `warden status` lists the API server's failures under this name.
+const API_SUBJECT: &str = "kubernetes_api";
+
 struct Manager<'a> {
     agent: &'a Agent,
     config: &'a DaemonConfig,
-    /// The kubelet's files, for `manage.pods`; read afresh for each pod
-    /// cgroup, since the kubelet writes them after it makes the cgroup.
-    node: NodeFiles,
+    pods: Pods,
+    /// The pod cgroups seen, by pod UID, so that news from the API server
+    /// finds them.
+    pod_cgroups: HashMap<String, PodCgroupSeen>,
+    /// Dead daemons' pins kept until the API server's pods are known.
+    predecessors: Vec<PathBuf>,
     managed: BTreeSet<String>,
     watch: CgroupWatch,
+}
+
+#[derive(Clone)]
+struct PodCgroupSeen {
+    rel: String,
+    /// Managed because a `manage.pods` entry selects it, so a change of
+    /// labels can let it go.
+    by_selector: bool,
+}
+
+/// What `manage.pods` is matched against.
+struct Pods {
+    /// The kubelet's files; read afresh for each pod cgroup, since the
+    /// kubelet writes them after it makes the cgroup.
+    files: NodeFiles,
+    /// The API server's pods, when configured: the only source of labels
+    /// on containerd nodes.
+    api: Option<ApiPods>,
+}
+
+impl Pods {
+    fn pod(&self, uid: &str) -> Option<PodInfo> {
+        self.api
+            .as_ref()
+            .and_then(|api| api.pod(uid))
+            .or_else(|| self.files.pod(uid))
+    }
 }
 
 impl Manager<'_> {
@@ -201,9 +320,11 @@ impl Manager<'_> {
         let Manager {
             agent,
             config,
-            node,
+            pods,
+            pod_cgroups,
             managed,
             watch,
+            ..
         } = self;
         let root = watch.absolute("/");
         let mut newly = Vec::new();
@@ -216,16 +337,24 @@ impl Manager<'_> {
             if rel == "/warden" || rel.starts_with("/warden/") {
                 return Descend::No;
             }
-            let reason = match config.manage.reason(rel) {
-                Some(reason) => reason,
-                None => match pod_of(rel, &config.manage, node) {
+            let seen = |by_selector| PodCgroupSeen {
+                rel: rel.to_string(),
+                by_selector,
+            };
+            let (reason, pod_uid) = match config.manage.reason(rel) {
+                Some(reason) => (reason, None),
+                None => match pod_of(rel, &config.manage, pods) {
                     Pod::NotOne => return Descend::Yes,
-                    Pod::NotSelected => return Descend::No,
-                    Pod::Unknown => {
+                    Pod::NotSelected(uid) => {
+                        pod_cgroups.insert(uid, seen(false));
+                        return Descend::No;
+                    }
+                    Pod::Unknown(uid) => {
+                        pod_cgroups.insert(uid, seen(false));
                         unknown_pods.push(rel.to_string());
                         return Descend::No;
                     }
-                    Pod::Selected(reason) => reason,
+                    Pod::Selected { uid, reason } => (reason, Some(uid)),
                 },
             };
             let path = root.join(rel.trim_start_matches('/'));
@@ -235,6 +364,9 @@ impl Manager<'_> {
                     newly.push(rel.to_string());
                     agent.set_problem(rel, None);
                     managed.insert(rel.to_string());
+                    if let Some(uid) = pod_uid {
+                        pod_cgroups.insert(uid, seen(true));
+                    }
                 }
                 Err(e) => {
                     let problem = format!("{rel}: {e:#}");
@@ -275,6 +407,7 @@ impl Manager<'_> {
             }
             Change::Gone(rel) => {
                 self.agent.set_problem(&rel, None);
+                self.pod_cgroups.retain(|_, seen| seen.rel != rel);
                 if self.managed.remove(&rel) {
                     tracing::info!(cgroup = %rel, "a managed cgroup went");
                     self.agent
@@ -285,29 +418,91 @@ impl Manager<'_> {
     }
 }
 
+impl Manager<'_> {
+    fn api_event(&mut self, event: ApiEvent) {
+        match event {
+            ApiEvent::Changed(uid) => self.recheck_pod(&uid),
+            ApiEvent::Synced { pods } => {
+                tracing::info!(pods, "the Kubernetes API's pods of this node are known");
+                self.agent.set_problem(API_SUBJECT, None);
+                let uids: Vec<String> = self.pod_cgroups.keys().cloned().collect();
+                for uid in uids {
+                    self.recheck_pod(&uid);
+                }
+                take_over(&std::mem::take(&mut self.predecessors));
+            }
+            ApiEvent::Failed(e) => {
+                tracing::warn!(error = %e, "the Kubernetes API: retrying");
+                self.agent.set_problem(
+                    API_SUBJECT,
+                    Some(format!(
+                        "{e} (pods' labels are not current; selection by label waits)"
+                    )),
+                );
+            }
+        }
+    }
+
+    /// Looks at a pod cgroup again after news of its pod: a pod newly
+    /// selected is managed, one whose labels no longer match is let go.
+    fn recheck_pod(&mut self, uid: &str) {
+        let Some(seen) = self.pod_cgroups.get(uid).cloned() else {
+            return;
+        };
+        if !self.managed.contains(&seen.rel) {
+            self.scan_from(&seen.rel);
+            return;
+        }
+        if !seen.by_selector {
+            return;
+        }
+        if let Pod::NotSelected(_) = pod_of(&seen.rel, &self.config.manage, &self.pods) {
+            tracing::info!(cgroup = %seen.rel, "the pod no longer matches manage.pods: letting it go");
+            self.managed.remove(&seen.rel);
+            self.pod_cgroups.insert(
+                uid.to_string(),
+                PodCgroupSeen {
+                    by_selector: false,
+                    ..seen.clone()
+                },
+            );
+            self.agent.release(
+                &self.watch.absolute(&seen.rel),
+                "the pod no longer matches manage.pods",
+            );
+        }
+    }
+}
+
 /// What `manage.pods` says of a cgroup.
 enum Pod {
     /// Not a pod's own cgroup (a slice above pods, or anything else).
     NotOne,
-    /// A pod no entry selects; its containers are not looked at either.
-    NotSelected,
-    /// A pod the node's files do not describe yet.
-    Unknown,
-    Selected(String),
+    /// A pod (by UID) no entry selects; its containers are not looked at
+    /// either.
+    NotSelected(String),
+    /// A pod neither the node's files nor the API server describe yet.
+    Unknown(String),
+    Selected {
+        uid: String,
+        reason: String,
+    },
 }
 
-fn pod_of(rel: &str, selection: &config::Selection, node: &NodeFiles) -> Pod {
+fn pod_of(rel: &str, selection: &config::Selection, pods: &Pods) -> Pod {
     if selection.pods.is_empty() {
         return Pod::NotOne;
     }
     let Some(cgroup) = PodCgroup::parse(rel).filter(|p| p.container_id.is_none()) else {
         return Pod::NotOne;
     };
-    match node.pod(&cgroup.pod_uid) {
-        None => Pod::Unknown,
-        Some(pod) => selection
-            .pod_reason(&pod)
-            .map_or(Pod::NotSelected, Pod::Selected),
+    let uid = cgroup.pod_uid;
+    match pods.pod(&uid) {
+        None => Pod::Unknown(uid),
+        Some(pod) => match selection.pod_reason(&pod) {
+            Some(reason) => Pod::Selected { uid, reason },
+            None => Pod::NotSelected(uid),
+        },
     }
 }
 

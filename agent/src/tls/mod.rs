@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use ca::Authority;
-pub use upstream::{upstream_config, write_trust_bundle};
+pub use upstream::{private_ca_config, upstream_config, write_trust_bundle};
 
 /// The crypto provider every config made here uses: rustls's *ring* provider.
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {

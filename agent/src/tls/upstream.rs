@@ -74,6 +74,24 @@ pub fn upstream_config(
     Ok(Arc::new(config))
 }
 
+/// Client config that trusts only the certificates in `ca_file`: a
+/// private CA such as a Kubernetes cluster's, which no system root vouches
+/// for and which should vouch for nothing else.
+pub fn private_ca_config(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_pem_certs(ca_file)? {
+        roots.add(cert).map_err(|e| TlsError::ExtraCa {
+            path: ca_file.to_path_buf(),
+            reason: format!("a certificate in it is not a usable CA ({e})"),
+        })?;
+    }
+    let config = ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// Every certificate in a PEM file; at least one.
 fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let error = |reason: String| TlsError::ExtraCa {
