@@ -113,6 +113,21 @@ pub struct Status {
     pub audit_writable: bool,
     pub audit_rows_dropped: u64,
     pub problems: Vec<String>,
+    /// The policy's daily token budgets and what each workload used today.
+    #[serde(default)]
+    pub budgets: Vec<BudgetStatus>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct BudgetStatus {
+    pub workload: String,
+    pub tokens_per_day: u64,
+    /// None: every provider.
+    pub providers: Option<Vec<String>>,
+    pub spent_today: u64,
+    /// False until the day's calls from before the agent started have been
+    /// read from the audit (at the first LLM call a budget covers).
+    pub earlier_calls_counted: bool,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -587,6 +602,22 @@ impl Core {
                 self.audit_dir.display()
             ));
         }
+        let policy = self.policy.current();
+        let ledger = self.sink.tokens();
+        let budgets = policy
+            .budgets()
+            .iter()
+            .map(|b| BudgetStatus {
+                workload: b.workload.clone(),
+                tokens_per_day: b.tokens_per_day,
+                providers: b
+                    .providers
+                    .as_ref()
+                    .map(|p| p.iter().map(|s| s.to_string()).collect()),
+                spent_today: ledger.spent(b),
+                earlier_calls_counted: ledger.has_earlier_calls(),
+            })
+            .collect();
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
@@ -596,7 +627,7 @@ impl Core {
             fail_closed: self.capture.pinned(),
             policy: PolicyStatus {
                 source: self.policy_source.clone(),
-                summary: self.policy.current().summary(),
+                summary: policy.summary(),
                 loaded: *self.policy_loaded.lock().expect("agent lock"),
             },
             attached,
@@ -605,6 +636,7 @@ impl Core {
             audit_writable: self.sink.writable(),
             audit_rows_dropped: self.sink.dropped(),
             problems,
+            budgets,
         }
     }
 }

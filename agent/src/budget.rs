@@ -176,6 +176,12 @@ impl TokenLedger {
             .fold(0, u64::saturating_add)
     }
 
+    /// Whether the day's calls from before the ledger was made are counted
+    /// yet (they are read from the audit on the first check).
+    pub fn has_earlier_calls(&self) -> bool {
+        self.dir.is_none() || self.seeded.initialized()
+    }
+
     /// Whether `budget`'s workload may make another call to `provider`:
     /// refused once today's spend has reached the budget. The first check
     /// learns the day's earlier spend from the audit first.

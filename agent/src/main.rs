@@ -521,6 +521,31 @@ fn status_text(status: &warden::agent::Status) -> String {
             }
         }
     }
+    if !status.budgets.is_empty() {
+        out.push_str("LLM token budgets (today, UTC):\n");
+    }
+    for b in &status.budgets {
+        out.push_str(&format!(
+            "  {}: {} of {} tokens{}{}{}\n",
+            b.workload,
+            b.spent_today,
+            b.tokens_per_day,
+            b.providers
+                .as_ref()
+                .map(|p| format!(" ({})", p.join(", ")))
+                .unwrap_or_default(),
+            if b.spent_today >= b.tokens_per_day {
+                ": spent, calls refused until midnight UTC"
+            } else {
+                ""
+            },
+            if b.earlier_calls_counted {
+                ""
+            } else {
+                " (calls from before the agent started are read from the audit at the next call)"
+            },
+        ));
+    }
     for problem in &status.problems {
         out.push_str(&format!("problem: {problem}\n"));
     }

@@ -263,10 +263,18 @@ def test_policy_reload_applies_a_good_policy_and_refuses_a_bad_one(pg, slice_dir
               - name: no-card-tables
                 when: { sql: { tables: "*card*" } }
                 action: deny
+            workloads:
+              bot: { match: { exe: "/usr/bin/python3*" } }
+            budgets:
+              bot: { tokens_per_day: 1000, providers: [openai] }
             """))
         out = daemon.cli("policy", "reload")
         assert out.returncode == 0, out.stderr
         assert "policy reloaded" in out.stdout and "1 rule" in out.stdout
+        # `warden status` shows the budgets in force and what was used of them.
+        assert "  bot: 0 of 1000 tokens (openai)" in daemon.cli("status").stdout
+        [budget] = daemon.status()["budgets"]
+        assert (budget["workload"], budget["spent_today"], budget["tokens_per_day"]) == ("bot", 0, 1000)
         denied = in_cgroup(unit, cards)
         assert "no-card-tables" in denied["denied"], denied
 
