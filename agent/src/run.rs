@@ -89,12 +89,14 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 /// Runs the program to its end and returns the exit code to leave with.
 pub async fn run(opts: RunOptions) -> anyhow::Result<i32> {
     let host = preflight::check(preflight::Role::Run)?;
-    let daemon = if opts.standalone {
-        None
-    } else {
-        DaemonLink::find(&opts.control_socket).await
-    };
-    if daemon.is_some() {
+    let mut daemon = DaemonLink::find(&opts.control_socket).await;
+    if opts.standalone {
+        if let Some(link) = daemon.take() {
+            link.refuse_if_managing_this_process(&host.cgroup_root)
+                .await?;
+        }
+    } else if daemon.is_some() {
+        tracing::info!(socket = %opts.control_socket.display(), "a warden daemon protects this run");
         refuse_agent_flags(&opts)?;
     }
     let target = match &opts.user {
@@ -341,12 +343,37 @@ impl DaemonLink {
         }
         let client = Client::new(socket.to_path_buf());
         match client.call(Method::GET, "/v1/status", None, None).await {
-            Ok((status, _)) if status.is_success() => {
-                tracing::info!(socket = %socket.display(), "a warden daemon protects this run");
-                Some(DaemonLink { client })
-            }
+            Ok((status, _)) if status.is_success() => Some(DaemonLink { client }),
             _ => None,
         }
+    }
+
+    /// A standalone run inside a cgroup the daemon manages would have its
+    /// own agent's connections sent through the daemon as well: refused.
+    async fn refuse_if_managing_this_process(&self, cgroup_root: &Path) -> anyhow::Result<()> {
+        let Some(own) = std::fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|text| crate::identity::unified_cgroup_path(&text))
+        else {
+            return Ok(());
+        };
+        let own = cgroup_root.join(own.trim_start_matches('/'));
+        let status = self.call(Method::GET, "/v1/status", None).await?;
+        let managing = status["attached"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["cgroup"].as_str().is_some_and(|c| own.starts_with(c)));
+        if let Some(attached) = managing {
+            anyhow::bail!(
+                "--standalone: this process is in {}, which the warden daemon manages ({}), so the \
+                 run's own agent would send its connections through the daemon too; drop \
+                 --standalone to have the daemon protect the program, or start it outside that cgroup",
+                own.display(),
+                attached["reason"].as_str().unwrap_or("no reason given"),
+            );
+        }
+        Ok(())
     }
 
     async fn trust(&self) -> anyhow::Result<Trust> {

@@ -410,6 +410,33 @@ def test_warden_run_uses_the_daemon_when_one_runs(pg, tmp_path):
     assert events.count("cgroup_attached") == 1 and events.count("cgroup_detached") == 1, events
 
 
+def test_a_standalone_run_inside_a_managed_unit_is_refused(slice_dir, tmp_path):
+    """`warden run --standalone` in a unit the daemon manages would send its own
+    agent's connections through the daemon too: it is refused, saying so.
+    Outside the daemon's units it runs."""
+    managed, other = slice_dir / "langchain-solo.service", slice_dir / "backup.service"
+    managed.mkdir()
+    other.mkdir()
+    daemon = Daemon(tmp_path, {"units": ["langchain-*.service"]})
+
+    def standalone_in(cgroup: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([WARDEN, "run", "--standalone", "--control-socket", str(daemon.socket),
+                               "--state-dir", str(tmp_path / "run-state"), "--", "true"],
+                              preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"),
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        refused = standalone_in(managed)
+        assert refused.returncode == 125, refused.stderr
+        assert f"this process is in {managed}, which the warden daemon manages" in refused.stderr, refused.stderr
+        assert "drop --standalone" in refused.stderr, refused.stderr
+        ran = standalone_in(other)
+        assert ran.returncode == 0, ran.stderr
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+        subprocess.run([WARDEN, "cleanup"], capture_output=True)
+
+
 def test_systemd_hears_ready_reloading_and_stopping(tmp_path):
     """The unit is Type=notify: `systemctl start` returns once the selected
     cgroups are attached. A datagram socket stands for systemd's."""
