@@ -28,6 +28,7 @@ pub mod daemon;
 pub mod identity;
 pub mod kubernetes;
 pub mod lineage;
+pub mod loopback;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

@@ -346,33 +346,20 @@ pub async fn serve(
     })?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "metrics endpoint listening at /metrics");
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                _ = cancel.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(error) => {
-                        tracing::warn!(%error, "metrics endpoint: accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let metrics = metrics.clone();
-            let approvals = approvals.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let response = respond(&req, &metrics, approvals.as_deref());
-                    async move { Ok::<_, std::convert::Infallible>(response) }
-                });
-                if let Err(error) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(%error, "metrics connection ended with an error");
-                }
+    crate::loopback::spawn_accept_loop(listener, "metrics endpoint", cancel, move |stream| {
+        let metrics = metrics.clone();
+        let approvals = approvals.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = respond(&req, &metrics, approvals.as_deref());
+                async move { Ok::<_, std::convert::Infallible>(response) }
             });
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%error, "metrics connection ended with an error");
+            }
         }
     });
     Ok(bound)

@@ -43,28 +43,16 @@ where
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let serve = Arc::new(serve);
     tracing::info!(%addr, "{what} listening with TLS");
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                _ = cancel.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(error) => {
-                        tracing::warn!(%error, "{what}: accept failed");
-                        continue;
-                    }
-                },
-            };
-            // Each handshake on its own task: a slow client never holds
-            // up the next one.
-            let acceptor = acceptor.clone();
-            let serve = serve.clone();
-            tokio::spawn(async move {
-                let handshake = acceptor.accept(stream);
-                if let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                    serve(tls).await;
-                }
-            });
+    // Each handshake on its own task: a slow client never holds up the
+    // next one.
+    crate::loopback::spawn_accept_loop(listener, what, cancel, move |stream| {
+        let acceptor = acceptor.clone();
+        let serve = serve.clone();
+        async move {
+            let handshake = acceptor.accept(stream);
+            if let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                serve(tls).await;
+            }
         }
     });
     Ok(())
