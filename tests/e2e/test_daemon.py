@@ -585,6 +585,13 @@ def in_netns_and_cgroup(netns: str, cgroup: Path, code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def remove_kubepods(slice_dir: Path):
+    """Empties and removes the kubelet-layout cgroups below the test's slice, deepest first."""
+    for cgroup in sorted(slice_dir.glob("kubepods.slice/**"), key=lambda p: len(p.parts), reverse=True):
+        kill_all(cgroup)
+        cgroup.rmdir()
+
+
 def test_pods_are_selected_by_namespace_from_the_node_files(slice_dir, tmp_path):
     """`manage.pods` selects pods by what the kubelet's files on the node say
     (here below a node root of the test's own), at the cgroup path the
@@ -640,9 +647,7 @@ def test_pods_are_selected_by_namespace_from_the_node_files(slice_dir, tmp_path)
                 proc.wait()
         assert daemon.stop() == 0, daemon.output()
         subprocess.run([WARDEN, "cleanup"], capture_output=True)
-        for cgroup in sorted(slice_dir.glob("kubepods.slice/**"), key=lambda p: len(p.parts), reverse=True):
-            kill_all(cgroup)
-            cgroup.rmdir()
+        remove_kubepods(slice_dir)
 
     rows = read_requests(daemon.audit_dir, "protocol = 'http'")
     assert [(r["http_path"], r["pod_namespace"], r["pod_name"], r["pod_uid"]) for r in rows] == [
@@ -724,9 +729,7 @@ def test_pods_are_selected_by_labels_from_the_kubernetes_api(echo4, slice_dir, t
         assert daemon.stop() == 0, daemon.output()
         api.close()
         subprocess.run([WARDEN, "cleanup"], capture_output=True)
-        for cgroup in sorted(slice_dir.glob("kubepods.slice/**"), key=lambda p: len(p.parts), reverse=True):
-            kill_all(cgroup)
-            cgroup.rmdir()
+        remove_kubepods(slice_dir)
 
     # Every request the daemon made carried the token it was given, and asked for its node's pods only.
     assert all(r["query"].get("fieldSelector") == "spec.nodeName=node-a" for r in api.requests), api.requests
